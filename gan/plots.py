@@ -1,0 +1,51 @@
+"""Pictures a person looks at: grids of generated images and the loss curves, as PNG bytes.
+
+They return bytes rather than writing files, so the caller can put them on any storage.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on workers or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def _png(figure: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def image_grid_png(images: torch.Tensor, title: str | None = None) -> bytes:
+    """A square grid of images in [-1, 1] (N, 1, 28, 28), drawn as the tutorial draws its 4x4."""
+    images = images.detach().float().cpu()
+    columns = math.ceil(math.sqrt(images.shape[0]))
+    rows = math.ceil(images.shape[0] / columns)
+    figure = plt.figure(figsize=(columns, rows))
+    for i, image in enumerate(images):
+        axis = figure.add_subplot(rows, columns, i + 1)
+        axis.imshow(image[0] * 127.5 + 127.5, cmap="gray", vmin=0, vmax=255)
+        axis.axis("off")
+    if title:
+        figure.suptitle(title, fontsize=8)
+    return _png(figure)
+
+
+def loss_curves_png(rows: Sequence[dict]) -> bytes:
+    """Per-epoch D and G losses from `metrics.jsonl` rows."""
+    epochs = [row["epoch"] for row in rows]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(epochs, [row["loss_d"] for row in rows], marker="o", label="discriminator")
+    axis.plot(epochs, [row["loss_g"] for row in rows], marker="o", label="generator")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("mean loss")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    return _png(figure)

@@ -1,0 +1,56 @@
+"""One training step of the tutorial: both networks updated from the same forward pass."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gan.losses import discriminator_loss, generator_loss
+
+
+def train_step(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    optimizer_g: torch.optim.Optimizer,
+    optimizer_d: torch.optim.Optimizer,
+    real_images: torch.Tensor,  # (N, 1, 28, 28) in [-1, 1], on the networks' device
+    noise: torch.Tensor,  # (M, noise_dim)
+) -> dict[str, torch.Tensor]:
+    """Update G and D once, as the tutorial's `train_step` with its two GradientTapes does.
+
+    Works on plain or DDP-wrapped networks. Returns 0-d tensors (`loss_d`, `loss_g`,
+    `d_real_prob`, `d_fake_prob`) so that the caller decides when to wait on the device.
+    """
+    # Forward: G makes a batch; D scores real and fake in one pass (D has no batch statistics).
+    fake_images = generator(noise)
+    logits = discriminator(torch.cat([real_images, fake_images]))
+    real_logits, fake_logits = logits.split([real_images.shape[0], fake_images.shape[0]])
+    loss_d = discriminator_loss(real_logits, fake_logits)
+    loss_g = generator_loss(fake_logits)
+
+    # Accumulate gradients: each loss reaches only its own network's weights, so both updates
+    # see the same D, as with the tutorial's two tapes. G's pass keeps the graph for D's.
+    optimizer_g.zero_grad(set_to_none=True)
+    optimizer_d.zero_grad(set_to_none=True)
+    # Update G: minimise −log D(G(z)).
+    torch.autograd.backward(loss_g, inputs=list(generator.parameters()), retain_graph=True)
+    # Update D: maximise log D(x) + log(1 − D(G(z))).
+    torch.autograd.backward(loss_d, inputs=list(discriminator.parameters()))
+    optimizer_g.step()
+    optimizer_d.step()
+
+    with torch.no_grad():
+        return {
+            "loss_d": loss_d.detach(),
+            "loss_g": loss_g.detach(),
+            "d_real_prob": torch.sigmoid(real_logits).mean(),
+            "d_fake_prob": torch.sigmoid(fake_logits).mean(),
+        }
+
+
+def make_optimizer(model: nn.Module, lr: float = 1e-4) -> torch.optim.Adam:
+    """Adam as Keras configures it (epsilon 1e-7), fused where the device supports it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-7, fused=fused)

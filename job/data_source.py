@@ -1,0 +1,59 @@
+"""Where a worker's data comes from: `gan.data`'s resolution order, plus a bucket prefix.
+
+A bucket copy is downloaded once per node into the user cache, under a lock, and each file is
+checked (size and IDX header) before it is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from gan.data import IDX_FILES, DataError, cache_root, file_lock, find_idx_file, resolve_data_dir
+from gan.idx import IdxFormatError, read_idx
+from job.storage import is_s3, split_s3_uri
+
+
+def local_data_folder(config) -> Path:  # config: job.config.TrainConfig (no import cycle)
+    """A local folder with the four IDX files for `config.data`, fetching them if needed."""
+    if is_s3(config.data_dir):
+        return fetch_from_bucket(config.data_dir, config.s3_endpoint)
+    return resolve_data_dir(config.data, config.data_dir)
+
+
+def bucket_cache_dir(uri: str) -> Path:
+    """The cache folder for one bucket prefix (named by a hash, so prefixes never collide)."""
+    return cache_root() / "s3" / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+
+
+def fetch_from_bucket(uri: str, s3_endpoint: str | None = None) -> Path:
+    """Download the IDX files under `uri` into the cache (once per node) and return the folder."""
+    from job.s3 import s3_client
+
+    bucket, prefix = split_s3_uri(uri, "--data-dir")
+    target = bucket_cache_dir(uri)
+    with file_lock(target.with_suffix(".lock")):
+        if all(find_idx_file(target, stem) for stem in IDX_FILES.values()):
+            return target
+        client = s3_client(s3_endpoint)
+        listing = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+        sizes = {obj["Key"].rsplit("/", 1)[-1]: (obj["Key"], obj["Size"]) for obj in listing.get("Contents", [])}
+        target.mkdir(parents=True, exist_ok=True)
+        for stem in IDX_FILES.values():
+            name = next((n for n in (f"{stem}.gz", stem) if n in sizes), None)
+            if name is None:
+                raise DataError(f"--data-dir {uri} lacks {stem} (gzipped or not); upload it with `gan-job data push`")
+            key, size = sizes[name]
+            partial = target / f".{name}.partial"
+            client.download_file(bucket, key, str(partial))
+            if partial.stat().st_size != size:
+                partial.unlink()
+                raise DataError(f"s3://{bucket}/{key} arrived incomplete; run again")
+            try:
+                read_idx(partial)
+            except IdxFormatError as err:
+                partial.unlink()
+                raise DataError(f"s3://{bucket}/{key}: {err}") from None
+            os.replace(partial, target / name)
+    return target

@@ -1,0 +1,73 @@
+"""torch.distributed helpers for the per-worker loop: device, backend, DDP, cross-rank values.
+
+Nothing here imports Ray: Ray Train sets up the process group; these only use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from job.errors import UsageError
+
+
+def backend_for(use_gpu: bool) -> str:
+    """NCCL between GPUs, gloo between CPU workers."""
+    return "nccl" if use_gpu else "gloo"
+
+
+def select_device(use_gpu: bool, gpu_index: int = 0) -> torch.device:
+    """The device a worker trains on; asking for a GPU where none is visible is an error."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UsageError("--use-gpu was given but this worker sees no CUDA GPU; drop --use-gpu or add GPUs")
+    return torch.device("cuda", gpu_index)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP across the ranks (gradients averaged every step); the plain model on one rank."""
+    if not is_distributed():
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of `values` over all ranks (itself on one rank)."""
+    if is_distributed():
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= dist.get_world_size()
+    return values
+
+
+def gather_objects(value: object) -> list:
+    """`value` from every rank, in rank order (a list of one on one rank)."""
+    if not is_distributed():
+        return [value]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def parameter_digest(*models: nn.Module) -> str:
+    """A hash of the models' parameters: equal on all ranks when DDP keeps them in sync."""
+    digest = hashlib.sha256()
+    for model in models:
+        for name, param in unwrap(model).named_parameters():
+            digest.update(name.encode())
+            digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

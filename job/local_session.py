@@ -1,0 +1,39 @@
+"""A `WorkerSession` for one plain process with no Ray: rank 0 of 1, checkpoints kept like Ray's.
+
+Used where Ray is absent or too heavy: the in-process GPU epoch check and fast loop tests.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import torch
+
+from job.checkpoint import CHECKPOINT_PREFIX, checkpoint_folders, latest_good_checkpoint
+from job.storage import Location
+
+
+class LocalSession:
+    """Rank 0 of a world of 1; checkpoints go to `<run>/checkpoint_<timestamp>/` as Ray names them."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, run: Location, device: torch.device, keep_checkpoints: int = 2) -> None:
+        self.run = run
+        self.device = device
+        self.keep_checkpoints = keep_checkpoints
+
+    def load_checkpoint(self) -> dict | None:
+        found = latest_good_checkpoint(self.run)
+        return found[1] if found else None
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        if checkpoint_dir is None:
+            return
+        name = CHECKPOINT_PREFIX + datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f")
+        for file in sorted(checkpoint_dir.iterdir()):
+            self.run.child(name, file.name).write_bytes(file.read_bytes())
+        for stale in checkpoint_folders(self.run)[self.keep_checkpoints :]:
+            stale.fs.delete_dir(stale.path)

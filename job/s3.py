@@ -1,0 +1,65 @@
+"""The one S3 client factory: pyarrow for run files, boto3 for what pyarrow does not do.
+
+The endpoint comes from `--s3-endpoint` or `AWS_ENDPOINT_URL` and is passed to pyarrow
+explicitly, since pyarrow does not reliably read it from the environment. Credentials come from
+the standard AWS variables or the pod's identity and are never logged or stored.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from job.errors import UsageError
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+CONNECT_TIMEOUT_S = 5.0  # fail fast on a wrong endpoint
+REQUEST_TIMEOUT_S = 60.0  # a checkpoint part upload may take a while
+MAX_ATTEMPTS = 5  # retried with backoff for transient errors
+
+
+def endpoint_url(explicit: str | None = None) -> str | None:
+    """The S3 endpoint: the flag, else `AWS_ENDPOINT_URL`, else None (AWS's own endpoints)."""
+    url = explicit or os.environ.get("AWS_ENDPOINT_URL") or None
+    if url is not None:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise UsageError(f"--s3-endpoint {url!r} is not an http(s) URL; write it as http://HOST:PORT")
+    return url
+
+
+def region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def s3_filesystem(explicit_endpoint: str | None = None) -> "pyarrow.fs.S3FileSystem":
+    """A pyarrow S3 filesystem for the configured endpoint and credentials."""
+    import pyarrow.fs
+
+    url = endpoint_url(explicit_endpoint)
+    options: dict = dict(
+        region=region(),
+        connect_timeout=CONNECT_TIMEOUT_S,
+        request_timeout=REQUEST_TIMEOUT_S,
+        retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
+    )
+    if url is not None:
+        parsed = urlparse(url)
+        options.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    return pyarrow.fs.S3FileSystem(**options)
+
+
+def s3_client(explicit_endpoint: str | None = None):  # -> botocore client; typed loosely to keep boto3 lazy
+    """A boto3 S3 client for the same endpoint, with short timeouts and bounded retries."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=CONNECT_TIMEOUT_S,
+        read_timeout=REQUEST_TIMEOUT_S,
+        retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+    )
+    return boto3.client("s3", endpoint_url=endpoint_url(explicit_endpoint), region_name=region(), config=config)

@@ -1,0 +1,67 @@
+"""Before any worker starts: reach the endpoint, find the bucket, write and delete a marker.
+
+Each way it can go wrong ends in its own one-line error within seconds (short connect timeouts,
+bounded retries). Messages name the endpoint and bucket, never a credential.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from job.errors import UsageError
+from job.s3 import endpoint_url
+from job.storage import split_s3_uri
+
+PREFLIGHT_ATTEMPTS = 2  # a wrong endpoint should fail in seconds, not after the full retry budget
+
+
+def _client(endpoint: str | None):
+    import boto3
+    from botocore.config import Config
+
+    from job.s3 import CONNECT_TIMEOUT_S, region
+
+    config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=10, retries={"max_attempts": PREFLIGHT_ATTEMPTS, "mode": "standard"})
+    return boto3.client("s3", endpoint_url=endpoint_url(endpoint), region_name=region(), config=config)
+
+
+def _explain(err: Exception, where: str, bucket: str, flag: str) -> UsageError:
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError
+    from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
+
+    if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+        return UsageError(f"{flag}: no S3 credentials found for {where}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    if isinstance(err, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError)):
+        return UsageError(f"{flag}: cannot reach the S3 endpoint {where}; check AWS_ENDPOINT_URL or --s3-endpoint")
+    if isinstance(err, ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("404", "NoSuchBucket") or status == 404:
+            return UsageError(f"{flag}: bucket {bucket!r} does not exist at {where}; create it or pass --create-bucket")
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken") or status == 403:
+            return UsageError(f"{flag}: the S3 credentials were refused for bucket {bucket!r} at {where} ({code or status}); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        return UsageError(f"{flag}: S3 error {code or status} for bucket {bucket!r} at {where}")
+    return UsageError(f"{flag}: S3 check of bucket {bucket!r} at {where} failed ({type(err).__name__})")
+
+
+def check_bucket(uri: str, endpoint: str | None, flag: str = "--storage", create: bool = False, write: bool = True) -> None:
+    """Raise a `UsageError` unless the bucket of `uri` is reachable (and writable when `write`)."""
+    bucket, prefix = split_s3_uri(uri, flag)
+    where = endpoint_url(endpoint) or "AWS S3"
+    client = _client(endpoint)
+    try:
+        try:
+            client.head_bucket(Bucket=bucket)
+        except Exception as err:
+            explained = _explain(err, where, bucket, flag)
+            if not (create and "does not exist" in str(explained)):
+                raise explained from None
+            client.create_bucket(Bucket=bucket)
+        if write:
+            marker = f"{prefix}/.gan-job-preflight-{uuid.uuid4().hex}".lstrip("/")
+            client.put_object(Bucket=bucket, Key=marker, Body=b"")
+            client.delete_object(Bucket=bucket, Key=marker)
+    except UsageError:
+        raise
+    except Exception as err:
+        raise _explain(err, where, bucket, flag) from None

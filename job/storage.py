@@ -1,0 +1,108 @@
+"""One place that turns a location (a local folder or `s3://bucket/prefix`) into a filesystem.
+
+Everything that reads or writes run files goes through `Location`, so local folders and buckets
+behave the same: whole-object writes that a reader never sees half-done.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from job.errors import UsageError
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+
+def is_s3(uri: str | None) -> bool:
+    return bool(uri) and str(uri).startswith("s3://")
+
+
+def split_s3_uri(uri: str, flag: str = "location") -> tuple[str, str]:
+    """`s3://bucket/a/b` → (`bucket`, `a/b`); an URL without a bucket is bad input."""
+    rest = uri[len("s3://") :].strip("/")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise UsageError(f"{flag} {uri!r} names no bucket; write it as s3://BUCKET/PREFIX")
+    return bucket, prefix.strip("/")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder-like place: `uri` as a person writes it, `fs` and `path` as pyarrow needs them."""
+
+    uri: str
+    fs: "pyarrow.fs.FileSystem"
+    path: str  # absolute folder for local, "bucket/prefix" for S3
+
+    @property
+    def is_local(self) -> bool:
+        return not is_s3(self.uri)
+
+    def child(self, *parts: str) -> Location:
+        suffix = "/".join(p.strip("/") for p in parts if p)
+        return Location(f"{self.uri.rstrip('/')}/{suffix}", self.fs, f"{self.path.rstrip('/')}/{suffix}")
+
+    def exists(self) -> bool:
+        import pyarrow.fs
+
+        return self.fs.get_file_info(self.path).type != pyarrow.fs.FileType.NotFound
+
+    def read_bytes(self) -> bytes:
+        """The whole object; FileNotFoundError when there is none."""
+        with self.fs.open_input_stream(self.path) as stream:
+            return stream.read()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode("utf-8")
+
+    def write_bytes(self, data: bytes) -> None:
+        """Replace the object whole: a temporary file renamed into place locally, one PUT on S3."""
+        if self.is_local:
+            folder = os.path.dirname(self.path)
+            os.makedirs(folder, exist_ok=True)
+            fd, temp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                os.replace(temp, self.path)
+            except BaseException:
+                if os.path.exists(temp):
+                    os.unlink(temp)
+                raise
+        else:
+            with self.fs.open_output_stream(self.path) as stream:
+                stream.write(data)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode("utf-8"))
+
+    def list_names(self) -> list[str]:
+        """Names of the entries directly under this folder (empty when it does not exist)."""
+        import pyarrow.fs
+
+        selector = pyarrow.fs.FileSelector(self.path, allow_not_found=True, recursive=False)
+        return sorted(os.path.basename(info.path.rstrip("/")) for info in self.fs.get_file_info(selector))
+
+    def delete(self) -> None:
+        self.fs.delete_file(self.path)
+
+
+def resolve_location(uri: str, s3_endpoint: str | None = None, flag: str = "--storage") -> Location:
+    """A `Location` for a local folder (made absolute) or an `s3://bucket/prefix`."""
+    if is_s3(uri):
+        from job.s3 import s3_filesystem
+
+        bucket, prefix = split_s3_uri(uri, flag)
+        path = f"{bucket}/{prefix}" if prefix else bucket
+        return Location(f"s3://{path}", s3_filesystem(s3_endpoint), path)
+    if "://" in uri:
+        raise UsageError(f"{flag} {uri!r}: only local folders and s3://BUCKET/PREFIX are supported")
+    import pyarrow.fs
+
+    path = str(Path(uri).expanduser().resolve())
+    return Location(path, pyarrow.fs.LocalFileSystem(), path)

@@ -1,0 +1,135 @@
+"""The `train` command's driver: checks everything it can, then hands the run to Ray Train."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from gan.data import DataError, resolve_data_dir
+from job.checkpoint import latest_good_checkpoint
+from job.config import TrainConfig
+from job.data_source import fetch_from_bucket
+from job.distributed import backend_for
+from job.errors import UsageError
+from job.storage import Location, is_s3, resolve_location
+from job.worker import check_resumable
+
+
+def preflight(config: TrainConfig) -> Location:
+    """Fail fast, before any worker starts: storage, resumability and data. Returns the run folder."""
+    storage = resolve_location(config.storage, config.s3_endpoint)
+    if is_s3(config.storage) or is_s3(config.data_dir):
+        from job.s3_preflight import check_bucket
+
+        for uri, flag in ((config.storage, "--storage"), (config.data_dir, "--data-dir")):
+            if is_s3(uri):
+                check_bucket(uri, config.s3_endpoint, flag=flag, create=config.create_bucket and flag == "--storage", write=flag == "--storage")
+    else:
+        try:
+            os.makedirs(storage.path, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"--storage {config.storage} cannot be created ({err.strerror}); pass a writable folder") from None
+    run = storage.child(config.run_name)
+    found = latest_good_checkpoint(run)
+    if found is not None:
+        check_resumable(config, found[1])
+    # Fetch (or find) the data here once; local workers then find it in the node's cache.
+    if is_s3(config.data_dir):
+        fetch_from_bucket(config.data_dir, config.s3_endpoint)
+    else:
+        resolve_data_dir(config.data, config.data_dir)
+    return run
+
+
+def connect_ray() -> None:
+    """Join the cluster of `ray job submit` (RAY_ADDRESS) or start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(logging_level="WARNING", log_to_driver=True)
+
+
+def default_cpus_per_worker(num_workers: int) -> int:
+    """The largest node's CPUs divided among the workers (at least one each)."""
+    import ray
+
+    node_cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+    return max(1, int(max(node_cpus, default=1) // num_workers))
+
+
+def check_placeable(config: TrainConfig) -> None:
+    """Refuse a request the cluster can never place, instead of waiting for it forever."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    wanted_gpus = 1 if config.use_gpu else 0
+    slots = sum(
+        min(int(res.get("CPU", 0) // config.cpus_per_worker), int(res.get("GPU", 0) // wanted_gpus) if wanted_gpus else 1 << 30)
+        for res in nodes
+    )
+    if slots < config.num_workers:
+        total_cpus = sum(res.get("CPU", 0) for res in nodes)
+        total_gpus = sum(res.get("GPU", 0) for res in nodes)
+        raise UsageError(
+            f"--num-workers {config.num_workers} with --cpus-per-worker {config.cpus_per_worker}"
+            + (" and one GPU each (--use-gpu)" if config.use_gpu else "")
+            + f" cannot be placed: the cluster has {total_cpus:g} CPUs and {total_gpus:g} GPUs on {len(nodes)} nodes; "
+            "ask for fewer workers or CPUs per worker, or add nodes"
+        )
+
+
+def worker_failure(error: BaseException) -> BaseException:
+    """The exception a worker raised, out of Ray Train's wrappers."""
+    failures = getattr(error, "worker_failures", None)
+    cause = next(iter(failures.values())) if failures else getattr(error, "controller_failure", error)
+    return getattr(cause, "cause", None) or cause
+
+
+def run_training(config: TrainConfig) -> int:
+    """Train `config` on Ray Train; 0 on success, 2 on bad input, 1 when training failed."""
+    run = preflight(config)
+    connect_ray()
+    if config.cpus_per_worker is None:
+        config = config.replace(cpus_per_worker=default_cpus_per_worker(config.num_workers))
+    check_placeable(config)
+
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from job.ray_worker import train_loop_per_worker
+
+    storage = resolve_location(config.storage, config.s3_endpoint)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config.to_dict(),
+        torch_config=TorchConfig(backend=backend_for(config.use_gpu)),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run_name,
+            storage_path=storage.path,
+            storage_filesystem=storage.fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+        ),
+    )
+    print(
+        f"training run {config.run_name}: {config.num_workers} worker(s) x {config.cpus_per_worker} CPU"
+        + (" + 1 GPU" if config.use_gpu else "")
+        + f", {config.epochs} epochs, global batch {config.batch_size}; storage {run.uri}",
+        flush=True,
+    )
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        cause = worker_failure(err)
+        if isinstance(cause, (UsageError, DataError)):
+            raise UsageError(str(cause)) from None
+        message = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+        print(f"gan-job: training failed after {config.max_failures} restart(s): {message}", file=sys.stderr)
+        return 1
+    print(f"run {config.run_name} finished: checkpoints and artifacts in {run.uri}", flush=True)
+    return 0
