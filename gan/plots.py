@@ -31,7 +31,7 @@ def image_grid_png(images: torch.Tensor, title: str | None = None) -> bytes:
     figure = plt.figure(figsize=(columns, rows))
     for i, image in enumerate(images):
         axis = figure.add_subplot(rows, columns, i + 1)
-        axis.imshow(image[0] * 127.5 + 127.5, cmap="gray", vmin=0, vmax=255)
+        axis.imshow((image[0] * 127.5 + 127.5).numpy(), cmap="gray", vmin=0, vmax=255)
         axis.axis("off")
     if title:
         figure.suptitle(title, fontsize=8)

@@ -63,7 +63,7 @@ def read_checkpoint(folder: Location) -> dict:
 
 def checkpoint_folders(run: Location) -> list[Location]:
     """The run's checkpoint folders, newest first (Ray names them by their timestamp)."""
-    names = [n for n in run.list_names() if n.startswith(CHECKPOINT_PREFIX)]
+    names = [n for n in run.list_names(folders_only=True) if n.startswith(CHECKPOINT_PREFIX)]
     return [run.child(n) for n in sorted(names, reverse=True)]
 
 

@@ -81,12 +81,16 @@ class Location:
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))
 
-    def list_names(self) -> list[str]:
+    def list_names(self, folders_only: bool = False) -> list[str]:
         """Names of the entries directly under this folder (empty when it does not exist)."""
         import pyarrow.fs
 
         selector = pyarrow.fs.FileSelector(self.path, allow_not_found=True, recursive=False)
-        return sorted(os.path.basename(info.path.rstrip("/")) for info in self.fs.get_file_info(selector))
+        return sorted(
+            os.path.basename(info.path.rstrip("/"))
+            for info in self.fs.get_file_info(selector)
+            if not folders_only or info.type == pyarrow.fs.FileType.Directory
+        )
 
     def delete(self) -> None:
         self.fs.delete_file(self.path)

@@ -16,28 +16,31 @@ from job.worker import check_resumable
 
 
 def preflight(config: TrainConfig) -> Location:
-    """Fail fast, before any worker starts: storage, resumability and data. Returns the run folder."""
+    """Fail fast, before any worker starts: data, storage and resumability. Returns the run folder.
+
+    Checks that only read come first, so that bad input leaves nothing behind.
+    """
     storage = resolve_location(config.storage, config.s3_endpoint)
-    if is_s3(config.storage) or is_s3(config.data_dir):
+    if is_s3(config.data_dir):
         from job.s3_preflight import check_bucket
 
-        for uri, flag in ((config.storage, "--storage"), (config.data_dir, "--data-dir")):
-            if is_s3(uri):
-                check_bucket(uri, config.s3_endpoint, flag=flag, create=config.create_bucket and flag == "--storage", write=flag == "--storage")
+        check_bucket(config.data_dir, config.s3_endpoint, flag="--data-dir", write=False)
+        fetch_from_bucket(config.data_dir, config.s3_endpoint)  # local workers then find it in the cache
     else:
-        try:
-            os.makedirs(storage.path, exist_ok=True)
-        except OSError as err:
-            raise UsageError(f"--storage {config.storage} cannot be created ({err.strerror}); pass a writable folder") from None
+        resolve_data_dir(config.data, config.data_dir)
+    if is_s3(config.storage):
+        from job.s3_preflight import check_bucket
+
+        check_bucket(config.storage, config.s3_endpoint, flag="--storage", create=config.create_bucket)
     run = storage.child(config.run_name)
     found = latest_good_checkpoint(run)
     if found is not None:
         check_resumable(config, found[1])
-    # Fetch (or find) the data here once; local workers then find it in the node's cache.
-    if is_s3(config.data_dir):
-        fetch_from_bucket(config.data_dir, config.s3_endpoint)
-    else:
-        resolve_data_dir(config.data, config.data_dir)
+    if storage.is_local:
+        try:
+            os.makedirs(storage.path, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"--storage {config.storage} cannot be created ({err.strerror}); pass a writable folder") from None
     return run
 
 
@@ -85,28 +88,22 @@ def worker_failure(error: BaseException) -> BaseException:
     return getattr(cause, "cause", None) or cause
 
 
-def run_training(config: TrainConfig) -> int:
-    """Train `config` on Ray Train; 0 on success, 2 on bad input, 1 when training failed."""
-    run = preflight(config)
-    connect_ray()
-    if config.cpus_per_worker is None:
-        config = config.replace(cpus_per_worker=default_cpus_per_worker(config.num_workers))
-    check_placeable(config)
-
+def build_trainer(config: TrainConfig):  # -> ray.train.torch.TorchTrainer (Ray stays a lazy import)
+    """The TorchTrainer for `config`: scaling, backend, storage, checkpoint and failure policy."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from job.ray_worker import train_loop_per_worker
 
     storage = resolve_location(config.storage, config.s3_endpoint)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config.to_dict(),
         torch_config=TorchConfig(backend=backend_for(config.use_gpu)),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,
-            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
+            resources_per_worker={"CPU": config.cpus_per_worker or 1, **({"GPU": 1} if config.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
             name=config.run_name,
@@ -116,12 +113,25 @@ def run_training(config: TrainConfig) -> int:
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
         ),
     )
+
+
+def run_training(config: TrainConfig) -> int:
+    """Train `config` on Ray Train; 0 on success, 2 on bad input, 1 when training failed."""
+    run = preflight(config)
+    connect_ray()
+    if config.cpus_per_worker is None:
+        config = config.replace(cpus_per_worker=default_cpus_per_worker(config.num_workers))
+    check_placeable(config)
+
+    trainer = build_trainer(config)
     print(
         f"training run {config.run_name}: {config.num_workers} worker(s) x {config.cpus_per_worker} CPU"
         + (" + 1 GPU" if config.use_gpu else "")
         + f", {config.epochs} epochs, global batch {config.batch_size}; storage {run.uri}",
         flush=True,
     )
+    import ray.train
+
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as err:

@@ -1,0 +1,83 @@
+"""The command line, called in-process: help everywhere, env-var knobs, bad input ends cleanly."""
+
+import pytest
+
+from job.cli import build_parser, env_var_for, main
+
+
+@pytest.mark.parametrize("command", [["--help"], ["train", "--help"], ["generate", "--help"], ["bench", "--help"], ["data", "push", "--help"]])
+def test_every_command_has_help(command, capsys):
+    assert main(command) == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_train_flags_come_from_environment_variables_and_flags_win(monkeypatch):
+    monkeypatch.setenv(env_var_for("epochs"), "7")
+    monkeypatch.setenv(env_var_for("use_gpu"), "true")
+    args = build_parser().parse_args(["train"])
+    assert args.epochs == 7 and args.use_gpu is True
+    assert build_parser().parse_args(["train", "--epochs", "3"]).epochs == 3
+
+
+BAD_TRAIN_INPUT = [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--epochs", "-1"], "--epochs"),
+    (["--epochs", "two"], "--epochs"),
+    (["--data", "cifar10"], "--data"),
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "inf"], "--lr"),
+    (["--num-workers", "0"], "--num-workers"),
+    (["--num-workers", "3"], "--batch-size"),  # 256 does not split across 3
+    (["--checkpoint-every", "0"], "--checkpoint-every"),
+    (["--max-failures", "-1"], "--max-failures"),
+    (["--noise-dim", "0"], "--noise-dim"),
+    (["--limit", "0"], "--limit"),
+    (["--cpus-per-worker", "0"], "--cpus-per-worker"),
+    (["--seed", "-5"], "--seed"),
+    (["--run-name", "../escape"], "--run-name"),
+    (["--run-name", "a b"], "--run-name"),
+    (["--storage", "s3://"], "--storage"),
+    (["--storage", "gs://bucket/x"], "--storage"),
+]
+
+
+@pytest.mark.parametrize("flags, named", BAD_TRAIN_INPUT, ids=[" ".join(f) for f, _ in BAD_TRAIN_INPUT])
+def test_bad_train_input_is_one_line_exit_2_and_writes_nothing(flags, named, tmp_path, capsys, tiny_data_dir):
+    storage = tmp_path / "runs"
+    argv = ["train", "--data", "fashion-mnist", "--data-dir", str(tiny_data_dir), "--storage", str(storage), "--run-name", "r", *flags]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and "Traceback" not in captured.err
+    assert not storage.exists()
+
+
+def test_missing_data_folder_is_named_and_nothing_is_written(tmp_path, capsys):
+    storage = tmp_path / "runs"
+    argv = ["train", "--data", "fashion-mnist", "--data-dir", str(tmp_path / "absent"), "--storage", str(storage)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--data-dir" in err
+    assert not storage.exists()
+
+
+def test_bad_boolean_environment_variable_is_named(monkeypatch, capsys):
+    monkeypatch.setenv(env_var_for("use_gpu"), "maybe")
+    assert main(["train"]) == 2
+    assert "GAN_JOB_USE_GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["generate", "--from", "/nonexistent/run", "--out", "x.png"], "--from"),
+        (["generate", "--from", "/nonexistent/run", "--out", "x.png", "--num", "0"], "--num"),
+        (["bench", "--steps", "0"], "--steps"),
+        (["data", "push", "--data", "fashion-mnist", "--to", "/local/folder"], "--to"),
+        (["data", "push", "--data", "fashion-mnist", "--to", "s3://"], "--to"),
+    ],
+)
+def test_bad_input_to_other_commands(argv, named, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err

@@ -1,0 +1,121 @@
+"""IDX files, where the data comes from, and how it is split across ranks."""
+
+import gzip
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gan.data import DataError, cache_dir, iterate_batches, load_split, resolve_data_dir, shard_indices
+from gan.idx import IdxFormatError, decode_idx, encode_idx, read_idx, write_idx
+from tests.conftest import write_tiny_dataset
+
+
+@pytest.mark.parametrize("name", ["images.idx", "images.idx.gz"])
+def test_idx_round_trip_plain_and_gzipped(tmp_path, name):
+    values = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    write_idx(tmp_path / name, values)
+    assert torch.equal(read_idx(tmp_path / name), values)
+
+
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=3), st.randoms())
+@settings(max_examples=50, deadline=None)
+def test_idx_round_trip_any_shape(shape, rnd):
+    values = torch.tensor([rnd.randrange(256) for _ in range(int(torch.tensor(shape).prod()))], dtype=torch.uint8).view(*shape)
+    assert torch.equal(decode_idx(encode_idx(values)), values)
+
+
+@given(st.binary(max_size=64))
+@settings(max_examples=200, deadline=None)
+def test_idx_reader_rejects_garbage_with_its_own_error(raw):
+    try:
+        decode_idx(raw)
+    except IdxFormatError:
+        pass  # the only acceptable failure
+
+
+def test_idx_reader_names_wrong_magic_and_truncation():
+    good = encode_idx(torch.zeros(2, 28, 28, dtype=torch.uint8))
+    with pytest.raises(IdxFormatError, match="wrong magic"):
+        decode_idx(b"\x01" + good[1:], "f.idx")
+    with pytest.raises(IdxFormatError, match="truncated"):
+        decode_idx(good[:-10], "f.idx")
+    with pytest.raises(IdxFormatError, match="damaged gzip"):
+        decode_idx(gzip.compress(good)[:-8], "f.idx.gz")
+
+
+def test_wrong_image_size_is_a_data_error(tmp_path):
+    folder = write_tiny_dataset(tmp_path / "d")
+    write_idx(folder / "train-images-idx3-ubyte.gz", torch.zeros(96, 32, 32, dtype=torch.uint8))
+    with pytest.raises(DataError, match="expected 28x28"):
+        load_split(folder, "train")
+
+
+def test_load_split_gives_images_labels_and_a_stable_fingerprint(tiny_data_dir):
+    first, again = load_split(tiny_data_dir, "train", limit=50), load_split(tiny_data_dir, "train", limit=50)
+    assert first.images.shape == (50, 1, 28, 28) and first.images.dtype == torch.uint8
+    assert first.labels.shape == (50,)
+    assert first.fingerprint == again.fingerprint != load_split(tiny_data_dir, "train", limit=49).fingerprint
+
+
+def test_real_fashion_mnist_loads(fashion_mnist_dir):
+    train = load_split(fashion_mnist_dir, "train")
+    assert train.images.shape == (60000, 1, 28, 28)
+    assert int(train.labels.max()) == 9
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_shards_are_disjoint_equal_and_cover_the_set(world_size):
+    shards = [shard_indices(1200, rank, world_size, epoch=1, seed=7) for rank in range(world_size)]
+    assert len({len(s) for s in shards}) == 1
+    combined = torch.cat(shards)
+    assert len(set(combined.tolist())) == 1200 == len(combined)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_shards_change_every_epoch_and_repeat_for_the_same_seed(world_size):
+    one = shard_indices(1000, 0, world_size, epoch=1, seed=7)
+    assert not torch.equal(one, shard_indices(1000, 0, world_size, epoch=2, seed=7))
+    assert torch.equal(one, shard_indices(1000, 0, world_size, epoch=1, seed=7))
+
+
+def test_uneven_set_drops_fewer_than_world_size_images_and_stays_disjoint():
+    shards = [shard_indices(1000, rank, 3, epoch=1, seed=0) for rank in range(3)]
+    combined = torch.cat(shards).tolist()
+    assert len(combined) == len(set(combined)) == 999
+
+
+def test_batches_are_scaled_to_unit_range_and_keep_the_last_partial_batch():
+    images = torch.tensor([0, 255, 128], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 1, 28, 28).contiguous()
+    batches = list(iterate_batches(images, torch.arange(3), batch_size=2))
+    assert [b.shape[0] for b in batches] == [2, 1]
+    assert batches[0][0].max() == -1 and batches[0][1].min() == 1
+
+
+def test_explicit_data_dir_wins_and_missing_files_are_named(tmp_path, tiny_data_dir):
+    assert resolve_data_dir("fashion-mnist", tiny_data_dir) == tiny_data_dir
+    (tiny_data_dir / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte"):
+        resolve_data_dir("fashion-mnist", tiny_data_dir)
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_data_dir("fashion-mnist", tmp_path / "nowhere")
+
+
+def test_user_cache_comes_before_the_system_copy(tmp_path):
+    cached = write_tiny_dataset(cache_dir("fashion-mnist"))
+    assert resolve_data_dir("fashion-mnist") == cached
+
+
+def test_system_copy_is_found_when_the_cache_is_empty(fashion_mnist_dir):
+    assert resolve_data_dir("fashion-mnist") == fashion_mnist_dir
+
+
+def test_offline_without_any_copy_says_how_to_provide_the_files(monkeypatch):
+    import torchvision.datasets
+
+    # The real download code, pointed at a closed port on loopback: offline on any machine.
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    with pytest.raises(DataError, match="--data-dir"):
+        resolve_data_dir("mnist")

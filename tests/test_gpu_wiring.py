@@ -1,0 +1,50 @@
+"""The --use-gpu path without a GPU: device choice, NCCL, and what the trainer asks Ray for.
+
+No GPU exists on this machine, so `torch.cuda.is_available` is patched where a test needs one;
+the real CUDA path is checked on a lent GPU machine (see the README).
+"""
+
+import pytest
+import torch
+
+from job.config import TrainConfig
+from job.distributed import backend_for, select_device
+from job.errors import UsageError
+
+
+def test_cpu_workers_use_gloo_and_gpu_workers_use_nccl():
+    assert backend_for(False) == "gloo"
+    assert backend_for(True) == "nccl"
+
+
+def test_cpu_device_without_use_gpu():
+    assert select_device(False) == torch.device("cpu")
+
+
+def test_use_gpu_without_a_visible_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="--use-gpu"):
+        select_device(True)
+
+
+def test_use_gpu_selects_the_workers_cuda_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no GPU here: pretend one is visible
+    assert select_device(True, 1) == torch.device("cuda", 1)
+
+
+def test_trainer_asks_ray_for_one_gpu_per_worker_and_nccl(tmp_path):
+    from job.train import build_trainer
+
+    config = TrainConfig(use_gpu=True, num_workers=4, cpus_per_worker=3, storage=str(tmp_path), run_name="gpu")
+    trainer = build_trainer(config)
+    scaling = trainer.scaling_config
+    assert scaling.use_gpu and scaling.num_workers == 4
+    assert scaling.resources_per_worker == {"CPU": 3, "GPU": 1}
+    assert trainer.backend_config.backend == "nccl"
+
+
+def test_trainer_uses_gloo_and_no_gpu_on_cpu(tmp_path):
+    from job.train import build_trainer
+
+    trainer = build_trainer(TrainConfig(num_workers=2, cpus_per_worker=1, storage=str(tmp_path), run_name="cpu"))
+    assert not trainer.scaling_config.use_gpu and trainer.backend_config.backend == "gloo"
