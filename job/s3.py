@@ -52,14 +52,15 @@ def s3_filesystem(explicit_endpoint: str | None = None) -> "pyarrow.fs.S3FileSys
     return pyarrow.fs.S3FileSystem(**options)
 
 
-def s3_client(explicit_endpoint: str | None = None):  # -> botocore client; typed loosely to keep boto3 lazy
-    """A boto3 S3 client for the same endpoint, with short timeouts and bounded retries."""
+def s3_client(explicit_endpoint: str | None = None, max_attempts: int = MAX_ATTEMPTS, read_timeout_s: float = REQUEST_TIMEOUT_S):
+    """A boto3 S3 client (typed loosely to keep boto3 lazy) for the same endpoint, with bounded retries."""
     import boto3
     from botocore.config import Config
 
     config = Config(
         connect_timeout=CONNECT_TIMEOUT_S,
-        read_timeout=REQUEST_TIMEOUT_S,
-        retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+        read_timeout=read_timeout_s,
+        retries={"max_attempts": max_attempts, "mode": "standard"},
     )
-    return boto3.client("s3", endpoint_url=endpoint_url(explicit_endpoint), region_name=region(), config=config)
+    # A fresh session reads the credentials now, not once per process (boto3's default caches them).
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url(explicit_endpoint), region_name=region(), config=config)

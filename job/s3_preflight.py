@@ -9,20 +9,10 @@ from __future__ import annotations
 import uuid
 
 from job.errors import UsageError
-from job.s3 import endpoint_url
+from job.s3 import endpoint_url, s3_client
 from job.storage import split_s3_uri
 
 PREFLIGHT_ATTEMPTS = 2  # a wrong endpoint should fail in seconds, not after the full retry budget
-
-
-def _client(endpoint: str | None):
-    import boto3
-    from botocore.config import Config
-
-    from job.s3 import CONNECT_TIMEOUT_S, region
-
-    config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=10, retries={"max_attempts": PREFLIGHT_ATTEMPTS, "mode": "standard"})
-    return boto3.client("s3", endpoint_url=endpoint_url(endpoint), region_name=region(), config=config)
 
 
 def _explain(err: Exception, where: str, bucket: str, flag: str) -> UsageError:
@@ -48,7 +38,7 @@ def check_bucket(uri: str, endpoint: str | None, flag: str = "--storage", create
     """Raise a `UsageError` unless the bucket of `uri` is reachable (and writable when `write`)."""
     bucket, prefix = split_s3_uri(uri, flag)
     where = endpoint_url(endpoint) or "AWS S3"
-    client = _client(endpoint)
+    client = s3_client(endpoint, max_attempts=PREFLIGHT_ATTEMPTS, read_timeout_s=10)
     try:
         try:
             client.head_bucket(Bucket=bucket)

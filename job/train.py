@@ -118,6 +118,11 @@ def build_trainer(config: TrainConfig):  # -> ray.train.torch.TorchTrainer (Ray 
 def run_training(config: TrainConfig) -> int:
     """Train `config` on Ray Train; 0 on success, 2 on bad input, 1 when training failed."""
     run = preflight(config)
+    if is_s3(config.storage) or is_s3(config.data_dir):
+        from job.s3 import endpoint_url
+
+        # Workers use the endpoint the driver checked, whatever their own environment says.
+        config = config.replace(s3_endpoint=endpoint_url(config.s3_endpoint))
     connect_ray()
     if config.cpus_per_worker is None:
         config = config.replace(cpus_per_worker=default_cpus_per_worker(config.num_workers))

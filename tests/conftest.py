@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -55,8 +60,77 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass
+class S3Server:
+    """A real S3 HTTP endpoint on loopback (moto's server, with credential checks on)."""
+
+    url: str
+    access_key: str
+    secret_key: str
+    bucket: str
+
+    def client(self, access_key: str | None = None, secret_key: str | None = None):
+        import boto3
+
+        return boto3.client(
+            "s3", endpoint_url=self.url, region_name="us-east-1",
+            aws_access_key_id=access_key or self.access_key, aws_secret_access_key=secret_key or self.secret_key,
+        )  # fmt: skip
+
+    def objects(self) -> dict[str, bytes]:
+        client = self.client()
+        keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket) for o in page.get("Contents", [])]
+        return {key: client.get_object(Bucket=self.bucket, Key=key)["Body"].read() for key in keys}
+
+
+def wait_for_port(port: int, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3_server():
+    """moto's standalone server on a free loopback port, with an IAM user whose keys it checks.
+
+    The AWS variables are set for the whole session before Ray starts, so Ray's workers inherit
+    them as a pod would. The keys are fake ones made for this session: tests look for them in
+    every output and object.
+    """
+    import boto3
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},  # the 3 calls below set up the user
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_port(port)
+        url = f"http://127.0.0.1:{port}"
+        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup")
+        iam.create_user(UserName="gan-job")
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="gan-job", PolicyName="all", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName="gan-job")["AccessKey"]
+        s3 = S3Server(url, key["AccessKeyId"], key["SecretAccessKey"], "gan-job-test")
+        s3.client().create_bucket(Bucket=s3.bucket)
+        os.environ.update(
+            AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID=s3.access_key, AWS_SECRET_ACCESS_KEY=s3.secret_key, AWS_DEFAULT_REGION="us-east-1",
+        )  # fmt: skip
+        yield s3
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
     """One local Ray cluster with 2 CPUs, shared by every Ray test of the session."""
     import ray
 
