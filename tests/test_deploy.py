@@ -1,0 +1,755 @@
+"""The deployment: the Dockerfile and deploy/ (kustomize overlays of KubeRay and Kubernetes objects).
+
+No cluster runs here. Each overlay is built once with `kubectl kustomize`; its objects are checked
+against the KubeRay CRD schemas in ../shared/kuberay-crds and the Kubernetes schemas (offline,
+kubernetes-validate), against the package (Ray version, CLI flags, knobs), and for security
+(container lockdown, checkov, hadolint, shellcheck). Entrypoints and scripts run in bash against a
+stand-in `ray` that records what would be submitted.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import functools
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+# CI clones the repository next to a copy of shared/.
+CRDS = Path(__file__).resolve().parents[2] / "shared" / "kuberay-crds"
+OVERLAYS = sorted(path.parent.name for path in (DEPLOY / "overlays").glob("*/kustomization.yaml"))
+# The oldest Kubernetes the manifests are written for (CronJob timeZone, the batch.kubernetes.io/job-name label).
+KUBERNETES_VERSION = "1.30.0"
+RAY_GROUP = "ray.io"
+FAST_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+S3_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+CREDENTIAL_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
+# The knobs a run on a cluster cannot do without: the default storage is a folder inside the pod.
+REQUIRED_KNOBS = ("GAN_JOB_STORAGE", "GAN_JOB_NUM_WORKERS", "GAN_JOB_CPUS_PER_WORKER")
+
+# Checkov findings accepted on purpose, each with its reason: (check id, resource or "*") -> why.
+# A finding not listed fails the test, and so does an entry that no longer matches anything.
+CHECKOV_ACCEPTED = {
+    ("CKV_K8S_43", "*"): (
+        "Image should use digest: images are pinned to exact release tags (gan-job's tag is the Ray "
+        "version); gan-job's digest exists only once an image is pushed, so pin digests per "
+        "registry with the overlay's `images: digest:` or an admission policy."
+    ),
+    ("CKV_K8S_15", "*"): (
+        "Image pull policy Always: the tags are immutable releases, and on kind the gan-job image is "
+        "loaded into the node (`kind load docker-image`), where Always would fail to pull it."
+    ),
+    ("CKV_K8S_35", "*"): (
+        "Secrets as files rather than env: the consumers read credentials from environment variables "
+        "only (AWS SDK and pyarrow: AWS_*; Ray: RAY_AUTH_TOKEN; MinIO: MINIO_ROOT_*), and the values "
+        "come from Secrets (secretKeyRef/envFrom), never from literals."
+    ),
+    ("CKV_K8S_40", "CronJob.gan-job.gan-retrain"): (
+        "High UID: the CronJob runs the gan-job image as its own user, uid 1000 (`ray` in Ray's "
+        "image, owner of its Python environment), like the Ray pods checkov does not see."
+    ),
+}
+
+
+# Building and reading the manifests.
+
+
+@functools.cache
+def build(overlay: str) -> tuple[dict, ...]:
+    """The objects of one overlay, built once per session."""
+    result = subprocess.run([tool("kubectl"), "kustomize", str(DEPLOY / "overlays" / overlay)], check=False, capture_output=True, text=True)
+    assert result.returncode == 0, f"kubectl kustomize deploy/overlays/{overlay} failed:\n{result.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def objects(request) -> list[dict]:
+    """A private copy of one overlay's objects (tests may not see each other's changes)."""
+    return copy.deepcopy(list(build(request.param)))
+
+
+@functools.cache
+def examples() -> tuple[dict, ...]:
+    """The example objects (`*.example.yaml`) that overlays reference but do not apply."""
+    return tuple(yaml.safe_load(path.read_text()) for path in sorted(DEPLOY.rglob("*.example.yaml")))
+
+
+def named(objs: list[dict], kind: str, name: str | None = None) -> list[dict]:
+    return [obj for obj in objs if obj["kind"] == kind and (name is None or obj["metadata"]["name"] == name)]
+
+
+def pod_specs(node: object) -> Iterator[dict]:
+    """Every pod spec in an object, wherever it is nested (a dict with a list of containers)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("containers"), list):
+            yield node
+        for value in node.values():
+            yield from pod_specs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from pod_specs(value)
+
+
+def containers(obj: dict) -> Iterator[tuple[dict, dict]]:
+    """(pod spec, container) for every container and init container of an object."""
+    for pod in pod_specs(obj):
+        for container in pod.get("containers", []) + pod.get("initContainers", []):
+            yield pod, container
+
+
+def rayjob_specs(obj: dict) -> list[dict]:
+    """The RayJob specs in an object: a RayJob's own, a RayCronJob's template."""
+    if obj["kind"] == "RayJob":
+        return [obj["spec"]]
+    if obj["kind"] == "RayCronJob":
+        return [obj["spec"]["jobTemplate"]]
+    return []
+
+
+def raycluster_specs(obj: dict) -> list[dict]:
+    """The RayCluster specs in an object: a RayCluster's own, or inside a RayJob (template)."""
+    if obj["kind"] == "RayCluster":
+        return [obj["spec"]]
+    return [spec["rayClusterSpec"] for spec in rayjob_specs(obj) if "rayClusterSpec" in spec]
+
+
+def ray_containers(objs: list[dict]) -> Iterator[tuple[str, dict]]:
+    """("head" or "worker", container) for the Ray container of every Ray pod template."""
+    for obj in objs:
+        for cluster in raycluster_specs(obj):
+            yield "head", cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+            for group in cluster.get("workerGroupSpecs", []):
+                yield "worker", group["template"]["spec"]["containers"][0]
+
+
+def object_data(objs: list[dict], kind: str, name: str) -> dict[str, str] | None:
+    """The keys and values of a ConfigMap or Secret in the build, else in an example file."""
+    for obj in named(objs, kind, name) or named(list(examples()), kind, name):
+        return {**obj.get("data", {}), **obj.get("stringData", {})}
+    return None
+
+
+def container_env(container: dict, objs: list[dict]) -> dict[str, tuple]:
+    """Where each environment variable of a container comes from:
+    ("value", v), ("secret", name, key), ("configMap", name, key, value) or ("field", path)."""
+    env: dict[str, tuple] = {}
+    for source in container.get("envFrom", []):
+        for ref, kind in (("configMapRef", "ConfigMap"), ("secretRef", "Secret")):
+            if ref in source:
+                name = source[ref]["name"]
+                data = object_data(objs, kind, name)
+                assert data is not None, f"{container['name']}: envFrom {kind} {name} is neither built nor an example"
+                for key, value in data.items():
+                    env[key] = ("configMap", name, key, value) if kind == "ConfigMap" else ("secret", name, key)
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = ("value", var["value"])
+        elif "secretKeyRef" in var["valueFrom"]:
+            env[var["name"]] = ("secret", var["valueFrom"]["secretKeyRef"]["name"], var["valueFrom"]["secretKeyRef"]["key"])
+        elif "configMapKeyRef" in var["valueFrom"]:
+            ref = var["valueFrom"]["configMapKeyRef"]
+            env[var["name"]] = ("configMap", ref["name"], ref["key"], (object_data(objs, "ConfigMap", ref["name"]) or {}).get(ref["key"]))
+        elif "fieldRef" in var["valueFrom"]:
+            env[var["name"]] = ("field", var["valueFrom"]["fieldRef"]["fieldPath"])
+    return env
+
+
+def knobs(objs: list[dict]) -> dict[str, str]:
+    """The GAN_JOB_* values that the Ray head containers (where the driver runs) get."""
+    values: dict[str, str] = {}
+    for role, container in ray_containers(objs):
+        if role == "head":
+            for name, source in container_env(container, objs).items():
+                if name.startswith("GAN_JOB_"):
+                    values[name] = source[-1]
+    return values
+
+
+def pyproject_ray_version() -> str:
+    """X of the requirement "ray[...]==X" in pyproject.toml."""
+    pins = re.findall(r"""["']ray\[[^\]]*\]\s*==\s*([\w.]+)["']""", (REPO / "pyproject.toml").read_text())
+    assert len(pins) == 1, f"pyproject.toml must pin ray exactly once (ray[...]==X), found {pins}"
+    return pins[0]
+
+
+def dockerfile_args() -> dict[str, str]:
+    """The ARG defaults of the Dockerfile."""
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", (REPO / "Dockerfile").read_text(), re.MULTILINE))
+
+
+def tool(name: str) -> str:
+    """A command-line tool: the path in the variable <NAME> (e.g. CHECKOV), else next to this
+    Python (the project's environment), else in the repo's own .venv-<name> (checkov's
+    dependency pins clash with the project's, so it gets a venv of its own), else on PATH."""
+    own_venv = REPO / f".venv-{name}" / "bin" / name
+    for candidate in (os.environ.get(name.upper()), Path(sys.executable).parent / name, own_venv, shutil.which(name)):
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    pytest.fail(f"{name} not found: set {name.upper()} to its path, or install it next to {sys.executable} or on PATH")
+
+
+# Running entrypoints and scripts against a stand-in `ray`.
+
+FAKE_RAY = """#!/usr/bin/env bash
+# Records the arguments of each call (one a line, then a blank line); `ray job status ID`
+# succeeds for the ids listed in $EXISTING_SUBMISSIONS.
+for arg in "$@"; do printf '%s\\n' "$arg"; done >> "$RAY_CALLS"
+echo >> "$RAY_CALLS"
+if [ "$1 $2" = "job status" ]; then grep -qxF -- "${@: -1}" "$EXISTING_SUBMISSIONS"; fi
+"""
+
+
+def run_with_fake_ray(tmp_path: Path, script: str, env: dict[str, str], existing: tuple[str, ...] = ()) -> list[list[str]]:
+    """Runs a bash script with `ray` replaced by a recorder; returns the recorded `ray` calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "ray").write_text(FAKE_RAY)
+    (bin_dir / "ray").chmod(0o755)
+    calls, existing_file = tmp_path / "calls", tmp_path / "existing"
+    calls.write_text("")
+    existing_file.write_text("".join(f"{sid}\n" for sid in existing))
+    full_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_CALLS": str(calls), "EXISTING_SUBMISSIONS": str(existing_file), **env}
+    result = subprocess.run(["bash", "-c", script], env=full_env, check=False, capture_output=True, text=True)
+    assert result.returncode == 0, f"script failed:\n{script}\n{result.stderr}"
+    return [block.split("\n") for block in calls.read_text().strip("\n").split("\n\n") if block]
+
+
+def submitted(calls: list[list[str]]) -> tuple[str, str]:
+    """(submission id, the driver's command) of the one `ray job submit` among the calls.
+
+    Ray 2.60 joins the words after `--` with shlex.join: that string is what the driver's shell runs."""
+    submits = [call for call in calls if call[:2] == ["job", "submit"]]
+    assert len(submits) == 1, f"expected one `ray job submit`, got {calls}"
+    call = submits[0]
+    words = call[call.index("--") + 1 :]
+    submission_id = call[call.index("--submission-id") + 1] if "--submission-id" in call else ""
+    return submission_id, shlex.join(words)
+
+
+def kuberay_submit(tmp_path: Path, entrypoint: str, rayjob_name: str) -> str:
+    """The driver's command when KubeRay's submitter submits a RayJob's entrypoint.
+
+    KubeRay (K8sJobMode) runs `ray job submit ... -- <entrypoint>` in bash, with RAYJOB_NAME set
+    from the submitter Job's name, which is the RayJob's name."""
+    script = f"ray job submit --address http://head:8265 --submission-id {rayjob_name}-x1y2z --no-wait -- {entrypoint}"
+    return submitted(run_with_fake_ray(tmp_path, script, {"RAYJOB_NAME": rayjob_name}))[1]
+
+
+def job_commands(driver_command: str) -> list[list[str]]:
+    """The `python -m job ...` commands a driver command runs (directly, or chained in `bash -c`)."""
+    words = shlex.split(driver_command)
+    if words[:2] == ["bash", "-c"]:
+        return [shlex.split(part) for part in words[2].split("&&")]
+    return [words]
+
+
+def run_name_of(command: list[str]) -> str:
+    assert "--run-name" in command, f"{shlex.join(command)} names no run"
+    return command[command.index("--run-name") + 1]
+
+
+def cronjob_script(cronjob: dict) -> str:
+    container = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["bash", "-c"], "the CronJob runs its script with bash -c"
+    return container["args"][0]
+
+
+# Schemas.
+
+
+@functools.cache
+def crd_validators() -> dict[tuple[str, str], jsonschema.protocols.Validator]:
+    """(apiVersion, kind) -> a validator of the CRD's schema that rejects unknown fields."""
+    validators = {}
+    for path in sorted(CRDS.glob("*.yaml")):
+        crd = yaml.load(path.read_text(), Loader=FAST_YAML_LOADER)  # 3 MB of schema: the C loader when there is one
+        for version in crd["spec"]["versions"]:
+            schema = strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+            key = (f"{crd['spec']['group']}/{version['name']}", crd["spec"]["names"]["kind"])
+            validators[key] = jsonschema.Draft7Validator(schema)
+    assert validators, f"no CRD schemas in {CRDS}"
+    return validators
+
+
+def strict(schema: dict) -> dict:
+    """The schema with unknown fields forbidden wherever the CRD lists the fields of an object
+    (the API server prunes them; here they are errors), except where it preserves unknown fields."""
+    if isinstance(schema, dict):
+        if "properties" in schema and "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        for value in schema.values():
+            strict(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            strict(value)
+    return schema
+
+
+def crd_errors(obj: dict) -> list[str]:
+    validator = crd_validators().get((obj["apiVersion"], obj["kind"]))
+    assert validator, f"no CRD schema for {obj['apiVersion']} {obj['kind']} in {CRDS}"
+    return [f"{'/'.join(map(str, error.absolute_path))}: {error.message}" for error in validator.iter_errors(obj)]
+
+
+def kubernetes_errors(obj: dict) -> list[str]:
+    try:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        return [f"{'/'.join(map(str, error.absolute_path))}: {error.message}"]
+    return []
+
+
+# Tests: the overlays build and validate.
+
+
+def test_each_overlay_builds_into_ray_objects():
+    assert {"local", "cluster"} <= set(OVERLAYS)
+    for overlay in OVERLAYS:
+        kinds = {obj["kind"] for obj in build(overlay)}
+        assert {"RayJob", "RayCluster"} <= kinds, f"{overlay}: {kinds}"
+
+
+def test_kuberay_objects_match_the_crd_schemas_strictly(objects):
+    ray_objects = [obj for obj in objects if obj["apiVersion"].startswith(RAY_GROUP + "/")]
+    assert ray_objects
+    for obj in ray_objects:
+        errors = crd_errors(obj)
+        assert not errors, f"{obj['kind']} {obj['metadata']['name']}:\n" + "\n".join(errors)
+
+
+def test_crd_validation_rejects_an_unknown_field():
+    rayjob = copy.deepcopy(named(list(build("local")), "RayJob")[0])
+    rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    assert any("imagePullPolicyy" in error for error in crd_errors(rayjob))
+
+
+def test_kubernetes_objects_match_the_kubernetes_schemas_strictly(objects):
+    builtin = [obj for obj in objects if not obj["apiVersion"].startswith(RAY_GROUP + "/")]
+    assert builtin
+    for obj in builtin + [example for example in examples() if not example["apiVersion"].startswith(RAY_GROUP + "/")]:
+        errors = kubernetes_errors(obj)
+        assert not errors, f"{obj['kind']} {obj['metadata']['name']}:\n" + "\n".join(errors)
+
+
+def test_kubernetes_validation_rejects_an_unknown_field():
+    cronjob = copy.deepcopy(named(list(build("local")), "CronJob")[0])
+    cronjob["spec"]["concurrency"] = "Forbid"
+    assert kubernetes_errors(cronjob)
+
+
+def test_every_component_is_built_by_an_overlay():
+    used = set()
+    for overlay in OVERLAYS:
+        kustomization = yaml.safe_load((DEPLOY / "overlays" / overlay / "kustomization.yaml").read_text())
+        used |= {(DEPLOY / "overlays" / overlay / path).resolve() for path in kustomization.get("components", [])}
+    components = {path.parent.resolve() for path in (DEPLOY / "components").glob("*/kustomization.yaml")}
+    assert components <= used, f"components no overlay builds (so no test validates): {sorted(map(str, components - used))}"
+
+
+def test_every_object_lives_in_the_job_namespace(objects):
+    namespaces = named(objects, "Namespace")
+    assert len(namespaces) == 1
+    for obj in objects:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"].get("namespace") == namespaces[0]["metadata"]["name"], f"{obj['kind']} {obj['metadata']['name']}"
+
+
+def test_manifest_files_are_named_kind_dot_variant():
+    for path in sorted(DEPLOY.rglob("*.yaml")):
+        if path.name == "kustomization.yaml" or path.name.endswith(".patch.yaml"):
+            continue
+        docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+        assert len(docs) == 1, f"{path.relative_to(REPO)}: one object per file"
+        assert path.name.split(".")[0] == docs[0]["kind"].lower(), f"{path.relative_to(REPO)} holds a {docs[0]['kind']}"
+
+
+# Tests: consistency with the package.
+
+
+def test_ray_version_is_one_in_pyproject_dockerfile_and_manifests(objects):
+    ray_version = pyproject_ray_version()
+    args = dockerfile_args()
+    assert args["RAY_VERSION"] == ray_version, "Dockerfile ARG RAY_VERSION"
+    base = re.search(r"^FROM (\S+)", (REPO / "Dockerfile").read_text(), re.MULTILINE).group(1)
+    base = re.sub(r"\$\{(\w+)\}", lambda match: args[match.group(1)], base)
+    assert base.startswith(f"rayproject/ray:{ray_version}-py311-"), f"Dockerfile FROM {base}: Ray's own Python 3.11 image"
+    cluster_versions = {cluster["rayVersion"] for obj in objects for cluster in raycluster_specs(obj)}
+    assert cluster_versions == {ray_version}, f"rayVersion {cluster_versions}"
+    tags = {container["image"].rsplit(":", 1)[1] for _, container in ray_containers(objects)}
+    assert tags and all(tag in (f"{ray_version}-cpu", f"{ray_version}-gpu") for tag in tags), f"Ray image tags {tags}"
+
+
+def test_every_image_is_pinned_to_a_release(objects):
+    for obj in objects:
+        for _, container in containers(obj):
+            image = container["image"]
+            assert "@sha256:" in image or re.search(r":[\w][\w.-]*$", image.split("/")[-1]), f"{image} has no tag"
+            assert not image.endswith(":latest"), image
+
+
+def test_gan_job_images_are_the_gpu_variant_exactly_where_gpus_are_requested(objects):
+    all_containers = [container for obj in objects for _, container in containers(obj)]
+    wants_gpu = any("nvidia.com/gpu" in container.get("resources", {}).get("limits", {}) for container in all_containers)
+    variants = {container["image"].rsplit("-", 1)[1] for container in all_containers if "/gan-job:" in f"/{container['image']}"}
+    assert variants == ({"gpu"} if wants_gpu else {"cpu"})
+
+
+def test_entrypoints_run_train_with_flags_and_knobs_the_cli_accepts(objects, tmp_path, monkeypatch):
+    from job.cli import build_parser
+
+    for name, value in knobs(objects).items():
+        monkeypatch.setenv(name, value)
+    commands = []
+    for obj in objects:
+        for spec in rayjob_specs(obj):
+            commands += job_commands(kuberay_submit(tmp_path, spec["entrypoint"], "gan-train"))
+    for cronjob in named(objects, "CronJob"):
+        calls = run_with_fake_ray(tmp_path, cronjob_script(cronjob), {"FIRING": "gan-retrain-29000000"})
+        commands += job_commands(submitted(calls)[1])
+    assert commands
+    for command in commands:
+        assert command[:3] == ["python", "-m", "job"], shlex.join(command)
+        args = build_parser().parse_args(command[3:])
+        assert args.command == "train", shlex.join(command)
+
+
+def test_every_knob_is_a_train_flag(objects):
+    from job.cli import build_parser, env_var_for
+
+    defaults = vars(build_parser().parse_args(["train"]))
+    flag_variables = {env_var_for(dest) for dest in defaults if dest not in ("command", "handler")}
+    for obj in objects:
+        for _, container in containers(obj):
+            for name in container_env(container, objects):
+                if name.startswith("GAN_JOB_"):
+                    assert name in flag_variables, f"{name} ({container['name']}) is no train flag's variable"
+
+
+def test_the_driver_gets_the_knobs_a_cluster_run_needs(objects):
+    values = knobs(objects)
+    missing = [name for name in REQUIRED_KNOBS if name not in values]
+    assert not missing, f"the Ray heads lack {missing}"
+    assert urlparse(values["GAN_JOB_STORAGE"]).scheme == "s3", "storage inside a pod is lost with the pod"
+
+
+def test_knobs_fit_the_worker_group_of_the_rayjob(objects):
+    values = knobs(objects)
+    for obj in named(objects, "RayJob"):
+        (group,) = obj["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == int(values["GAN_JOB_NUM_WORKERS"])
+        assert float(limits["cpu"]) == float(values["GAN_JOB_CPUS_PER_WORKER"]), "Ray takes a worker's CPUs from its cpu limit"
+        uses_gpu = values.get("GAN_JOB_USE_GPU", "false").lower() in ("1", "true", "yes", "on")
+        assert uses_gpu == ("nvidia.com/gpu" in limits)
+
+
+def test_s3_settings_reach_every_ray_pod_from_a_secret(objects):
+    for role, container in ray_containers(objects):
+        env = container_env(container, objects)
+        for name in S3_VARIABLES:
+            assert name in env and env[name][0] == "secret", f"{role} {container['name']}: {name} from {env.get(name)}"
+
+
+def test_no_credential_is_written_outside_a_secret(objects):
+    for obj in objects:
+        for _, container in containers(obj):
+            for var in container.get("env", []):
+                if "value" in var:
+                    assert var["name"] not in S3_VARIABLES, f"{obj['kind']} {obj['metadata']['name']}: literal {var['name']}"
+                    assert not CREDENTIAL_NAME.search(var["name"]), f"{obj['kind']} {obj['metadata']['name']}: literal {var['name']}"
+
+
+def test_referenced_secrets_and_configmaps_exist(objects):
+    # KubeRay generates a token Secret, named after the cluster, for a RayCluster with token auth.
+    clusters = named(objects, "RayCluster")
+    generated = {obj["metadata"]["name"] for obj in clusters if obj["spec"].get("authOptions", {}).get("mode") == "token"}
+    for obj in objects:
+        for _, container in containers(obj):
+            for kind, name, key in referenced(container):
+                if kind == "Secret" and name in generated:
+                    assert key in (None, "auth_token"), f"KubeRay's token Secret {name} has only auth_token"
+                    continue
+                data = object_data(objects, kind, name)
+                assert data is not None, f"{obj['kind']} {obj['metadata']['name']}: {kind} {name} is neither built nor an example"
+                assert key is None or key in data, f"{kind} {name} has no key {key}"
+
+
+def referenced(container: dict) -> Iterator[tuple[str, str, str | None]]:
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            yield "ConfigMap", source["configMapRef"]["name"], None
+        if "secretRef" in source:
+            yield "Secret", source["secretRef"]["name"], None
+    for var in container.get("env", []):
+        for ref, kind in (("secretKeyRef", "Secret"), ("configMapKeyRef", "ConfigMap")):
+            if ref in var.get("valueFrom", {}):
+                yield kind, var["valueFrom"][ref]["name"], var["valueFrom"][ref]["key"]
+
+
+def test_secret_examples_hold_placeholders_and_are_not_applied():
+    assert examples(), "an example of the S3 Secret for clusters with their own S3"
+    for example in examples():
+        data = {**example.get("data", {}), **example.get("stringData", {})}
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert data.get(key) == "CHANGE_ME", f"{example['metadata']['name']}: {key} must be a placeholder"
+    for path in DEPLOY.rglob("kustomization.yaml"):
+        listed = yaml.safe_load(path.read_text()).get("resources", [])
+        assert not [name for name in listed if name.endswith(".example.yaml")], f"{path.relative_to(REPO)} applies an example"
+
+
+# Tests: run names, retries and schedules.
+
+
+def test_a_rayjob_runs_under_its_own_name_so_a_retry_resumes(objects, tmp_path):
+    for obj in objects:
+        for spec in rayjob_specs(obj):
+            assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode", "the run name comes from the submitter's shell"
+            assert spec["backoffLimit"] >= 1, "a failed run is retried"
+            submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]
+            assert container_env(submitter, objects)["RAYJOB_NAME"] == ("field", "metadata.labels['batch.kubernetes.io/job-name']")
+            # A retry is a new cluster and a new submission id, but the same RayJob (and Job) name.
+            for name in ("gan-train", "gan-retrain-k2x9q"):
+                commands = job_commands(kuberay_submit(tmp_path, spec["entrypoint"], name))
+                assert [run_name_of(command) for command in commands if command[3] == "train"] == [name]
+
+
+def test_each_raycronjob_firing_trains_under_its_own_run_name(objects, tmp_path):
+    for cron in named(objects, "RayCronJob"):
+        spec = cron["spec"]["jobTemplate"]
+        assert not spec.get("jobId"), "a fixed submission id would be the same for every firing"
+        # KubeRay names each firing's RayJob <RayCronJob>-<5 random characters>.
+        name = cron["metadata"]["name"]
+        first, second = (kuberay_submit(tmp_path, spec["entrypoint"], f"{name}-{suffix}") for suffix in ("a1b2c", "d3e4f"))
+        assert run_name_of(job_commands(first)[0]) != run_name_of(job_commands(second)[0])
+
+
+@pytest.mark.parametrize(
+    ("earlier_attempts", "expected_submission", "expected_stops"),
+    [((), "-0", []), (("-0",), "-1", ["-0"]), (("-0", "-1"), "-2", ["-0", "-1"])],
+    ids=["first-attempt", "second-attempt", "third-attempt"],
+)
+def test_a_cronjob_firing_resumes_its_run_on_retry(objects, tmp_path, earlier_attempts, expected_submission, expected_stops):
+    for cronjob in named(objects, "CronJob"):
+        firing = f"{cronjob['metadata']['name']}-29000000"
+        calls = run_with_fake_ray(tmp_path, cronjob_script(cronjob), {"FIRING": firing}, tuple(firing + a for a in earlier_attempts))
+        submission_id, driver_command = submitted(calls)
+        assert submission_id == firing + expected_submission, "each attempt under a new submission id"
+        assert [run_name_of(command) for command in job_commands(driver_command)] == [firing], "every attempt, the same run"
+        stops = [call[-1] for call in calls if call[:2] == ["job", "stop"]]
+        assert stops == [firing + a for a in expected_stops], "an earlier attempt's driver is stopped first"
+
+
+def test_cronjob_fires_once_at_a_time_and_names_runs_after_its_job(objects):
+    for cronjob in named(objects, "CronJob"):
+        spec = cronjob["spec"]
+        assert spec["concurrencyPolicy"] == "Forbid"
+        pod = spec["jobTemplate"]["spec"]["template"]["spec"]
+        assert pod["restartPolicy"] == "Never", "a retry must be a new pod of the same Job"
+        env = container_env(pod["containers"][0], objects)
+        assert env["FIRING"] == ("field", "metadata.labels['batch.kubernetes.io/job-name']")
+
+
+def test_each_overlay_schedules_retraining_once(objects):
+    schedulers = named(objects, "CronJob") + named(objects, "RayCronJob")
+    assert len(schedulers) == 1, [obj["kind"] for obj in schedulers]
+
+
+def test_a_raycronjob_fires_the_overlays_rayjob(objects):
+    for cron in named(objects, "RayCronJob"):
+        assert cron["spec"]["jobTemplate"] == named(objects, "RayJob", "gan-train")[0]["spec"]
+
+
+def test_rayjobs_clean_up_and_stop_on_time(objects):
+    for obj in objects:
+        for spec in rayjob_specs(obj):
+            assert spec["shutdownAfterJobFinishes"] is True
+            assert spec["ttlSecondsAfterFinished"] > 0
+            assert spec["activeDeadlineSeconds"] > 0
+
+
+# Tests: security.
+
+
+def test_every_container_has_requests_and_limits(objects):
+    for obj in objects:
+        for _, container in containers(obj):
+            resources = container.get("resources", {})
+            for part in ("requests", "limits"):
+                where = f"{obj['kind']} {obj['metadata']['name']} {container['name']}"
+                assert {"cpu", "memory"} <= set(resources.get(part, {})), f"{where}: {part}"
+        for cluster in raycluster_specs(obj):
+            if cluster.get("enableInTreeAutoscaling"):
+                resources = cluster["autoscalerOptions"]["resources"]
+                assert {"cpu", "memory"} <= set(resources["requests"]) & set(resources["limits"]), "the autoscaler container"
+
+
+def locked_down(pod: dict, security: dict) -> list[str]:
+    problems = []
+    if not (security.get("runAsNonRoot") or pod.get("securityContext", {}).get("runAsNonRoot")):
+        problems.append("runAsNonRoot")
+    if security.get("allowPrivilegeEscalation") is not False:
+        problems.append("allowPrivilegeEscalation: false")
+    if security.get("capabilities", {}).get("drop") != ["ALL"]:
+        problems.append("capabilities drop ALL")
+    if security.get("privileged"):
+        problems.append("not privileged")
+    return problems
+
+
+def test_every_container_runs_locked_down(objects):
+    for obj in objects:
+        for pod, container in containers(obj):
+            problems = locked_down(pod, container.get("securityContext", {}))
+            assert not problems, f"{obj['kind']} {obj['metadata']['name']} {container['name']} needs {problems}"
+            assert pod.get("securityContext", {}).get("seccompProfile", {}).get("type") == "RuntimeDefault"
+        for cluster in raycluster_specs(obj):
+            if cluster.get("enableInTreeAutoscaling"):
+                assert not locked_down({}, cluster["autoscalerOptions"]["securityContext"]), "the autoscaler container"
+
+
+def test_every_rayjob_brings_its_own_locked_down_submitter(objects):
+    # Without a submitterPodTemplate KubeRay's default submitter container has no securityContext.
+    for obj in objects:
+        for spec in rayjob_specs(obj):
+            assert "submitterPodTemplate" in spec, f"{obj['kind']} {obj['metadata']['name']}"
+
+
+def test_ray_dashboards_stay_inside_the_cluster(objects):
+    for obj in objects:
+        for cluster in raycluster_specs(obj):
+            assert cluster["headGroupSpec"].get("serviceType") == "ClusterIP"
+            assert not cluster["headGroupSpec"].get("enableIngress")
+        assert obj["kind"] not in ("Ingress", "Route", "Gateway", "HTTPRoute")
+        if obj["kind"] == "Service":
+            assert obj["spec"].get("type", "ClusterIP") == "ClusterIP", obj["metadata"]["name"]
+
+
+def test_ray_clusters_require_a_token_and_the_cronjob_has_it(objects):
+    for obj in objects:
+        for cluster in raycluster_specs(obj):
+            assert cluster.get("authOptions", {}).get("mode") == "token", f"{obj['kind']} {obj['metadata']['name']}"
+    standing = {obj["metadata"]["name"] for obj in named(objects, "RayCluster")}
+    for cronjob in named(objects, "CronJob"):
+        env = container_env(cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0], objects)
+        host = urlparse(env["RAY_API_SERVER_ADDRESS"][1]).hostname
+        assert host.endswith("-head-svc") and host.removesuffix("-head-svc") in standing, host
+        assert env["RAY_AUTH_MODE"] == ("value", "token")
+        # KubeRay keeps a cluster's generated token in a Secret named after the cluster.
+        assert env["RAY_AUTH_TOKEN"] == ("secret", host.removesuffix("-head-svc"), "auth_token")
+
+
+def test_the_job_namespace_enforces_the_restricted_pod_security_standard(objects):
+    (namespace,) = named(objects, "Namespace")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_checkov_accepts_the_manifests_and_the_dockerfile(tmp_path):
+    scan = tmp_path / "scan"
+    scan.mkdir()
+    for overlay in OVERLAYS:
+        (scan / f"{overlay}.yaml").write_text(yaml.safe_dump_all(build(overlay)))
+    for path in DEPLOY.rglob("*.example.yaml"):
+        shutil.copy(path, scan / path.name)
+    shutil.copy(REPO / "Dockerfile", scan / "Dockerfile")
+    # checkov pins old boto3, packaging and networkx, so it lives in an environment of its own.
+    checkov = tool("checkov")
+    result = subprocess.run(
+        [checkov, "--directory", str(scan), "--framework", "kubernetes", "dockerfile", "secrets", "--output", "json", "--skip-download"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode in (0, 1), f"checkov failed to run:\n{result.stderr[-2000:]}"
+    reports = json.loads(result.stdout)
+    reports = reports if isinstance(reports, list) else [reports]
+    scanned = {report["check_type"]: report["summary"] for report in reports}
+    assert scanned["kubernetes"]["resource_count"] > 0 and scanned["dockerfile"]["resource_count"] > 0, scanned
+    assert all(summary["parsing_errors"] == 0 for summary in scanned.values()), scanned
+    failed = [
+        (check["check_id"], check["resource"], check["file_path"])
+        for report in reports
+        for check in report.get("results", {}).get("failed_checks", [])
+    ]
+
+    def matches(key: tuple[str, str], check_id: str, resource: str) -> bool:
+        return check_id == key[0] and fnmatch.fnmatch(resource, key[1])
+
+    assert [finding for finding in failed if not any(matches(key, *finding[:2]) for key in CHECKOV_ACCEPTED)] == []
+    unused = [key for key in CHECKOV_ACCEPTED if not any(matches(key, *finding[:2]) for finding in failed)]
+    assert unused == [], "accepted findings that no longer occur: remove them"
+
+
+def test_hadolint_finds_nothing_in_the_dockerfile():
+    result = subprocess.run([tool("hadolint"), "--no-color", str(REPO / "Dockerfile")], check=False, capture_output=True, text=True)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_the_image_is_built_from_the_package_alone():
+    ignored = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert ignored[0] == "*", ".dockerignore lets in only what it names"
+    assert sorted(line for line in ignored if line.startswith("!")) == ["!README.md", "!gan/", "!job/", "!pyproject.toml"]
+    dockerfile = (REPO / "Dockerfile").read_text()
+    users = re.findall(r"^USER (\S+)", dockerfile, re.MULTILINE)
+    assert users and users[-1].split(":")[0] not in ("0", "root") and users[-1].split(":")[0].isdigit(), "a numeric non-root user"
+    assert "[dev]" not in dockerfile and not re.search(r"^(ENV|ARG) \w*(SECRET|PASSWORD|TOKEN|KEY)\w*", dockerfile, re.MULTILINE)
+
+
+def test_shell_scripts_pass_shellcheck(tmp_path):
+    scripts = [DEPLOY / "run-local.sh"]
+    for overlay in OVERLAYS:
+        for cronjob in named(list(build(overlay)), "CronJob"):
+            scripts.append(tmp_path / f"{overlay}-cronjob.sh")
+            scripts[-1].write_text("#!/usr/bin/env bash\n" + cronjob_script(cronjob))
+    result = subprocess.run([tool("shellcheck"), *map(str, scripts)], check=False, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# Tests: what sets the overlays apart.
+
+
+def gpu_limits(objects: list[dict]) -> list[tuple[str, str | None, str | None]]:
+    return [
+        (role, container["resources"]["requests"].get("nvidia.com/gpu"), container["resources"]["limits"].get("nvidia.com/gpu"))
+        for role, container in ray_containers(objects)
+    ]
+
+
+def test_the_local_overlay_is_a_short_cpu_run_against_minio():
+    objects = list(build("local"))
+    assert all(requests is None and limits is None for _, requests, limits in gpu_limits(objects))
+    values = knobs(objects)
+    assert int(values["GAN_JOB_EPOCHS"]) <= 5 and "GAN_JOB_LIMIT" in values, "a short run"
+    (secret,) = named(objects, "Secret", "gan-job-s3")
+    endpoint = urlparse(secret["stringData"]["AWS_ENDPOINT_URL"])
+    (service,) = named(objects, "Service", endpoint.hostname)
+    assert endpoint.port in [port["port"] for port in service["spec"]["ports"]]
+    assert named(objects, "Deployment", endpoint.hostname) and named(objects, "PersistentVolumeClaim")
+    (bucket_job,) = named(objects, "Job")
+    bucket = container_env(bucket_job["spec"]["template"]["spec"]["containers"][0], objects)["BUCKET"][1]
+    assert urlparse(values["GAN_JOB_STORAGE"]).netloc == bucket, "the Job creates the bucket the runs go to"
+
+
+@pytest.mark.parametrize("overlay", [name for name in OVERLAYS if name.startswith("cluster")])
+def test_cluster_overlays_run_full_epochs_on_gpu_workers_against_external_s3(overlay):
+    objects = list(build(overlay))
+    for role, requests, limits in gpu_limits(objects):
+        if role == "worker":
+            assert requests == limits and int(limits) >= 1, "GPUs requested and limited alike"
+    values = knobs(objects)
+    assert values["GAN_JOB_USE_GPU"] == "true" and "GAN_JOB_EPOCHS" not in values and "GAN_JOB_LIMIT" not in values
+    assert not named(objects, "Secret") and not named(objects, "Deployment"), "S3 is external; its Secret is the operator's"
