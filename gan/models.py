@@ -27,6 +27,20 @@ def _keras_init(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+class Dropout(nn.Dropout):
+    """`nn.Dropout` with the same semantics (keep with probability 1 - p, scale by 1 / (1 - p)).
+
+    Drawing the mask with `torch.rand` and multiplying is about twice as fast on CPU as
+    `bernoulli_`, which made dropout a fifth of the training step.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        return x * keep * (1.0 / (1.0 - self.p))
+
+
 class Generator(nn.Module):
     """Noise (N, noise_dim) → images (N, 1, 28, 28) in [-1, 1]."""
 
@@ -64,10 +78,10 @@ class Discriminator(nn.Module):
         self.layers = nn.Sequential(
             nn.Conv2d(1, 64, 5, stride=2, padding=2),  # (N, 64, 14, 14)
             nn.LeakyReLU(LEAKY_SLOPE),
-            nn.Dropout(0.3),
+            Dropout(0.3),
             nn.Conv2d(64, 128, 5, stride=2, padding=2),  # (N, 128, 7, 7)
             nn.LeakyReLU(LEAKY_SLOPE),
-            nn.Dropout(0.3),
+            Dropout(0.3),
             nn.Flatten(),  # (N, 6272)
             nn.Linear(7 * 7 * 128, 1),  # (N, 1)
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -15,16 +17,20 @@ def train_step(
     optimizer_d: torch.optim.Optimizer,
     real_images: torch.Tensor,  # (N, 1, 28, 28) in [-1, 1], on the networks' device
     noise: torch.Tensor,  # (M, noise_dim)
+    amp_dtype: torch.dtype | None = None,  # autocast dtype (torch.bfloat16); None = float32 throughout
 ) -> dict[str, torch.Tensor]:
     """Update G and D once, as the tutorial's `train_step` with its two GradientTapes does.
 
     Works on plain or DDP-wrapped networks. Returns 0-d tensors (`loss_d`, `loss_g`,
     `d_real_prob`, `d_fake_prob`) so that the caller decides when to wait on the device.
     """
-    # Forward: G makes a batch; D scores real and fake in one pass (D has no batch statistics).
-    fake_images = generator(noise)
-    logits = discriminator(torch.cat([real_images, fake_images]))
-    real_logits, fake_logits = logits.split([real_images.shape[0], fake_images.shape[0]])
+    # Forward: G makes a batch, D scores it and the real one. Two D passes rather than one over
+    # the concatenation, so that G's backward runs through D for the fake half only.
+    autocast = torch.autocast(real_images.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    with autocast:
+        fake_images = generator(noise)
+        real_logits = discriminator(real_images).float()
+        fake_logits = discriminator(fake_images).float()
     loss_d = discriminator_loss(real_logits, fake_logits)
     loss_g = generator_loss(fake_logits)
 
@@ -46,6 +52,21 @@ def train_step(
             "d_real_prob": torch.sigmoid(real_logits).mean(),
             "d_fake_prob": torch.sigmoid(fake_logits).mean(),
         }
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 in hardware (CUDA from Ampere on; CPUs with AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check and check())
+
+
+def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision name: `fp32` → None, `bf16` → bfloat16, `auto` → bf16 where native."""
+    if precision == "auto":
+        return torch.bfloat16 if bf16_is_native(device) else None
+    return {"fp32": None, "bf16": torch.bfloat16}[precision]
 
 
 def make_optimizer(model: nn.Module, lr: float = 1e-4) -> torch.optim.Adam:

@@ -10,7 +10,7 @@ import torch
 
 from gan.data import iterate_batches, load_split, resolve_data_dir
 from gan.models import Discriminator, Generator
-from gan.step import make_optimizer, train_step
+from gan.step import amp_dtype_for, make_optimizer, train_step
 from job.errors import UsageError
 
 
@@ -38,7 +38,10 @@ def bench(args: argparse.Namespace) -> int:
         while True:
             yield from iterate_batches(images_u8, order, args.batch_size)
 
-    generator, discriminator = Generator(args.noise_dim).to(device), Discriminator().to(device)
+    # The networks exactly as train builds them: channels_last, the same precision rule.
+    generator = Generator(args.noise_dim).to(device, memory_format=torch.channels_last)
+    discriminator = Discriminator().to(device, memory_format=torch.channels_last)
+    amp_dtype = amp_dtype_for(args.precision, device)
     optimizer_g, optimizer_d = make_optimizer(generator, args.lr), make_optimizer(discriminator, args.lr)
     stream = (batch for batch in batches() if batch.shape[0] == args.batch_size)
 
@@ -46,7 +49,7 @@ def bench(args: argparse.Namespace) -> int:
         for _ in range(steps):
             real = next(stream)
             noise = torch.randn(real.shape[0], args.noise_dim, device=device)
-            stats = train_step(generator, discriminator, optimizer_g, optimizer_d, real, noise)
+            stats = train_step(generator, discriminator, optimizer_g, optimizer_d, real, noise, amp_dtype)
         stats["loss_d"].item()  # wait for the device once, at the end
 
     run(args.warmup)
@@ -60,6 +63,7 @@ def bench(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "steps": args.steps,
         "threads": torch.get_num_threads(),
+        "precision": "bf16" if amp_dtype == torch.bfloat16 else "fp32",
         "torch": torch.__version__,
     }
     print(json.dumps(result))

@@ -17,6 +17,7 @@ from job.errors import UsageError
 ENV_PREFIX = "GAN_JOB_"
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
 
 
 def env_var_for(dest: str) -> str:
@@ -66,6 +67,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--cpus-per-worker", int, "CPUs and torch threads per worker (default: node CPUs / workers)")
     flag("--lr", float, "Adam learning rate of both networks (default 1e-4)")
     flag("--noise-dim", int, "length of the generator's noise vector (default 100)")
+    flag("--precision", str, "auto (bf16 autocast where the hardware does bf16 natively), fp32 or bf16", choices=PRECISION_CHOICES)
     flag("--s3-endpoint", str, "S3 endpoint URL, e.g. http://minio:9000 (default: AWS_ENDPOINT_URL)")
     switch("--create-bucket", "create the --storage bucket if it is missing")
 
@@ -127,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data-dir", default=None, help="folder with the IDX files (with --data)")
     bench.add_argument("--noise-dim", type=int, default=100, help="noise vector length (default 100)")
     bench.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    bench.add_argument("--precision", choices=PRECISION_CHOICES, default="auto", help="as train's --precision (default auto)")
     bench.set_defaults(handler=_bench)
 
     data = commands.add_parser("data", help="manage the IDX files")

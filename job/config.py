@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from job.errors import UsageError, flag_name
 
 DATASET_NAMES = ("mnist", "fashion-mnist")
+PRECISIONS = ("auto", "fp32", "bf16")
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -58,6 +59,7 @@ class TrainConfig:
     cpus_per_worker: int | None = None  # CPUs (and torch threads) per worker; None = node CPUs / workers
     lr: float = 1e-4  # Adam learning rate of both networks (the tutorial's 1e-4)
     noise_dim: int = 100  # length of G's input noise vector
+    precision: str = "auto"  # "auto" = bf16 autocast where the hardware does bf16 natively, else fp32
     s3_endpoint: str | None = None  # S3 endpoint URL; None = AWS_ENDPOINT_URL or AWS's default
     create_bucket: bool = False  # create a missing bucket instead of failing
 
@@ -67,6 +69,8 @@ class TrainConfig:
     def _validate(self) -> None:
         if self.data not in DATASET_NAMES:
             raise UsageError(f"--data {self.data!r} is not a known dataset; choose one of: {', '.join(DATASET_NAMES)}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r} is not one of: {', '.join(PRECISIONS)}")
         for name, low in (
             ("epochs", 1),
             ("batch_size", 1),

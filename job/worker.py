@@ -18,7 +18,7 @@ import torch
 from gan.data import iterate_batches, load_split, shard_indices
 from gan.models import Discriminator, Generator
 from gan.plots import image_grid_png, loss_curves_png
-from gan.step import make_optimizer, train_step
+from gan.step import amp_dtype_for, make_optimizer, train_step
 from job.artifacts import RunArtifacts
 from job.checkpoint import FORMAT_VERSION, write_checkpoint
 from job.config import SHAPE_FIELDS, TrainConfig
@@ -82,8 +82,10 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
     images_u8 = train_set.images.to(device)
 
     # Build the networks and optimizers; restore them when resuming.
-    generator = Generator(config.noise_dim).to(device)
-    discriminator = Discriminator().to(device)
+    # channels_last: the convolution layout oneDNN and cuDNN run fastest (measured in `bench`).
+    generator = Generator(config.noise_dim).to(device, memory_format=torch.channels_last)
+    discriminator = Discriminator().to(device, memory_format=torch.channels_last)
+    amp_dtype = amp_dtype_for(config.precision, device)
     optimizer_g = make_optimizer(generator, config.lr)
     optimizer_d = make_optimizer(discriminator, config.lr)
     fixed_noise = torch.randn(NUM_SAMPLES, config.noise_dim, generator=torch.Generator().manual_seed(config.seed))
@@ -122,7 +124,7 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
         last_progress_s = epoch_start_s
         for batch_index, real_images in enumerate(iterate_batches(images_u8, indices, config.batch_size_per_worker)):
             noise = torch.randn(real_images.shape[0], config.noise_dim, device=device)
-            stats = train_step(generator_ddp, discriminator_ddp, optimizer_g, optimizer_d, real_images, noise)
+            stats = train_step(generator_ddp, discriminator_ddp, optimizer_g, optimizer_d, real_images, noise, amp_dtype)
             sums += torch.stack([stats[name] for name in STAT_NAMES])
             step += 1
             if first_step_s is None:

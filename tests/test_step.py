@@ -30,8 +30,7 @@ def test_each_network_moves_by_the_gradient_of_its_own_loss_only():
     # Reference gradients, computed separately: d loss_g / d G and d loss_d / d D.
     torch.manual_seed(123)  # the same dropout masks in both computations
     fake = g_ref(noise)
-    logits = d_ref(torch.cat([real, fake]))
-    real_logits, fake_logits = logits.split([6, 6])
+    real_logits, fake_logits = d_ref(real), d_ref(fake)
     grads_g = torch.autograd.grad(generator_loss(fake_logits), list(g_ref.parameters()), retain_graph=True)
     grads_d = torch.autograd.grad(discriminator_loss(real_logits, fake_logits), list(d_ref.parameters()))
 
@@ -59,3 +58,21 @@ def test_frozen_discriminator_optimizer_leaves_d_unchanged_while_g_trains():
 def test_adam_uses_keras_epsilon():
     optimizer = make_optimizer(Discriminator())
     assert optimizer.defaults["eps"] == 1e-7 and optimizer.defaults["lr"] == 1e-4
+
+
+def test_dropout_keeps_seventy_percent_scaled_to_preserve_the_mean():
+    from gan.models import Dropout
+
+    layer = Dropout(0.3)
+    out = layer(torch.ones(200_000))
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.01
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.7))
+    assert torch.equal(layer.eval()(torch.ones(10)), torch.ones(10))
+
+
+def test_bf16_autocast_step_gives_finite_float32_losses():
+    generator, discriminator, real, noise = _setup()
+    stats = train_step(generator, discriminator, make_optimizer(generator), make_optimizer(discriminator), real, noise, amp_dtype=torch.bfloat16)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in stats.values())
+    assert all(p.dtype == torch.float32 for p in generator.parameters())  # weights stay float32
