@@ -160,9 +160,9 @@ def load_split(folder: Path, split: str = "train", limit: int | None = None) -> 
     except IdxFormatError as err:
         raise DataError(str(err)) from None
     if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28):
-        raise DataError(f"{images_file} holds images of shape {tuple(images.shape[1:])}, expected 28x28")
+        raise DataError(f"{images_file} holds images of shape {tuple(images.shape[1:])}, expected 28x28; use MNIST-format files or fix --data-dir")
     if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
-        raise DataError(f"{labels_file} holds {labels.shape[0]} labels for {images.shape[0]} images in {images_file}")
+        raise DataError(f"{labels_file} holds {labels.shape[0]} labels for {images.shape[0]} images in {images_file}; use the matching labels file or fix --data-dir")
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]

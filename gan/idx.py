@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import math
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +23,18 @@ def decode_idx(raw: bytes, source: str = "<bytes>") -> torch.Tensor:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as err:
+        except (OSError, EOFError, zlib.error) as err:
             raise IdxFormatError(f"{source} is a damaged gzip file ({err}); download it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise IdxFormatError(f"{source} is not an IDX file (wrong magic number); expected MNIST-format data")
+        raise IdxFormatError(f"{source} is not an IDX file (wrong magic number); download the MNIST-format files again or fix --data-dir")
     if raw[2] != _UBYTE:
-        raise IdxFormatError(f"{source} holds element type 0x{raw[2]:02x}, expected unsigned bytes (0x08)")
+        raise IdxFormatError(f"{source} holds element type 0x{raw[2]:02x}, expected unsigned bytes (0x08); download the MNIST-format files again or fix --data-dir")
     ndim = raw[3]
     header_len = 4 + 4 * ndim
     if ndim == 0 or len(raw) < header_len:
         raise IdxFormatError(f"{source} has a truncated IDX header; download it again")
     shape = struct.unpack(f">{ndim}I", raw[4:header_len])
-    expected = int(np.prod(shape, dtype=np.int64))
+    expected = math.prod(shape)  # exact: np.prod wraps around in int64
     if len(raw) - header_len != expected:
         raise IdxFormatError(
             f"{source} should hold {expected} bytes of data for shape {shape} but holds "

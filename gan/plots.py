@@ -49,3 +49,22 @@ def loss_curves_png(rows: Sequence[dict]) -> bytes:
     axis.legend()
     axis.grid(alpha=0.3)
     return _png(figure)
+
+
+def quality_curves_png(rows: Sequence[dict]) -> bytes:
+    """Training-time quality from `metrics.jsonl` rows: FID in the classifier's space and class coverage."""
+    scored = [row for row in rows if "quality" in row]
+    epochs = [row["epoch"] for row in scored]
+    figure, (fid_axis, modes_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    fid_axis.plot(epochs, [row["quality"]["fid_classifier"] for row in scored], marker="o", label="generated vs test")
+    fid_axis.plot(epochs, [row["quality"]["fid_classifier_floor"] for row in scored], linestyle="--", label="floor: train vs test")
+    fid_axis.set_xlabel("epoch")
+    fid_axis.set_ylabel("FID (classifier features)")
+    fid_axis.legend()
+    modes_axis.plot(epochs, [row["quality"]["modes_covered"] for row in scored], marker="o")
+    modes_axis.set_ylim(0, 10.5)
+    modes_axis.set_xlabel("epoch")
+    modes_axis.set_ylabel("classes covered (>= 2 %)")
+    for axis in (fid_axis, modes_axis):
+        axis.grid(alpha=0.3)
+    return _png(figure)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
@@ -69,9 +70,32 @@ def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16}[precision]
 
 
-def make_optimizer(model: nn.Module, lr: float = 1e-4) -> torch.optim.Adam:
+def make_optimizer(model: nn.Module, lr: float = 1e-4, beta1: float = 0.9) -> torch.optim.Adam:
     """Adam as Keras configures it (epsilon 1e-7), fused where the device supports it."""
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     fused = device.type in ("cpu", "cuda")
-    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-7, fused=fused)
+    return torch.optim.Adam(params, lr=lr, betas=(beta1, 0.999), eps=1e-7, fused=fused)
+
+
+class GeneratorEMA:
+    """An exponential moving average of G's weights (BatchNorm statistics follow the live G).
+
+    Averaged weights give steadier samples than the last step's; the raw G keeps training. The
+    decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so that the first epochs are
+    not dominated by the random initial weights.
+    """
+
+    def __init__(self, generator: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.module = copy.deepcopy(generator).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, generator: nn.Module) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        for averaged, live in zip(self.module.parameters(), generator.parameters()):
+            averaged.lerp_(live.detach(), 1.0 - decay)
+        for averaged, live in zip(self.module.buffers(), generator.buffers()):
+            averaged.copy_(live)

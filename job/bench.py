@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 import torch
@@ -13,11 +14,17 @@ from gan.models import Discriminator, Generator
 from gan.step import amp_dtype_for, make_optimizer, train_step
 from job.errors import UsageError
 
+MAX_BATCH = 65536  # the random batches are made up front, four batches' worth
+
 
 def bench(args: argparse.Namespace) -> int:
     for name in ("steps", "batch_size", "noise_dim"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(args, name)}")
+    if args.batch_size > MAX_BATCH:
+        raise UsageError(f"--batch-size must be at most {MAX_BATCH}, got {args.batch_size}")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise UsageError(f"--lr must be a finite number > 0, got {args.lr!r}")
     if args.warmup < 0 or (args.threads is not None and args.threads < 1):
         raise UsageError("--warmup must be >= 0 and --threads >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -1,12 +1,16 @@
 """The one checkpoint writer and reader.
 
-A checkpoint is one `state.pt` inside a Ray Train checkpoint folder (`checkpoint_<timestamp>/`).
-It holds everything resume needs and nothing that needs pickle: it is read with
-`torch.load(weights_only=True)`, because a checkpoint from a bucket is untrusted input.
+A checkpoint is one `state.pt` inside a Ray Train checkpoint folder (`checkpoint_<timestamp>/`),
+next to `state.pt.sha256`, its digest. It holds everything resume needs and nothing that needs
+pickle: it is read with `torch.load(weights_only=True)`, because a checkpoint from a bucket is
+untrusted input. The digest catches what `torch.load` does not: it checks no CRC, so a damaged
+byte in a tensor loads silently as a wrong weight; and a folder without both files is one whose
+upload never finished. (Format 1 checkpoints, written before digests, still load, unverified.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -17,8 +21,10 @@ from job.errors import UsageError
 from job.storage import Location, resolve_location
 
 STATE_FILE = "state.pt"
+DIGEST_FILE = "state.pt.sha256"  # written after STATE_FILE, so a half-written folder lacks it
 CHECKPOINT_PREFIX = "checkpoint_"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: written with DIGEST_FILE; 1: without (still read, unverified)
+READABLE_FORMATS = (1, 2)
 REQUIRED_KEYS = (
     "format_version", "generator", "discriminator", "optimizer_g", "optimizer_d",
     "epoch", "step", "fixed_noise", "rng", "config", "data_fingerprint",
@@ -29,12 +35,45 @@ class CheckpointError(UsageError):
     """A checkpoint that cannot be read safely: damaged, incomplete or not ours."""
 
 
+class IncompleteCheckpointError(CheckpointError):
+    """A checkpoint folder that lacks a file: its upload was cut off (nothing in it is damaged)."""
+
+
+def sha256_hex(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
 def write_checkpoint(folder: Path, state: dict) -> Path:
-    """Write `state` into `folder` (a fresh local folder that Ray then uploads)."""
+    """Write `state` and its digest into `folder` (a fresh local folder that Ray then uploads)."""
     folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     path = folder / STATE_FILE
-    torch.save(state, path)
+    path.write_bytes(buffer.getvalue())
+    (folder / DIGEST_FILE).write_text(f"{sha256_hex(buffer.getvalue())}  {STATE_FILE}\n")
     return path
+
+
+def upload_checkpoint(local_folder: Path, folder: Location) -> None:
+    """Copy a written checkpoint into storage file by file, the digest last; raise if any write fails.
+
+    Each file is one whole-object write that raises when it fails, so a folder in storage is
+    complete exactly when its digest is there. (pyarrow's `copy_files`, Ray Train's default
+    upload, logs and drops the error of a part upload that fails, which let an S3 outage
+    register a checkpoint without its `state.pt`.)
+    """
+    names = [p.name for p in local_folder.iterdir() if p.is_file()]
+    for name in sorted(names, key=lambda n: (n == DIGEST_FILE, n)):
+        folder.child(name).write_bytes((local_folder / name).read_bytes())
+
+
+def verify_digest(raw: bytes, digest_text: str, source: str) -> None:
+    """Raise a `CheckpointError` unless `raw` is exactly the bytes the writer hashed."""
+    expected = digest_text.strip().split(" ", 1)[0].lower()
+    if sha256_hex(raw) != expected:
+        raise CheckpointError(
+            f"checkpoint {source} is damaged: {STATE_FILE} ({len(raw)} bytes) does not match its {DIGEST_FILE}"
+        )
 
 
 def decode_checkpoint(raw: bytes, source: str) -> dict:
@@ -46,19 +85,31 @@ def decode_checkpoint(raw: bytes, source: str) -> dict:
         raise CheckpointError(f"checkpoint {source} cannot be loaded safely ({reason[:200]})") from None
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         raise CheckpointError(f"checkpoint {source} is not a gan-job checkpoint (keys missing)")
-    if state["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {source} has format {state['format_version']}, this version reads {FORMAT_VERSION}")
+    if state["format_version"] not in READABLE_FORMATS:
+        raise CheckpointError(f"checkpoint {source} has format {state['format_version']}, this version reads {READABLE_FORMATS}")
     return state
 
 
-def read_checkpoint(folder: Location) -> dict:
-    """Load the state of one checkpoint folder."""
-    state_file = folder.child(STATE_FILE)
+def _read_file(folder: Location, name: str) -> bytes | None:
     try:
-        raw = state_file.read_bytes()
+        return folder.child(name).read_bytes()
     except (FileNotFoundError, OSError):
-        raise CheckpointError(f"checkpoint {folder.uri} has no readable {STATE_FILE}") from None
-    return decode_checkpoint(raw, folder.uri)
+        return None
+
+
+def read_checkpoint(folder: Location) -> dict:
+    """Load the state of one checkpoint folder, after checking that it is whole."""
+    raw, digest = _read_file(folder, STATE_FILE), _read_file(folder, DIGEST_FILE)
+    if raw is None:
+        raise IncompleteCheckpointError(f"checkpoint {folder.uri} is incomplete: it has no readable {STATE_FILE}")
+    if digest is not None:
+        verify_digest(raw, digest.decode("utf-8", "replace"), folder.uri)
+    state = decode_checkpoint(raw, folder.uri)
+    if digest is None:
+        if state["format_version"] >= 2:  # the writer made a digest: its upload was cut off before it
+            raise IncompleteCheckpointError(f"checkpoint {folder.uri} is incomplete: it has no readable {DIGEST_FILE}")
+        warn(f"checkpoint {folder.uri} predates digests (format 1): loaded without an integrity check")
+    return state
 
 
 def checkpoint_folders(run: Location) -> list[Location]:
@@ -67,22 +118,46 @@ def checkpoint_folders(run: Location) -> list[Location]:
     return [run.child(n) for n in sorted(names, reverse=True)]
 
 
-def latest_good_checkpoint(run: Location) -> tuple[Location, dict] | None:
-    """The newest checkpoint of a run that loads; a damaged one is skipped with a warning."""
+def latest_good_checkpoint(run: Location, refused: list[CheckpointError] | None = None) -> tuple[Location, dict] | None:
+    """The newest checkpoint of a run that loads; a bad one is skipped with a warning (and added to `refused`)."""
     for folder in checkpoint_folders(run):
         try:
             return folder, read_checkpoint(folder)
         except CheckpointError as err:
-            warn(f"skipping damaged checkpoint: {err}")
+            warn(f"skipping {'incomplete' if isinstance(err, IncompleteCheckpointError) else 'damaged'} checkpoint: {err}")
+            if refused is not None:
+                refused.append(err)
     return None
+
+
+def latest_checkpoint_or_refuse(run: Location, what: str) -> tuple[Location, dict] | None:
+    """The run's latest good checkpoint; None for a run with none; an error when all are damaged.
+
+    Starting over beside damaged checkpoints would overwrite the run's history, so that is
+    refused. Folders that are only incomplete (an upload cut off) do not count: the run never
+    took them as a checkpoint.
+    """
+    refused: list[CheckpointError] = []
+    found = latest_good_checkpoint(run, refused)
+    damaged = [err for err in refused if not isinstance(err, IncompleteCheckpointError)]
+    if found is None and damaged:
+        raise CheckpointError(
+            f"{what} {run.uri}: no checkpoint loads safely ({damaged[0]}); "
+            "delete the damaged checkpoint_* folders to start over, or use another run"
+        )
+    return found
 
 
 def load_from(uri: str, s3_endpoint: str | None = None) -> tuple[Location, dict]:
     """The checkpoint a `--from` names: a checkpoint folder, or a run folder (its latest)."""
     location = resolve_location(uri, s3_endpoint, flag="--from")
-    if location.child(STATE_FILE).exists():
-        return location, read_checkpoint(location)
-    found = latest_good_checkpoint(location)
+    try:
+        if location.child(STATE_FILE).exists():
+            return location, read_checkpoint(location)
+        found = latest_checkpoint_or_refuse(location, "--from")
+    except OSError as err:  # storage refused the listing (credentials, endpoint, bucket)
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        raise UsageError(f"--from {uri} cannot be read ({reason}); check the location and the S3 credentials and endpoint") from None
     if found is None:
         raise UsageError(f"--from {uri} holds no checkpoint; pass a run folder or one of its checkpoint_* folders")
     return found

@@ -65,7 +65,14 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--keep-checkpoints", int, "checkpoints kept in storage (default 2)")
     flag("--max-failures", int, "worker-group restarts before the run fails (default 2)")
     flag("--cpus-per-worker", int, "CPUs and torch threads per worker (default: node CPUs / workers)")
-    flag("--lr", float, "Adam learning rate of both networks (default 1e-4)")
+    flag("--recipe", str, "hyperparameters: tutorial (default, the tutorial's unchanged) or stable", choices=("tutorial", "stable"))
+    flag("--lr", float, "Adam learning rate of both networks (default: the recipe's; tutorial 1e-4)")
+    flag("--beta1", float, "Adam beta1 of both networks (default: the recipe's; tutorial 0.9)")
+    flag("--ema-decay", float, "decay of an EMA of G's weights used for samples and the model, 0 = off (default: the recipe's)")
+    flag("--eval-every", int, "epochs between quality evaluations during training, 0 = never (default 1)")
+    flag("--eval-num", int, "generated images per training-time evaluation (default 2000)")
+    flag("--on-divergence", str, "non-finite loss or saturated D: warn, rollback (default) or stop", choices=("warn", "rollback", "stop"))
+    flag("--on-collapse", str, "coverage far below the run's recent level: warn (default), rollback or stop", choices=("warn", "rollback", "stop"))
     flag("--noise-dim", int, "length of the generator's noise vector (default 100)")
     flag("--precision", str, "auto (bf16 autocast where the hardware does bf16 natively), fp32 or bf16", choices=PRECISION_CHOICES)
     flag("--s3-endpoint", str, "S3 endpoint URL, e.g. http://minio:9000 (default: AWS_ENDPOINT_URL)")
@@ -102,7 +109,7 @@ def _data_push(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The whole command line: train, generate, bench, data push."""
+    """The whole command line: train, generate, evaluate, promote, bench, data push."""
     parser = OneLineParser(prog="gan-job", description="Train the TensorFlow-tutorial DCGAN with Ray Train and PyTorch DDP.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
@@ -118,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     generate.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
     generate.set_defaults(handler=_generate)
+
+    from job.evaluate import add_evaluate_arguments
+    from job.promote import add_promote_arguments
+
+    add_evaluate_arguments(commands.add_parser("evaluate", help="quality metrics of a run or checkpoint, as one JSON object"))
+    add_promote_arguments(commands.add_parser("promote", help="point LATEST at a finished run if it is no worse than the current one"))
 
     bench = commands.add_parser("bench", help="time the training step on this machine (needs only PyTorch)")
     bench.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")

@@ -14,7 +14,17 @@ from job.errors import UsageError, flag_name
 
 DATASET_NAMES = ("mnist", "fashion-mnist")
 PRECISIONS = ("auto", "fp32", "bf16")
-RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+GUARD_ACTIONS = ("warn", "rollback", "stop")
+
+# Hyperparameters a recipe sets; any flag given explicitly wins over its recipe.
+RECIPES = {
+    # The tutorial's, unchanged: Adam(1e-4) with Keras's default beta1, no averaging.
+    "tutorial": {"lr": 1e-4, "beta1": 0.9, "ema_decay": 0.0},
+    # The DCGAN paper's Adam (2e-4, beta1 0.5) and an EMA of G's weights (see the README's numbers).
+    "stable": {"lr": 2e-4, "beta1": 0.5, "ema_decay": 0.995},
+}
+RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: "$" would let "name\n" through
+MAX_SEED = 2**32 - 1  # torch takes seeds below 2**64; seed + epoch and seed + rank must stay there
 
 
 def default_storage() -> str:
@@ -39,6 +49,10 @@ def default_run_name() -> str:
     return ray_submission_id() or time.strftime("run-%Y%m%d-%H%M%S")
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs; the defaults are the tutorial's recipe."""
@@ -57,13 +71,25 @@ class TrainConfig:
     keep_checkpoints: int = 2  # checkpoints kept in storage; 2 so a damaged latest has a fallback
     max_failures: int = 2  # worker-group restarts Ray Train makes before giving up
     cpus_per_worker: int | None = None  # CPUs (and torch threads) per worker; None = node CPUs / workers
-    lr: float = 1e-4  # Adam learning rate of both networks (the tutorial's 1e-4)
+    recipe: str = "tutorial"  # hyperparameter set: "tutorial" (unchanged) or "stable" (see RECIPES)
+    lr: float | None = None  # Adam learning rate of both networks; None = the recipe's
+    beta1: float | None = None  # Adam beta1 of both networks; None = the recipe's
+    ema_decay: float | None = None  # decay of the EMA of G's weights, 0 = off; None = the recipe's
+    eval_every: int = 1  # epochs between quality evaluations (FID, coverage) in training; 0 = never
+    eval_num: int = 2000  # generated images per training-time evaluation
+    on_divergence: str = "rollback"  # non-finite loss or saturated D: warn, rollback or stop
+    on_collapse: str = "warn"  # class coverage far below the run's recent level: warn, rollback or stop
     noise_dim: int = 100  # length of G's input noise vector
     precision: str = "auto"  # "auto" = bf16 autocast where the hardware does bf16 natively, else fp32
     s3_endpoint: str | None = None  # S3 endpoint URL; None = AWS_ENDPOINT_URL or AWS's default
     create_bucket: bool = False  # create a missing bucket instead of failing
 
     def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise UsageError(f"--recipe {self.recipe!r} is not one of: {', '.join(RECIPES)}")
+        for name, value in RECIPES[self.recipe].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)  # frozen: filled once, here
         self._validate()
 
     def _validate(self) -> None:
@@ -82,14 +108,25 @@ class TrainConfig:
             ("seed", 0),
             ("limit", 1),
             ("cpus_per_worker", 1),
+            ("eval_every", 0),
+            ("eval_num", 10),
         ):
             value = getattr(self, name)
             if value is None and name in ("limit", "cpus_per_worker"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise UsageError(f"{flag_name(name)} must be an integer >= {low}, got {value!r}")
-        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+        if self.seed > MAX_SEED:
+            raise UsageError(f"--seed must be an integer in [0, {MAX_SEED}], got {self.seed}")
+        if not _is_number(self.lr) or not math.isfinite(self.lr) or self.lr <= 0:
             raise UsageError(f"--lr must be a finite number > 0, got {self.lr!r}")
+        for name in ("beta1", "ema_decay"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 <= value < 1:
+                raise UsageError(f"{flag_name(name)} must be a number in [0, 1), got {value!r}")
+        for name in ("on_divergence", "on_collapse"):
+            if getattr(self, name) not in GUARD_ACTIONS:
+                raise UsageError(f"{flag_name(name)} {getattr(self, name)!r} is not one of: {', '.join(GUARD_ACTIONS)}")
         if self.batch_size % self.num_workers:
             raise UsageError(
                 f"--batch-size {self.batch_size} does not split evenly across --num-workers {self.num_workers}; "
@@ -97,7 +134,7 @@ class TrainConfig:
             )
         if self.limit is not None and self.limit < self.num_workers:
             raise UsageError(f"--limit {self.limit} leaves no image for some of the {self.num_workers} workers")
-        if not RUN_NAME_PATTERN.match(self.run_name) or ".." in self.run_name:
+        if not RUN_NAME_PATTERN.fullmatch(self.run_name) or ".." in self.run_name:
             raise UsageError(
                 f"--run-name {self.run_name!r} is not a valid folder or key name; use letters, digits, '.', '_' "
                 "and '-' (at most 128, starting with a letter or digit)"

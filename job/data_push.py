@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gan.data import IDX_FILES, find_idx_file, resolve_data_dir
-from gan.idx import IdxFormatError, read_idx
+from gan.data import IDX_FILES, find_idx_file, load_split, resolve_data_dir
 from job.errors import UsageError
 from job.storage import is_s3, split_s3_uri
 
@@ -16,11 +15,8 @@ def push(args: argparse.Namespace) -> int:
     bucket, prefix = split_s3_uri(args.to, "--to")
     folder = resolve_data_dir(args.data, args.data_dir)
     files = [find_idx_file(folder, stem) for stem in IDX_FILES.values()]
-    for file in files:  # check every file before uploading any
-        try:
-            read_idx(file)
-        except IdxFormatError as err:
-            raise UsageError(str(err)) from None
+    for split in ("train", "test"):  # check every file (format, 28x28, one label each) before uploading any
+        load_split(folder, split)
     from job.s3 import s3_client
     from job.s3_preflight import check_bucket
 

@@ -63,6 +63,15 @@ def gather_objects(value: object) -> list:
     return gathered
 
 
+def broadcast_object(value: object) -> object:
+    """Rank 0's `value` on every rank (itself on one rank)."""
+    if not is_distributed():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def parameter_digest(*models: nn.Module) -> str:
     """A hash of the models' parameters: equal on all ranks when DDP keeps them in sync."""
     digest = hashlib.sha256()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from job.checkpoint import CHECKPOINT_PREFIX, checkpoint_folders, latest_good_checkpoint
+from job.checkpoint import CHECKPOINT_PREFIX, checkpoint_folders, latest_checkpoint_or_refuse, upload_checkpoint
 from job.storage import Location
 
 
@@ -26,14 +26,13 @@ class LocalSession:
         self.keep_checkpoints = keep_checkpoints
 
     def load_checkpoint(self) -> dict | None:
-        found = latest_good_checkpoint(self.run)
+        found = latest_checkpoint_or_refuse(self.run, "run")  # never starts over beside damaged checkpoints
         return found[1] if found else None
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is None:
             return
         name = CHECKPOINT_PREFIX + datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f")
-        for file in sorted(checkpoint_dir.iterdir()):
-            self.run.child(name, file.name).write_bytes(file.read_bytes())
+        upload_checkpoint(checkpoint_dir, self.run.child(name))
         for stale in checkpoint_folders(self.run)[self.keep_checkpoints :]:
             stale.fs.delete_dir(stale.path)

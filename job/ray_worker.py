@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import posixpath
 from pathlib import Path
 
 import torch
 
-from job.checkpoint import STATE_FILE, CheckpointError, decode_checkpoint, latest_good_checkpoint
+from job.checkpoint import CheckpointError, latest_checkpoint_or_refuse, read_checkpoint, upload_checkpoint
 from job.config import TrainConfig
 from job.console import warn
 from job.distributed import select_device
-from job.storage import resolve_location
+from job.storage import Location, resolve_location
 from job.worker import run_worker
 
 
@@ -31,24 +32,38 @@ class RaySession:
         self.run = resolve_location(config.storage, config.s3_endpoint).child(config.run_name)
 
     def load_checkpoint(self) -> dict | None:
+        """Ray's latest registered checkpoint, read straight from storage; an older one if it is bad."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
         try:
-            with checkpoint.as_directory() as folder:
-                return decode_checkpoint((Path(folder) / STATE_FILE).read_bytes(), checkpoint.path)
-        except (CheckpointError, OSError) as err:
+            return read_checkpoint(self.run.child(posixpath.basename(checkpoint.path.rstrip("/"))))
+        except CheckpointError as err:
             warn(f"latest checkpoint unusable, falling back to an older one: {err}")
-            found = latest_good_checkpoint(self.run)
-            return found[1] if found else None
+        found = latest_checkpoint_or_refuse(self.run, "run")  # raises when only damaged ones are left
+        if found is None:
+            warn(f"run {self.run.uri} has no complete checkpoint left; starting it over")
+        return found[1] if found else None
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         import ray.train
 
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=self._upload)
+
+    def _upload(self, checkpoint, checkpoint_dir_name: str):  # (ray.train.Checkpoint, str) -> ray.train.Checkpoint
+        """Ray Train's upload step, done so that a failed write fails the report (see `upload_checkpoint`)."""
+        import ray.train
+
+        storage = ray.train.get_context().get_storage()
+        path = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
+        upload_checkpoint(Path(checkpoint.path), Location(f"{self.run.uri}/{checkpoint_dir_name}", storage.storage_filesystem, path))
+        return ray.train.Checkpoint(path=path, filesystem=storage.storage_filesystem)
 
 
 def train_loop_per_worker(config: dict) -> None:

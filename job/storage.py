@@ -7,6 +7,7 @@ behave the same: whole-object writes that a reader never sees half-done.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +23,19 @@ def is_s3(uri: str | None) -> bool:
     return bool(uri) and str(uri).startswith("s3://")
 
 
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's (and MinIO's) naming rules
+
+
 def split_s3_uri(uri: str, flag: str = "location") -> tuple[str, str]:
-    """`s3://bucket/a/b` → (`bucket`, `a/b`); an URL without a bucket is bad input."""
-    rest = uri[len("s3://") :].strip("/")
-    bucket, _, prefix = rest.partition("/")
+    """`s3://bucket/a/b` → (`bucket`, `a/b`); an URL without a valid bucket name is bad input."""
+    bucket, _, prefix = uri[len("s3://") :].partition("/")  # `s3:///x` has no bucket (x is not one)
     if not bucket:
         raise UsageError(f"{flag} {uri!r} names no bucket; write it as s3://BUCKET/PREFIX")
+    if not BUCKET_NAME.fullmatch(bucket):
+        raise UsageError(
+            f"{flag} {uri!r}: {bucket!r} is not a valid bucket name (3-63 lowercase letters, digits, '.' and '-'); "
+            "write it as s3://BUCKET/PREFIX"
+        )
     return bucket, prefix.strip("/")
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-from gan.data import DataError, resolve_data_dir
-from job.checkpoint import latest_good_checkpoint
+from gan.data import DataError, load_split, resolve_data_dir
+from job.checkpoint import latest_checkpoint_or_refuse
 from job.config import TrainConfig
 from job.data_source import fetch_from_bucket
 from job.distributed import backend_for
@@ -18,30 +18,48 @@ from job.worker import check_resumable
 def preflight(config: TrainConfig) -> Location:
     """Fail fast, before any worker starts: data, storage and resumability. Returns the run folder.
 
-    Checks that only read come first, so that bad input leaves nothing behind.
+    Everything here only reads (the S3 check's marker object is deleted again), so that bad input
+    leaves nothing behind; `prepare_storage` writes, once every check has passed.
     """
     storage = resolve_location(config.storage, config.s3_endpoint)
     if is_s3(config.data_dir):
         from job.s3_preflight import check_bucket
 
         check_bucket(config.data_dir, config.s3_endpoint, flag="--data-dir", write=False)
-        fetch_from_bucket(config.data_dir, config.s3_endpoint)  # local workers then find it in the cache
+        data_folder = fetch_from_bucket(config.data_dir, config.s3_endpoint)  # local workers then find it in the cache
     else:
-        resolve_data_dir(config.data, config.data_dir)
+        data_folder = resolve_data_dir(config.data, config.data_dir)
+    load_split(data_folder, "train", config.limit)  # a damaged or wrong-shaped file fails here, not in every worker
     if is_s3(config.storage):
         from job.s3_preflight import check_bucket
 
         check_bucket(config.storage, config.s3_endpoint, flag="--storage", create=config.create_bucket)
+    else:
+        check_creatable(storage.path, config.storage)
     run = storage.child(config.run_name)
-    found = latest_good_checkpoint(run)
+    found = latest_checkpoint_or_refuse(run, "run")
     if found is not None:
         check_resumable(config, found[1])
+    return run
+
+
+def check_creatable(path: str, flag_value: str) -> None:
+    """Refuse a local storage folder that cannot be made, without making it yet."""
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--storage {flag_value} cannot be created or written ({existing} is not a writable folder); pass a writable folder")
+
+
+def prepare_storage(config: TrainConfig) -> None:
+    """Create a local storage folder (a bucket needs nothing)."""
+    storage = resolve_location(config.storage, config.s3_endpoint)
     if storage.is_local:
         try:
             os.makedirs(storage.path, exist_ok=True)
         except OSError as err:
             raise UsageError(f"--storage {config.storage} cannot be created ({err.strerror}); pass a writable folder") from None
-    return run
 
 
 def connect_ray() -> None:
@@ -127,6 +145,7 @@ def run_training(config: TrainConfig) -> int:
     if config.cpus_per_worker is None:
         config = config.replace(cpus_per_worker=default_cpus_per_worker(config.num_workers))
     check_placeable(config)
+    prepare_storage(config)
 
     trainer = build_trainer(config)
     print(
@@ -138,13 +157,17 @@ def run_training(config: TrainConfig) -> int:
     import ray.train
 
     try:
-        trainer.fit()
+        result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         cause = worker_failure(err)
         if isinstance(cause, (UsageError, DataError)):
             raise UsageError(str(cause)) from None
         message = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
         print(f"gan-job: training failed after {config.max_failures} restart(s): {message}", file=sys.stderr)
+        return 1
+    stopped = (result.metrics or {}).get("stopped")
+    if stopped:  # a guard with --on-divergence/--on-collapse stop ended the run
+        print(f"gan-job: run {config.run_name} stopped by a guard: {stopped}", file=sys.stderr)
         return 1
     print(f"run {config.run_name} finished: checkpoints and artifacts in {run.uri}", flush=True)
     return 0

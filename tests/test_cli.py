@@ -81,3 +81,26 @@ def test_bad_input_to_other_commands(argv, named, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err
+
+
+def test_recipes_set_hyperparameters_and_explicit_flags_win():
+    from job.config import TrainConfig
+
+    tutorial = TrainConfig(run_name="r")
+    assert (tutorial.lr, tutorial.beta1, tutorial.ema_decay) == (1e-4, 0.9, 0.0)
+    stable = TrainConfig(run_name="r", recipe="stable")
+    assert (stable.lr, stable.beta1, stable.ema_decay) == (2e-4, 0.5, 0.995)
+    assert TrainConfig(run_name="r", recipe="stable", lr=5e-5).lr == 5e-5
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--recipe", "fast"], "--recipe"), (["--beta1", "1.0"], "--beta1"), (["--ema-decay", "-0.1"], "--ema-decay"),
+    (["--eval-every", "-1"], "--eval-every"), (["--eval-num", "5"], "--eval-num"),
+    (["--on-divergence", "panic"], "--on-divergence"), (["--on-collapse", "ignore"], "--on-collapse"),
+])  # fmt: skip
+def test_bad_recipe_and_guard_flags_are_named(flags, named, tmp_path, capsys, tiny_data_dir):
+    argv = ["train", "--data", "fashion-mnist", "--data-dir", str(tiny_data_dir), "--storage", str(tmp_path / "runs"), *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err
+    assert not (tmp_path / "runs").exists()

@@ -1,7 +1,6 @@
 """IDX files, where the data comes from, and how it is split across ranks."""
 
 import gzip
-import struct
 
 import pytest
 import torch

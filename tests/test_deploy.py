@@ -425,7 +425,17 @@ def test_entrypoints_run_train_with_flags_and_knobs_the_cli_accepts(objects, tmp
     for command in commands:
         assert command[:3] == ["python", "-m", "job"], shlex.join(command)
         args = build_parser().parse_args(command[3:])
-        assert args.command == "train", shlex.join(command)
+        assert args.command in ("train", "promote"), shlex.join(command)
+
+
+def test_each_scheduled_firing_trains_then_promotes_its_own_run(objects, tmp_path):
+    from job.cli import build_parser
+
+    for cronjob in named(objects, "CronJob"):
+        calls = run_with_fake_ray(tmp_path, cronjob_script(cronjob), {"FIRING": "gan-retrain-29000000"})
+        train, promote = (build_parser().parse_args(c[3:]) for c in job_commands(submitted(calls)[1]))
+        assert (train.command, promote.command) == ("train", "promote")
+        assert promote.run.endswith("/" + train.run_name) and promote.target.endswith("/LATEST")
 
 
 def test_every_knob_is_a_train_flag(objects):
@@ -549,7 +559,8 @@ def test_a_cronjob_firing_resumes_its_run_on_retry(objects, tmp_path, earlier_at
         calls = run_with_fake_ray(tmp_path, cronjob_script(cronjob), {"FIRING": firing}, tuple(firing + a for a in earlier_attempts))
         submission_id, driver_command = submitted(calls)
         assert submission_id == firing + expected_submission, "each attempt under a new submission id"
-        assert [run_name_of(command) for command in job_commands(driver_command)] == [firing], "every attempt, the same run"
+        trains = [command for command in job_commands(driver_command) if command[3] == "train"]
+        assert [run_name_of(command) for command in trains] == [firing], "every attempt, the same run"
         stops = [call[-1] for call in calls if call[:2] == ["job", "stop"]]
         assert stops == [firing + a for a in expected_stops], "an earlier attempt's driver is stopped first"
 

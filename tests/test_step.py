@@ -76,3 +76,36 @@ def test_bf16_autocast_step_gives_finite_float32_losses():
     stats = train_step(generator, discriminator, make_optimizer(generator), make_optimizer(discriminator), real, noise, amp_dtype=torch.bfloat16)
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in stats.values())
     assert all(p.dtype == torch.float32 for p in generator.parameters())  # weights stay float32
+
+
+def test_generator_ema_moves_a_fraction_of_the_way_and_copies_batchnorm_statistics():
+    from gan.step import GeneratorEMA
+
+    generator = Generator(noise_dim=8)
+    ema = GeneratorEMA(generator, decay=0.9)
+    ema.updates = 1000  # past the warm-up: the decay is 0.9
+    before = [p.clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.add_(1.0)
+    generator(torch.randn(4, 8))  # moves BN running statistics
+    ema.update(generator)
+    for old, new in zip(before, ema.module.parameters()):
+        torch.testing.assert_close(new, old + 0.1)
+    for averaged, live in zip(ema.module.buffers(), generator.buffers()):
+        assert torch.equal(averaged, live)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_generator_ema_warms_up_so_early_updates_follow_the_live_weights():
+    from gan.step import GeneratorEMA
+
+    generator = Generator(noise_dim=8)
+    ema = GeneratorEMA(generator, decay=0.999)
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.add_(1.0)
+    ema.update(generator)  # first update: decay min(0.999, 1/10) = 0.1
+    first = next(ema.module.parameters())
+    live = next(generator.parameters())
+    torch.testing.assert_close(first, live - 0.1)

@@ -20,10 +20,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.conftest import free_port
-from tests.test_deploy import build, tool
+from tests.test_deploy import build
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +107,7 @@ def test_rayjob_entrypoint_runs_under_ray_job_submit_and_checkpoints_to_s3(ray_h
     # The manifest's knobs, shortened for CI: fewer images, one epoch, the data from the Debian copy.
     env = {**ray_head["env"], **knobs, "GAN_JOB_EPOCHS": "1", "GAN_JOB_LIMIT": "512", "GAN_JOB_NUM_WORKERS": "2",
            "GAN_JOB_CPUS_PER_WORKER": "1", "GAN_JOB_DATA": "fashion-mnist", "GAN_JOB_DATA_DIR": str(fashion_mnist_dir),
-           "GAN_JOB_STORAGE": f"s3://{s3_server.bucket}/e2e"}  # fmt: skip
+           "GAN_JOB_STORAGE": f"s3://{s3_server.bucket}/e2e", "GAN_JOB_EVAL_EVERY": "0"}  # fmt: skip
     done = submit(ray_head, entrypoint, env, run_name="e2e-run")
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]

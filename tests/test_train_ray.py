@@ -18,7 +18,7 @@ def two_worker_run(ray_cluster, fashion_mnist_dir, tmp_path_factory):
     storage = tmp_path_factory.mktemp("ray-runs")
     argv = [
         "train", "--data", "fashion-mnist", "--data-dir", str(fashion_mnist_dir), "--limit", "1000",
-        "--epochs", "2", "--num-workers", "2", "--storage", str(storage), "--run-name", "ddp",
+        "--epochs", "2", "--num-workers", "2", "--storage", str(storage), "--run-name", "ddp", "--eval-every", "0",
     ]  # fmt: skip
     assert main(argv) == 0
     return argv, storage / "ddp"

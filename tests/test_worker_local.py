@@ -17,7 +17,7 @@ from job.worker import run_worker
 
 
 def _train(tmp_path, data_dir, **overrides):
-    values = dict(data="fashion-mnist", data_dir=str(data_dir), epochs=2, batch_size=32, storage=str(tmp_path / "runs"), run_name="local", cpus_per_worker=1)
+    values = dict(data="fashion-mnist", data_dir=str(data_dir), epochs=2, batch_size=32, storage=str(tmp_path / "runs"), run_name="local", cpus_per_worker=1, eval_every=0)
     config = TrainConfig(**{**values, **overrides})
     run = resolve_location(config.storage).child(config.run_name)
     run_worker(config, LocalSession(run, torch.device("cpu"), config.keep_checkpoints))
@@ -103,3 +103,23 @@ def test_a_pickle_payload_in_place_of_a_checkpoint_is_refused_and_never_run(tmp_
         with pytest.raises(CheckpointError):
             read_checkpoint(folder)
         assert not marker.exists()
+
+
+def test_training_time_evaluation_records_quality_and_plots_it(tmp_path, tiny_data_dir):
+    run = _train(tmp_path, tiny_data_dir, epochs=2, eval_every=1, eval_num=64)
+    rows = _metrics(run)
+    for row in rows:
+        quality = row["quality"]
+        assert {"fid_classifier", "fid_classifier_floor", "modes_covered", "kl_to_uniform", "precision", "recall"} <= set(quality)
+        assert 0 <= quality["modes_covered"] <= 10 and len(quality["class_histogram"]) == 10
+    assert (tmp_path / "runs" / "local" / "artifacts" / "quality.png").is_file()
+
+
+def test_ema_weights_are_checkpointed_and_become_the_model(tmp_path, tiny_data_dir):
+    run = _train(tmp_path, tiny_data_dir, epochs=1, recipe="stable")
+    state = read_checkpoint(checkpoint_folders(run)[0])
+    assert state["config"]["ema_decay"] == 0.995 and state["config"]["beta1"] == 0.5
+    generator_pt = torch.load(tmp_path / "runs" / "local" / "artifacts" / "generator.pt", weights_only=True)
+    for name, value in generator_pt.items():
+        assert torch.equal(value, state["ema_generator"][name])
+    assert any(not torch.equal(state["ema_generator"][n], state["generator"][n]) for n in state["generator"])

@@ -1,0 +1,166 @@
+"""The `evaluate` command: quality metrics of a checkpoint's generator, printed as one JSON object.
+
+Metrics are computed in the feature space of a small classifier trained on the real training split
+(`gan.metrics`), on `--num` images from seeded noise. Evaluating a run folder (not a single
+checkpoint folder) also stores `artifacts/eval.json` and `artifacts/classifier.pt` in the run, so
+that `promote` and later readers need not evaluate again and can see which classifier was used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
+
+from job.config import DATASET_NAMES
+from job.console import warn
+from job.errors import UsageError
+from job.storage import Location, resolve_location
+
+# torch, torchmetrics and the checkpoint code load only when a command runs: cli.py calls
+# add_evaluate_arguments for every command, `--help` and `bench` included.
+if TYPE_CHECKING:
+    from gan.metrics import QualityEvaluator
+    from gan.models import Generator
+
+DEFAULT_NUM = 10_000  # the size of the test split: FID's bias shrinks with the count
+EVAL_FILE = "eval.json"
+CLASSIFIER_FILE = "classifier.pt"
+# The fields that must agree for two evaluations' numbers to be comparable.
+PROTOCOL_FIELDS = ("data", "num_images", "seed")
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `gan-job evaluate` (cli.py builds the subparser and calls this)."""
+    parser.add_argument("--from", dest="source", required=True, help="run folder, checkpoint folder, LATEST pointer, or s3:// of any")
+    parser.add_argument("--data", choices=DATASET_NAMES, default=None, help="real data to compare with (default: the run's)")
+    parser.add_argument(
+        "--data-dir", default=None, help="folder or s3://bucket/prefix with the four IDX files (default: cache, system copy, download)"
+    )
+    parser.add_argument(
+        "--num", type=int, default=DEFAULT_NUM, help=f"generated images (default {DEFAULT_NUM}; at least 4, for k-NN with k = 3)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    parser.add_argument(
+        "--inception-weights", default=None, help="local Inception weights (.pth state dict) for Inception FID; never downloaded"
+    )
+    parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
+    parser.set_defaults(handler=evaluate)
+
+
+def check_evaluation_flags(data: str | None, num: int, seed: int, inception_weights: str | None = None) -> None:
+    """Refuse bad values before anything is loaded, naming the flag."""
+    from gan.metrics import MIN_IMAGES, check_state_dict_file
+
+    if data is not None and data not in DATASET_NAMES:
+        raise UsageError(f"--data {data!r} is not a known dataset; choose one of: {', '.join(DATASET_NAMES)}")
+    if isinstance(num, bool) or not isinstance(num, int) or num < MIN_IMAGES:
+        raise UsageError(f"--num must be an integer >= {MIN_IMAGES} (k-NN precision and recall need k + 1 images), got {num!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UsageError(f"--seed must be an integer >= 0, got {seed!r}")
+    if inception_weights is not None:
+        try:
+            check_state_dict_file(inception_weights)
+        except ValueError as err:
+            raise UsageError(
+                f"--inception-weights {err}; pass the local Inception state dict (e.g. weights-inception-2015-12-05-6726825d.pth)"
+            ) from None
+
+
+def prepare_evaluator(data: str, data_dir: str | None, s3_endpoint: str | None) -> QualityEvaluator:
+    """The evaluator for `data`: its IDX files (a bucket copy is fetched) and the cached classifier."""
+    from gan.metrics import build_evaluator
+    from job.data_source import local_data_folder
+
+    folder = local_data_folder(SimpleNamespace(data=data, data_dir=data_dir, s3_endpoint=s3_endpoint))
+    return build_evaluator(data, folder)
+
+
+def generator_for_evaluation(state: dict) -> tuple[Generator, str]:
+    """The checkpoint's EMA generator when it has one, else its generator; and which key it was."""
+    from gan.models import Generator
+
+    key = "ema_generator" if state.get("ema_generator") is not None else "generator"
+    generator = Generator(int(state["config"]["noise_dim"]))
+    generator.load_state_dict(state[key])
+    return generator.eval(), key
+
+
+def evaluate_state(
+    evaluator: QualityEvaluator,  # the reference data and classifier
+    state: dict,  # a checkpoint (`job.checkpoint.load_from`)
+    source: str,  # the checkpoint folder's URI, recorded in the result
+    data: str,  # dataset name, recorded in the result
+    num: int,  # generated images
+    seed: int,  # seed of their noise
+    inception_weights: str | None = None,  # local Inception weights; None = Inception FID not computed
+) -> dict:
+    """Every metric of one checkpoint's generator, as one JSON-ready dict."""
+    from gan.metrics import inception_fid
+    from job.generate import sample_images  # the one noise → images path, shared with `generate`
+
+    started_s = time.perf_counter()
+    generator, key = generator_for_evaluation(state)
+    images = sample_images(generator, num, seed)
+    return {
+        "source": source,
+        "epoch": int(state["epoch"]),
+        "data": data,
+        "num_images": num,
+        "seed": seed,
+        "generator": key,
+        **evaluator.compute(images),
+        "inception_fid": inception_fid(images, evaluator.real_test, inception_weights),
+        "reference": evaluator.describe(),
+        "eval_time_s": round(time.perf_counter() - started_s, 2),
+    }
+
+
+def same_protocol(first: dict, second: dict) -> bool:
+    """Whether two evaluation results measure alike (same data, count, noise seed, classifier and test set)."""
+    if any(first.get(name) != second.get(name) for name in PROTOCOL_FIELDS):
+        return False
+    ref_a, ref_b = first.get("reference") or {}, second.get("reference") or {}
+    digest_a, digest_b = (ref_a.get("classifier") or {}).get("digest"), (ref_b.get("classifier") or {}).get("digest")
+    return digest_a is not None and digest_a == digest_b and ref_a.get("test_fingerprint") == ref_b.get("test_fingerprint")
+
+
+def store_in_run(run: Location, result: dict, evaluator: QualityEvaluator) -> None:
+    """Write `eval.json` and the classifier next to the run; a read-only run is only warned about."""
+    from gan.classifier import classifier_to_bytes
+
+    artifacts = run.child("artifacts")
+    try:
+        artifacts.child(CLASSIFIER_FILE).write_bytes(classifier_to_bytes(evaluator.classifier))
+        artifacts.child(EVAL_FILE).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    except OSError as err:  # results still print; only the stored copy is missing
+        warn(f"could not store the evaluation in {artifacts.uri} ({type(err).__name__}: {err})")
+
+
+def is_run_folder(location: Location) -> bool:
+    """A run folder holds checkpoint folders; a checkpoint folder holds the state file itself."""
+    from job.checkpoint import STATE_FILE
+
+    return not location.child(STATE_FILE).exists()
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """`gan-job evaluate`: print one JSON object of metrics for `--from`."""
+    from job.checkpoint import load_from
+    from job.promote import resolve_latest
+
+    check_evaluation_flags(args.data, args.num, args.seed, args.inception_weights)
+    source_uri = resolve_latest(args.source, args.s3_endpoint)
+    location = resolve_location(source_uri, args.s3_endpoint, flag="--from")
+    if not location.exists():
+        raise UsageError(f"--from {args.source} does not exist; pass a run folder, a checkpoint_* folder or a LATEST pointer")
+    checkpoint, state = load_from(source_uri, args.s3_endpoint)
+    data = args.data or state["config"]["data"]
+    evaluator = prepare_evaluator(data, args.data_dir, args.s3_endpoint)
+    result = evaluate_state(evaluator, state, checkpoint.uri, data, args.num, args.seed, args.inception_weights)
+    if is_run_folder(location):
+        store_in_run(location, result, evaluator)
+    print(json.dumps(result, sort_keys=False))
+    return 0

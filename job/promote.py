@@ -1,0 +1,240 @@
+"""The `promote` command: point a job's `LATEST` at a run when it passed its quality gate.
+
+The gate: the run finished (its `artifacts/model.json` exists and its newest checkpoint is of the
+final epoch), and its `fid_classifier` is no worse than the current LATEST's by the margin:
+
+    promoted  ⇔  fid_new <= fid_current + margin · |fid_current|
+
+so `--margin 0` promotes ties and improvements, `--margin 0.05` also a run up to 5 % worse, and a
+negative margin demands an improvement (`-0.1`: at least 10 % better). With no LATEST yet, a
+finished run is promoted. Both numbers come from the same classifier, data, image count and noise
+seed: when LATEST was measured otherwise, its run is evaluated again.
+
+LATEST is a small JSON object `{"run": <uri>, "fid_classifier": ..., "promoted_at": ...}`, replaced
+whole (a temporary file renamed over it locally, a single PUT on S3), so a reader sees the old or
+the new pointer, never a mix. Every decision is printed as one JSON line and appended to
+`promotions.jsonl` next to LATEST. Run one promotion per job at a time (the schedule's job does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+from typing import TYPE_CHECKING
+
+from job.config import DATASET_NAMES
+from job.errors import UsageError
+from job.storage import Location, resolve_location
+
+if TYPE_CHECKING:
+    from gan.metrics import QualityEvaluator
+
+PROMOTIONS_FILE = "promotions.jsonl"
+POINTER_KEYS = ("run", "fid_classifier", "promoted_at")
+
+
+def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `gan-job promote` (cli.py builds the subparser and calls this)."""
+    from job.evaluate import DEFAULT_NUM
+
+    parser.add_argument("--run", required=True, help="the run folder to promote: <storage>/<run-name> (local or s3://)")
+    parser.add_argument("--target", required=True, help="the pointer to update: <storage>/<job>/LATEST (local or s3://)")
+    parser.add_argument(
+        "--margin", type=float, default=0.0, help="promote when fid_new <= fid_current * (1 + margin) (default 0: no worse)"
+    )
+    parser.add_argument("--data", choices=DATASET_NAMES, default=None, help="real data to evaluate against (default: the run's)")
+    parser.add_argument(
+        "--data-dir", default=None, help="folder or s3://bucket/prefix with the four IDX files (default: cache, system copy, download)"
+    )
+    parser.add_argument("--num", type=int, default=DEFAULT_NUM, help=f"generated images per evaluation (default {DEFAULT_NUM})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise (default 0)")
+    parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
+    parser.set_defaults(handler=promote)
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def parent_of(location: Location) -> Location:
+    """The folder that holds `location`."""
+    return Location(location.uri.rstrip("/").rsplit("/", 1)[0], location.fs, location.path.rstrip("/").rsplit("/", 1)[0])
+
+
+def is_file(location: Location) -> bool:
+    import pyarrow.fs
+
+    return location.fs.get_file_info(location.path).type == pyarrow.fs.FileType.File
+
+
+def read_pointer(location: Location, flag: str = "--target") -> dict | None:
+    """The LATEST pointer at `location`, or None when there is none yet; anything else is refused."""
+    if not location.exists():
+        return None
+    if not is_file(location):
+        raise UsageError(f"{flag} {location.uri} is a folder; name the pointer object itself, e.g. <storage>/<job>/LATEST")
+    try:
+        pointer = json.loads(location.read_text())
+    except (ValueError, UnicodeDecodeError):
+        pointer = None
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("run"), str):
+        raise UsageError(f'{flag} {location.uri} is not a LATEST pointer (a JSON object with "run"); fix or delete it')
+    return pointer
+
+
+def unreadable(flag: str, uri: str, err: OSError) -> UsageError:
+    """The one-line error for a location that storage refuses to read (credentials, endpoint, bucket)."""
+    reason = " ".join(str(err).split())[:300] or type(err).__name__
+    return UsageError(f"{flag} {uri} cannot be read ({reason}); check the location and the S3 credentials and endpoint")
+
+
+def resolve_latest(uri: str, s3_endpoint: str | None = None) -> str:
+    """The run a LATEST pointer names; any other location (a run or checkpoint folder) as it is."""
+    location = resolve_location(uri, s3_endpoint, flag="--from")
+    try:
+        if not location.exists() or not is_file(location):
+            return uri
+        return read_pointer(location, flag="--from")["run"]
+    except OSError as err:
+        raise unreadable("--from", uri, err) from None
+
+
+def write_pointer(target: Location, pointer: dict) -> None:
+    """Replace LATEST whole: readers see the old pointer or the new one, never part of either."""
+    target.write_text(json.dumps(pointer, sort_keys=True) + "\n")
+
+
+def append_decision(target: Location, decision: dict) -> None:
+    """Add the decision to `promotions.jsonl` beside LATEST (rewritten whole: object stores cannot append)."""
+    log = parent_of(target).child(PROMOTIONS_FILE)
+    try:
+        previous = log.read_text()
+    except (FileNotFoundError, OSError):
+        previous = ""
+    log.write_text(previous + json.dumps(decision, sort_keys=True) + "\n")
+
+
+def finished_state(run: Location, s3_endpoint: str | None) -> tuple[Location, dict, dict | None, str | None]:
+    """The newest checkpoint (folder, state), model.json (None before the end), and why the run is unfinished (None if it is not)."""
+    from job.checkpoint import load_from
+
+    try:
+        checkpoint, state = load_from(run.uri, s3_endpoint)
+    except UsageError:
+        raise UsageError(f"--run {run.uri} holds no readable checkpoint; pass <storage>/<run-name> of a finished run") from None
+    try:
+        model = json.loads(run.child("artifacts", "model.json").read_text())
+    except (FileNotFoundError, OSError, ValueError):
+        return checkpoint, state, None, "the run has no artifacts/model.json: it has not finished"
+    epochs = model.get("epochs", state["config"].get("epochs"))
+    if state["epoch"] != epochs:
+        return checkpoint, state, model, f"the newest checkpoint is of epoch {state['epoch']}, the run is configured for {epochs}"
+    return checkpoint, state, model, None
+
+
+def protocol_of(result: dict) -> dict:
+    """The fields of an evaluation that decide whether its numbers compare with another's."""
+    return {name: result.get(name) for name in ("data", "num_images", "seed", "reference")}
+
+
+def candidate_evaluation(
+    run: Location, checkpoint: Location, state: dict, evaluator: QualityEvaluator, data: str, num: int, seed: int
+) -> dict:
+    """The run's stored `eval.json` when it measured this checkpoint alike, else a fresh evaluation (then stored)."""
+    from job.evaluate import EVAL_FILE, evaluate_state, same_protocol, store_in_run
+
+    wanted = {"data": data, "num_images": num, "seed": seed, "reference": evaluator.describe()}
+    try:
+        stored = json.loads(run.child("artifacts", EVAL_FILE).read_text())
+    except (FileNotFoundError, OSError, ValueError):
+        stored = None
+    if isinstance(stored, dict) and stored.get("source") == checkpoint.uri and same_protocol(stored, wanted):
+        return stored
+    result = evaluate_state(evaluator, state, checkpoint.uri, data, num, seed)
+    store_in_run(run, result, evaluator)
+    return result
+
+
+def current_fid_classifier(
+    current: dict, target: Location, candidate: dict, evaluator: QualityEvaluator, s3_endpoint: str | None
+) -> tuple[float, bool]:
+    """LATEST's fid_classifier measured as the candidate's was: the stored number, or its run evaluated again.
+
+    Returns the number and whether it had to be measured again.
+    """
+    from job.checkpoint import load_from
+    from job.evaluate import evaluate_state, same_protocol
+
+    stored_fid = current.get("fid_classifier")
+    if same_protocol(current.get("evaluation") or {}, protocol_of(candidate)) and isinstance(stored_fid, (int, float)):
+        return float(stored_fid), False
+    try:
+        checkpoint, state = load_from(current["run"], s3_endpoint)
+    except UsageError as err:
+        raise UsageError(f"--target {target.uri} points at a run that cannot be evaluated again for comparison ({err})") from None
+    result = evaluate_state(evaluator, state, checkpoint.uri, candidate["data"], candidate["num_images"], candidate["seed"])
+    return result["fid_classifier"], True
+
+
+def promote(args: argparse.Namespace) -> int:
+    """`gan-job promote`: move LATEST to `--run` when it passes the gate; print and log the decision."""
+    from job.checkpoint import STATE_FILE
+    from job.evaluate import check_evaluation_flags, prepare_evaluator
+
+    # Check the input before anything is evaluated or written.
+    if isinstance(args.margin, bool) or not isinstance(args.margin, (int, float)) or not math.isfinite(args.margin) or args.margin <= -1:
+        raise UsageError(f"--margin must be a finite number > -1 (0.05 = up to 5 % worse), got {args.margin!r}")
+    check_evaluation_flags(args.data, args.num, args.seed)
+    run = resolve_location(args.run, args.s3_endpoint, flag="--run")
+    target = resolve_location(args.target, args.s3_endpoint, flag="--target")
+    try:
+        if not run.exists():
+            raise UsageError(f"--run {args.run} does not exist; pass <storage>/<run-name> of a finished run")
+        if run.child(STATE_FILE).exists():
+            raise UsageError(f"--run {args.run} is a checkpoint folder; pass its run folder, <storage>/<run-name>")
+    except OSError as err:
+        raise unreadable("--run", args.run, err) from None
+    try:
+        current = read_pointer(target)
+    except OSError as err:
+        raise unreadable("--target", args.target, err) from None
+    checkpoint, state, model, unfinished = finished_state(run, args.s3_endpoint)
+
+    decision = {"run": run.uri, "target": target.uri, "decided_at": now_utc(), "margin": args.margin, "epoch": int(state["epoch"])}
+    if current is not None:
+        decision["current_run"] = current["run"]
+    if unfinished:
+        decision.update(promoted=False, reason=unfinished)
+        return _finish(target, decision)
+
+    # Measure the candidate, then LATEST the same way, and compare.
+    data = args.data or model.get("config", {}).get("data") or state["config"]["data"]
+    evaluator = prepare_evaluator(data, args.data_dir, args.s3_endpoint)
+    candidate = candidate_evaluation(run, checkpoint, state, evaluator, data, args.num, args.seed)
+    decision.update(fid_classifier=candidate["fid_classifier"], fid_classifier_floor=candidate["fid_classifier_floor"])
+    if current is None:
+        decision.update(promoted=True, reason="no LATEST yet")
+    else:
+        current_fid, reevaluated = current_fid_classifier(current, target, candidate, evaluator, args.s3_endpoint)
+        threshold = current_fid + args.margin * abs(current_fid)
+        promoted = candidate["fid_classifier"] <= threshold
+        decision.update(
+            current_fid_classifier=current_fid, current_reevaluated=reevaluated, threshold=round(threshold, 4), promoted=promoted,
+            reason=f"fid_classifier {candidate['fid_classifier']} {'<=' if promoted else '>'} {round(threshold, 4)} "
+            f"(current {current_fid} with margin {args.margin})",
+        )  # fmt: skip
+
+    if decision["promoted"]:
+        write_pointer(target, {
+            "run": run.uri, "fid_classifier": candidate["fid_classifier"], "promoted_at": decision["decided_at"],
+            "epoch": candidate["epoch"], "source": checkpoint.uri, "evaluation": protocol_of(candidate),
+        })  # fmt: skip
+    return _finish(target, decision)
+
+
+def _finish(target: Location, decision: dict) -> int:
+    append_decision(target, decision)
+    print(json.dumps(decision, sort_keys=True))
+    return 0

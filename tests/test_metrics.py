@@ -1,0 +1,174 @@
+"""Quality metrics on known cases: real vs real, real vs noise, one-image generators, k-NN precision/recall."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from gan.classifier import (
+    FeatureExtractor,
+    TrainedClassifier,
+    accuracy,
+    cache_path,
+    classifier_from_bytes,
+    load_or_train_classifier,
+    train_classifier,
+    weights_digest,
+)
+from gan.data import load_split, to_unit_range
+from gan.metrics import (
+    QualityEvaluator,
+    class_histogram,
+    fid_classifier,
+    inception_fid,
+    kl_to_uniform,
+    modes_covered,
+    precision_recall,
+    torch_fidelity_missing_reason,
+)
+
+NUM_TRAIN = 5000  # enough for a usable feature space in one epoch (~80 % accuracy), a few seconds on a CPU
+NUM_TEST = 2000
+
+
+@pytest.fixture(scope="session")
+def fashion(fashion_mnist_dir):
+    return load_split(fashion_mnist_dir, "train", NUM_TRAIN), load_split(fashion_mnist_dir, "test", NUM_TEST)
+
+
+@pytest.fixture(scope="session")
+def evaluator(fashion):
+    train_set, test_set = fashion
+    model = train_classifier(train_set.images, train_set.labels, seed=0, epochs=1)
+    trained = TrainedClassifier(model, weights_digest(model), train_set.fingerprint, 0, 1, None)
+    return QualityEvaluator(
+        trained, to_unit_range(test_set.images), to_unit_range(train_set.images), seed=0, test_fingerprint=test_set.fingerprint
+    )
+
+
+def _noise(count: int, seed: int = 1) -> torch.Tensor:
+    return torch.rand(count, 1, 28, 28, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_the_classifier_learns_fashion_mnist_from_a_small_subset(evaluator, fashion):
+    _, test_set = fashion
+    assert accuracy(evaluator.model, test_set.images, test_set.labels) > 0.75
+
+
+def test_fid_of_two_real_halves_is_small_and_of_noise_is_large(evaluator):
+    real = evaluator.real_test
+    real_vs_real = fid_classifier(evaluator.extractor, real[:1000], real[1000:])
+    real_vs_noise = fid_classifier(evaluator.extractor, _noise(1000), real[1000:])
+    assert real_vs_real < 5
+    assert real_vs_noise > 50 * real_vs_real
+
+
+def test_the_fid_floor_of_real_training_images_is_close_to_zero_and_below_a_bad_generator(evaluator):
+    metrics = evaluator.compute(_noise(1000))
+    assert metrics["fid_classifier_floor"] < 5 < metrics["fid_classifier"]
+
+
+def test_a_generator_of_one_image_covers_one_class_with_kl_near_ln_10(evaluator):
+    one_image = evaluator.real_train[:1].expand(500, -1, -1, -1).clone()
+    metrics = evaluator.compute(one_image)
+    assert metrics["modes_covered"] == 1
+    assert max(metrics["class_histogram"]) == 1.0
+    assert metrics["kl_to_uniform"] == pytest.approx(math.log(10), abs=1e-3)
+    assert metrics["recall"] < 0.05  # one image covers almost none of the real variety
+
+
+def test_real_images_cover_all_classes_with_kl_near_zero(evaluator):
+    metrics = evaluator.compute(evaluator.real_train[:1000])
+    assert metrics["modes_covered"] == 10 and metrics["kl_to_uniform"] < 0.1
+
+
+def test_kl_to_uniform_and_modes_on_known_histograms():
+    assert kl_to_uniform([0.1] * 10) == pytest.approx(0.0, abs=1e-6)
+    assert kl_to_uniform([0.5, 0.5] + [0.0] * 8) == pytest.approx(math.log(5))
+    assert modes_covered([0.019, 0.981] + [0.0] * 8) == 1 and modes_covered([0.02, 0.98] + [0.0] * 8) == 2
+    logits = torch.eye(10)[[3, 3, 3, 7]]
+    assert class_histogram(logits) == [0, 0, 0, 0.75, 0, 0, 0, 0.25, 0, 0]
+
+
+def test_precision_and_recall_are_one_for_identical_sets_and_zero_for_distant_ones():
+    points = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
+    assert precision_recall(points, points.clone()) == (1.0, 1.0)
+    assert precision_recall(points, points + 100.0) == (0.0, 0.0)
+
+
+def test_precision_recall_separate_quality_from_coverage():
+    real = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
+    half_of_real = real[real[:, 0] > 0]  # realistic but covering only half
+    precision, recall = precision_recall(real, half_of_real, rows=64)  # small blocks: the chunked path
+    assert precision == 1.0 and 0.3 < recall < 0.8
+
+
+def test_compute_gives_plain_json_values_and_the_same_numbers_twice(evaluator):
+    images = _noise(200, seed=5)
+    first, second = evaluator.compute(images), evaluator.compute(images)
+    assert first == second
+    assert json.loads(json.dumps(first)) == first
+    assert set(first) == {
+        "fid_classifier",
+        "fid_classifier_floor",
+        "class_histogram",
+        "modes_covered",
+        "kl_to_uniform",
+        "precision",
+        "recall",
+    }
+
+
+def test_the_feature_module_stays_in_inference_mode_and_declares_its_width(evaluator):
+    extractor = FeatureExtractor(evaluator.model).train()
+    assert not extractor.training and not evaluator.model.training
+    assert extractor.num_features == extractor(evaluator.real_test[:2]).shape[1]
+
+
+def test_training_is_deterministic_from_the_seed_and_leaves_the_global_rng_and_threads_alone(fashion):
+    train_set, _ = fashion
+    images, labels = train_set.images[:300], train_set.labels[:300]
+    torch.manual_seed(123)
+    before, threads = torch.get_rng_state(), torch.get_num_threads()
+    first = train_classifier(images, labels, seed=7, epochs=1)
+    assert torch.equal(torch.get_rng_state(), before) and torch.get_num_threads() == threads
+    assert weights_digest(first) == weights_digest(train_classifier(images, labels, seed=7, epochs=1))
+    assert weights_digest(first) != weights_digest(train_classifier(images, labels, seed=8, epochs=1))
+
+
+def test_the_classifier_is_trained_once_and_then_read_from_the_cache(fashion, monkeypatch):
+    train_set, _ = fashion
+    images, labels = train_set.images[:300], train_set.labels[:300]
+    trained = load_or_train_classifier("fashion-mnist", images, labels, "300:abc", seed=0, epochs=1)
+    assert cache_path("fashion-mnist", "300:abc", 0).is_file()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again despite the cache")
+
+    monkeypatch.setattr("gan.classifier.train_classifier", no_training)
+    again = load_or_train_classifier("fashion-mnist", images, labels, "300:abc", seed=0, epochs=1)
+    assert again.digest == trained.digest
+
+
+def test_a_damaged_cache_file_is_replaced_by_a_trained_classifier(fashion):
+    train_set, _ = fashion
+    path = cache_path("fashion-mnist", "300:abc", 0)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a checkpoint")
+    trained = load_or_train_classifier("fashion-mnist", train_set.images[:300], train_set.labels[:300], "300:abc", seed=0, epochs=1)
+    assert classifier_from_bytes(path.read_bytes()).digest == trained.digest
+
+
+def test_inception_fid_is_not_computed_without_weights_and_says_why(evaluator):
+    result = inception_fid(_noise(4), evaluator.real_test[:4], None)
+    assert result["computed"] is False and "--inception-weights" in result["reason"]
+
+
+def test_a_missing_torch_fidelity_is_reported_with_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
+    weights = tmp_path / "inception.pth"
+    torch.save({"w": torch.zeros(1)}, weights)
+    assert "pip install torch-fidelity" in torch_fidelity_missing_reason()
+    result = inception_fid(_noise(4), _noise(4, seed=2), weights)
+    assert result == {"computed": False, "reason": torch_fidelity_missing_reason()}

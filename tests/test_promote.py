@@ -1,0 +1,201 @@
+"""`promote`: LATEST moves to a finished run that is no worse, atomically, and every decision is logged."""
+
+import argparse
+import json
+import os
+import shutil
+
+import pytest
+
+from job.checkpoint import checkpoint_folders
+from job.errors import UsageError
+from job.promote import add_promote_arguments, resolve_latest
+from tests import test_evaluate as shared
+
+# The small real data set, its classifier and the tiny run, shared with test_evaluate's tests.
+small_fashion_dir = shared.small_fashion_dir
+trained_classifier_file = shared.trained_classifier_file
+cached_classifier = shared.cached_classifier
+train_tiny_run = shared.train_tiny_run
+
+NUM = "64"  # generated images per evaluation: enough for the numbers, quick on a CPU
+
+
+@pytest.fixture(scope="session")
+def template_run(small_fashion_dir, tmp_path_factory):
+    """One finished one-epoch run, trained once; tests copy it under the names they need."""
+    return train_tiny_run(tmp_path_factory.mktemp("template"), small_fashion_dir)
+
+
+@pytest.fixture
+def storage(tmp_path, template_run, cached_classifier):
+    """A storage folder with finished runs `a` and `b` (copies of one run) and a job folder for LATEST."""
+    for name in ("a", "b"):
+        shutil.copytree(template_run.path, tmp_path / "runs" / name)
+    (tmp_path / "runs" / "job").mkdir()
+    return tmp_path / "runs"
+
+
+def promote_main(*argv):
+    parser = argparse.ArgumentParser()
+    add_promote_arguments(parser)
+    args = parser.parse_args([str(a) for a in argv])
+    return args.handler(args)
+
+
+def promote_run(storage, name, data_dir, capsys, *extra):
+    """Promote `<storage>/<name>` to `<storage>/job/LATEST`; the printed decision."""
+    capsys.readouterr()
+    status = promote_main("--run", storage / name, "--target", storage / "job" / "LATEST", "--data-dir", data_dir, "--num", NUM, *extra)
+    assert status == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
+def set_stored_fid(storage, name, fid):
+    """Give run `name` an eval.json like run `a`'s (same protocol) with another fid_classifier."""
+    stored = json.loads((storage / "a" / "artifacts" / "eval.json").read_text())
+    stored.update(source=checkpoint_folders(_location(storage / name))[0].uri, fid_classifier=fid)
+    (storage / name / "artifacts" / "eval.json").write_text(json.dumps(stored))
+
+
+def _location(path):
+    from job.storage import resolve_location
+
+    return resolve_location(str(path))
+
+
+def latest(storage):
+    return json.loads((storage / "job" / "LATEST").read_text())
+
+
+def test_a_finished_run_is_evaluated_and_promoted_when_there_is_no_latest(storage, small_fashion_dir, capsys):
+    decision = promote_run(storage, "a", small_fashion_dir, capsys)
+    assert decision["promoted"] is True
+    stored = json.loads((storage / "a" / "artifacts" / "eval.json").read_text())
+    assert stored["num_images"] == int(NUM) and stored["fid_classifier"] == decision["fid_classifier"]
+    pointer = latest(storage)
+    assert pointer["run"] == str(storage / "a") and pointer["fid_classifier"] == stored["fid_classifier"] and pointer["promoted_at"]
+    assert [json.loads(line) for line in (storage / "job" / "promotions.jsonl").read_text().splitlines()] == [decision]
+
+
+def test_a_better_run_replaces_latest(storage, small_fashion_dir, capsys):
+    first = promote_run(storage, "a", small_fashion_dir, capsys)
+    set_stored_fid(storage, "b", first["fid_classifier"] * 0.9)
+    decision = promote_run(storage, "b", small_fashion_dir, capsys)
+    assert decision["promoted"] is True and decision["current_fid_classifier"] == first["fid_classifier"]
+    assert latest(storage)["run"] == str(storage / "b")
+
+
+def test_a_worse_run_is_not_promoted_and_latest_is_left_alone(storage, small_fashion_dir, capsys):
+    first = promote_run(storage, "a", small_fashion_dir, capsys)
+    before = (storage / "job" / "LATEST").read_bytes()
+    set_stored_fid(storage, "b", first["fid_classifier"] * 1.1)
+    decision = promote_run(storage, "b", small_fashion_dir, capsys)
+    assert decision["promoted"] is False
+    assert decision["fid_classifier"] > decision["current_fid_classifier"] == first["fid_classifier"]
+    assert (storage / "job" / "LATEST").read_bytes() == before
+    assert len((storage / "job" / "promotions.jsonl").read_text().splitlines()) == 2
+
+
+def test_the_margin_lets_a_slightly_worse_run_through(storage, small_fashion_dir, capsys):
+    first = promote_run(storage, "a", small_fashion_dir, capsys)
+    set_stored_fid(storage, "b", first["fid_classifier"] * 1.04)
+    assert promote_run(storage, "b", small_fashion_dir, capsys)["promoted"] is False
+    assert promote_run(storage, "b", small_fashion_dir, capsys, "--margin", "0.05")["promoted"] is True
+
+
+def test_an_unfinished_run_is_not_promoted(storage, small_fashion_dir, capsys):
+    (storage / "a" / "artifacts" / "model.json").unlink()
+    decision = promote_run(storage, "a", small_fashion_dir, capsys)
+    assert decision["promoted"] is False and "not finished" in decision["reason"]
+    assert not (storage / "job" / "LATEST").exists()
+
+
+def test_latest_measured_another_way_is_evaluated_again_before_comparing(storage, small_fashion_dir, capsys):
+    first = promote_run(storage, "a", small_fashion_dir, capsys)
+    pointer = latest(storage)
+    pointer["evaluation"]["reference"]["classifier"]["digest"] = "another-classifier"
+    pointer["fid_classifier"] = 0.0  # a number from another classifier must not decide
+    (storage / "job" / "LATEST").write_text(json.dumps(pointer))
+    set_stored_fid(storage, "b", first["fid_classifier"])
+    decision = promote_run(storage, "b", small_fashion_dir, capsys)
+    assert decision["current_reevaluated"] is True and decision["current_fid_classifier"] == first["fid_classifier"]
+    assert decision["promoted"] is True
+
+
+def test_a_failing_write_leaves_the_old_latest_whole_and_readable(storage, small_fashion_dir, capsys, monkeypatch):
+    first = promote_run(storage, "a", small_fashion_dir, capsys)
+    before = (storage / "job" / "LATEST").read_bytes()
+    set_stored_fid(storage, "b", first["fid_classifier"] * 0.5)
+    real_fdopen = os.fdopen
+
+    class HalfWrite:
+        """A handle whose write stops halfway with a full disk."""
+
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])
+            self.handle.flush()
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(
+        os,
+        "fdopen",
+        lambda fd, mode="r", *a, **k: HalfWrite(real_fdopen(fd, mode, *a, **k)) if "w" in mode else real_fdopen(fd, mode, *a, **k),
+    )
+    with pytest.raises(OSError, match="No space left"):
+        promote_main("--run", storage / "b", "--target", storage / "job" / "LATEST", "--data-dir", small_fashion_dir, "--num", NUM)
+    monkeypatch.undo()
+    assert (storage / "job" / "LATEST").read_bytes() == before
+    assert resolve_latest(str(storage / "job" / "LATEST")) == str(storage / "a")
+    assert not [p for p in (storage / "job").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_resolve_latest_follows_the_pointer_and_leaves_folders_as_they_are(storage, small_fashion_dir, capsys):
+    promote_run(storage, "a", small_fashion_dir, capsys)
+    assert resolve_latest(str(storage / "job" / "LATEST")) == str(storage / "a")
+    assert resolve_latest(str(storage / "b")) == str(storage / "b")
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--run", "{s}/missing", "--target", "{s}/job/LATEST"], "--run"),
+        (["--run", "{s}/a", "--target", "{s}/job"], "--target"),
+        (["--run", "{s}/a", "--target", "{s}/job/LATEST", "--margin", "nan"], "--margin"),
+        (["--run", "{s}/a", "--target", "{s}/job/LATEST", "--num", "0"], "--num"),
+        (["--run", "{s}/a", "--target", "{s}/a/artifacts/model.json"], "--target"),  # not a pointer
+    ],
+)
+def test_bad_input_is_refused_naming_the_flag_and_writes_nothing(storage, argv, flag):
+    with pytest.raises(UsageError, match=flag):
+        promote_main(*[a.format(s=storage) for a in argv])
+    assert not (storage / "job" / "promotions.jsonl").exists() and not (storage / "a" / "artifacts" / "eval.json").exists()
+
+
+@pytest.mark.s3
+def test_promotion_into_a_bucket_writes_the_pointer_object_that_resolve_latest_follows(storage, small_fashion_dir, s3_server, capsys):
+    client = s3_server.client()
+    for path in (storage / "a").rglob("*"):
+        if path.is_file():
+            client.put_object(Bucket=s3_server.bucket, Key=f"promote/runs/a/{path.relative_to(storage / 'a')}", Body=path.read_bytes())
+    run, target = f"s3://{s3_server.bucket}/promote/runs/a", f"s3://{s3_server.bucket}/promote/job/LATEST"
+    capsys.readouterr()
+    assert (
+        promote_main("--run", run, "--target", target, "--data-dir", small_fashion_dir, "--num", NUM, "--s3-endpoint", s3_server.url) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["promoted"] is True
+    objects = s3_server.objects()
+    assert json.loads(objects["promote/job/LATEST"])["run"] == run
+    assert "promote/job/promotions.jsonl" in objects and "promote/runs/a/artifacts/eval.json" in objects
+    assert resolve_latest(target, s3_server.url) == run
