@@ -102,7 +102,7 @@ def submit(ray_head: dict, entrypoint: str, env: dict[str, str], run_name: str, 
     return subprocess.run(["bash", "-c", command], env={**env, "RAYJOB_NAME": run_name}, capture_output=True, text=True, timeout=timeout_s)
 
 
-def test_rayjob_entrypoint_runs_under_ray_job_submit_and_checkpoints_to_s3(ray_head, s3_server, fashion_mnist_dir):
+def test_rayjob_entrypoint_trains_checkpoints_to_s3_and_promotes_under_ray_job_submit(ray_head, s3_server, fashion_mnist_dir):
     entrypoint, knobs = rayjob_and_knobs("local")
     # The manifest's knobs, shortened for CI: fewer images, one epoch, the data from the Debian copy.
     env = {**ray_head["env"], **knobs, "GAN_JOB_EPOCHS": "1", "GAN_JOB_LIMIT": "512", "GAN_JOB_NUM_WORKERS": "2",
@@ -115,6 +115,9 @@ def test_rayjob_entrypoint_runs_under_ray_job_submit_and_checkpoints_to_s3(ray_h
     keys = set(s3_server.objects())
     assert any(k.startswith("e2e/e2e-run/checkpoint_") and k.endswith("/state.pt") for k in keys), sorted(keys)[:20]
     assert "e2e/e2e-run/artifacts/metrics.jsonl" in keys
+    # ... and then promoted it: the first finished run becomes LATEST.
+    latest = json.loads(s3_server.objects()["e2e/gan/LATEST"])
+    assert latest["run"].rstrip("/").endswith("e2e/e2e-run")
 
 
 def test_submission_without_the_token_is_refused(ray_head):
