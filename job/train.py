@@ -133,9 +133,18 @@ def build_trainer(config: TrainConfig):  # -> ray.train.torch.TorchTrainer (Ray 
     )
 
 
+def absolute_locations(config: TrainConfig) -> TrainConfig:
+    """`config` with local `--storage` and `--data-dir` made absolute: workers run in other folders."""
+    data_dir = config.data_dir
+    if data_dir and not is_s3(data_dir):
+        data_dir = os.path.abspath(os.path.expanduser(data_dir))
+    return config.replace(storage=resolve_location(config.storage, config.s3_endpoint).uri, data_dir=data_dir)
+
+
 def run_training(config: TrainConfig) -> int:
     """Train `config` on Ray Train; 0 on success, 2 on bad input, 1 when training failed."""
     run = preflight(config)
+    config = absolute_locations(config)
     if is_s3(config.storage) or is_s3(config.data_dir):
         from job.s3 import endpoint_url
 

@@ -48,3 +48,4 @@ def test_trainer_uses_gloo_and_no_gpu_on_cpu(tmp_path):
 
     trainer = build_trainer(TrainConfig(num_workers=2, cpus_per_worker=1, storage=str(tmp_path), run_name="cpu"))
     assert not trainer.scaling_config.use_gpu and trainer.backend_config.backend == "gloo"
+
