@@ -93,34 +93,15 @@ def _trainable_count(model):
     return int(sum(np.prod(v.shape) for v in model.trainable_variables))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--steps', type=int, default=30, help='timed steps (default 30)')
-    parser.add_argument('--warmup', type=int, default=5, help='untimed warm-up steps (default 5)')
-    parser.add_argument('--batch-size', type=int, default=256, help='batch size (default 256)')
-    parser.add_argument('--threads', type=int, default=None,
-                        help='intra- and inter-op threads (default: TensorFlow decides)')
-    args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
-        parser.error('--steps and --batch-size must be >= 1, --warmup >= 0')
-    if args.threads is not None and args.threads < 1:
-        parser.error('--threads must be >= 1')
+def make_tutorial_training(batch_size, noise_dim=NOISE_DIM):
+    """The tutorial's models, losses, optimizers and `train_step`, as the tutorial writes them.
 
-    # Must happen before the TF runtime is initialized (i.e. before any op runs).
-    if args.threads is not None:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-
-    BATCH_SIZE = args.batch_size
-    noise_dim = NOISE_DIM
-
+    Returns (generator, discriminator, train_step); train_step(images) -> (gen_loss, disc_loss).
+    """
+    BATCH_SIZE = batch_size
     generator = make_generator_model()
     discriminator = make_discriminator_model()
-
-    g_params = _trainable_count(generator)
-    d_params = _trainable_count(discriminator)
-    print(f'generator trainable params: {g_params:,}')
-    print(f'discriminator trainable params: {d_params:,}')
+    g_params, d_params = _trainable_count(generator), _trainable_count(discriminator)
     assert g_params == EXPECTED_G_PARAMS, g_params
     assert d_params == EXPECTED_D_PARAMS, d_params
 
@@ -156,8 +137,36 @@ def main():
 
         generator_optimizer.apply_gradients(zip(gradients_of_generator, generator.trainable_variables))
         discriminator_optimizer.apply_gradients(zip(gradients_of_discriminator, discriminator.trainable_variables))
-        # Not in the tutorial: returned only so the timed loop can materialize results.
+        # Not in the tutorial: returned so that callers can read the losses.
         return gen_loss, disc_loss
+
+    return generator, discriminator, train_step
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--steps', type=int, default=30, help='timed steps (default 30)')
+    parser.add_argument('--warmup', type=int, default=5, help='untimed warm-up steps (default 5)')
+    parser.add_argument('--batch-size', type=int, default=256, help='batch size (default 256)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='intra- and inter-op threads (default: TensorFlow decides)')
+    args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
+        parser.error('--steps and --batch-size must be >= 1, --warmup >= 0')
+    if args.threads is not None and args.threads < 1:
+        parser.error('--threads must be >= 1')
+
+    # Must happen before the TF runtime is initialized (i.e. before any op runs).
+    if args.threads is not None:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+
+    BATCH_SIZE = args.batch_size
+    noise_dim = NOISE_DIM
+
+    generator, discriminator, train_step = make_tutorial_training(BATCH_SIZE, noise_dim)
+    print(f'generator trainable params: {_trainable_count(generator):,}')
+    print(f'discriminator trainable params: {_trainable_count(discriminator):,}')
 
     rng = np.random.default_rng(0)
     images = tf.constant(

@@ -49,13 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tf_tutorial_step import (  # noqa: E402  (the tutorial's models, reproduced there)
-    EXPECTED_D_PARAMS,
-    EXPECTED_G_PARAMS,
-    NOISE_DIM,
-    make_discriminator_model,
-    make_generator_model,
-)
+from tf_tutorial_step import NOISE_DIM, _trainable_count, make_tutorial_training  # noqa: E402  (the tutorial's step, reproduced there)
 
 DEFAULT_DATA_DIR = '/usr/share/datasets/fashion-mnist'
 BUFFER_SIZE = 60000
@@ -85,10 +79,6 @@ def parse_save_at(text, epochs):
     if bad:
         raise argparse.ArgumentTypeError(f'--save-at epochs {bad} are outside 1..{epochs}')
     return epochs_to_save
-
-
-def _trainable_count(model):
-    return int(sum(np.prod(v.shape) for v in model.trainable_variables))
 
 
 def main():
@@ -141,47 +131,8 @@ def main():
     train_dataset = tf.data.Dataset.from_tensor_slices(train_images).shuffle(BUFFER_SIZE).batch(BATCH_SIZE)
     steps_per_epoch = -(-train_images.shape[0] // BATCH_SIZE)
 
-    # --- models, losses, optimizers, as in the tutorial ---
-    generator = make_generator_model()
-    discriminator = make_discriminator_model()
-    g_params, d_params = _trainable_count(generator), _trainable_count(discriminator)
-    assert g_params == EXPECTED_G_PARAMS, g_params
-    assert d_params == EXPECTED_D_PARAMS, d_params
-
-    cross_entropy = tf.keras.losses.BinaryCrossentropy(from_logits=True)
-
-    def discriminator_loss(real_output, fake_output):
-        real_loss = cross_entropy(tf.ones_like(real_output), real_output)
-        fake_loss = cross_entropy(tf.zeros_like(fake_output), fake_output)
-        total_loss = real_loss + fake_loss
-        return total_loss
-
-    def generator_loss(fake_output):
-        return cross_entropy(tf.ones_like(fake_output), fake_output)
-
-    generator_optimizer = tf.keras.optimizers.Adam(1e-4)
-    discriminator_optimizer = tf.keras.optimizers.Adam(1e-4)
-
-    @tf.function
-    def train_step(images):
-        noise = tf.random.normal([BATCH_SIZE, noise_dim])
-
-        with tf.GradientTape() as gen_tape, tf.GradientTape() as disc_tape:
-            generated_images = generator(noise, training=True)
-
-            real_output = discriminator(images, training=True)
-            fake_output = discriminator(generated_images, training=True)
-
-            gen_loss = generator_loss(fake_output)
-            disc_loss = discriminator_loss(real_output, fake_output)
-
-        gradients_of_generator = gen_tape.gradient(gen_loss, generator.trainable_variables)
-        gradients_of_discriminator = disc_tape.gradient(disc_loss, discriminator.trainable_variables)
-
-        generator_optimizer.apply_gradients(zip(gradients_of_generator, generator.trainable_variables))
-        discriminator_optimizer.apply_gradients(zip(gradients_of_discriminator, discriminator.trainable_variables))
-        # Not in the tutorial: returned only so that the epoch's mean losses can be printed.
-        return gen_loss, disc_loss
+    # --- models, losses, optimizers and train_step, as in the tutorial (tf_tutorial_step.py) ---
+    generator, discriminator, train_step = make_tutorial_training(BATCH_SIZE, noise_dim)
 
     # Fixed noise for every save, independent of the training seed's random stream.
     fixed_noise = np.random.default_rng(args.noise_seed).standard_normal((args.num, noise_dim)).astype(np.float32)
@@ -239,8 +190,8 @@ def main():
         'seed': args.seed,
         'noise_seed': args.noise_seed,
         'threads': args.threads,
-        'g_params': g_params,
-        'd_params': d_params,
+        'g_params': _trainable_count(generator),
+        'd_params': _trainable_count(discriminator),
         'first_epoch_s': round(epoch_times[0], 2),
         'median_epoch_s': round(float(np.median(later)), 2),
         'first_epoch_cpu_s': round(epoch_cpu[0], 2),
