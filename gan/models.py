@@ -7,12 +7,14 @@ Keras defaults the tutorial relies on are spelled out: LeakyReLU slope 0.3, Batc
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 IMAGE_SHAPE = (1, 28, 28)  # channels, height, width
 LEAKY_SLOPE = 0.3  # Keras LeakyReLU default
 BN_MOMENTUM = 0.01  # Keras momentum 0.99
 BN_EPS = 1e-3  # Keras default
+DROPOUT = 0.3  # the tutorial's, after each of D's convolutions
 
 
 def _batch_norm(kind: type[nn.modules.batchnorm._BatchNorm], features: int) -> nn.Module:
@@ -27,18 +29,81 @@ def _keras_init(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-class Dropout(nn.Dropout):
-    """`nn.Dropout` with the same semantics (keep with probability 1 - p, scale by 1 / (1 - p)).
+def _keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A 0/1 mask in x's dtype and layout keeping each element with probability ~1 - p, and its scale.
 
-    Drawing the mask with `torch.rand` and multiplying is about twice as fast on CPU as
-    `bernoulli_`, which made dropout a fifth of the training step.
+    Drawn as 16-bit integers, four per 64-bit random draw: on CPU that is about four times
+    cheaper than `torch.rand`, which made dropout a fifth of the training step. The drop
+    probability is quantised to 1/65536; the scale uses the quantised value so the mean is kept.
     """
+    n = x.numel()
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), 2**63 - 1)
+    bits = draws.view(torch.int16)[:n]
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        bits = bits.view(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2)  # same layout as x
+    else:
+        bits = bits.view(x.shape)
+    threshold = round(p * 65536) - 32768  # P(bits < threshold) = p, to 1/65536
+    # bool → uint8 → float is one fast conversion; bool → float directly is not vectorised on CPU.
+    keep = (bits >= threshold).view(torch.uint8).to(x.dtype)
+    return keep, 1.0 / (1.0 - (threshold + 32768) / 65536)
+
+
+class _LeakyReLUDropoutFunction(torch.autograd.Function):
+    """leaky_relu then dropout in one autograd node: saves the mask and output, not the input."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, slope: float, p: float) -> torch.Tensor:  # type: ignore[override]
+        keep, scale = _keep_mask(x, p)
+        y = F.leaky_relu(x, slope).mul_(keep).mul_(scale)
+        ctx.save_for_backward(keep, y)
+        ctx.slope, ctx.scale = slope, scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        keep, y = ctx.saved_tensors
+        masked = (grad * keep).mul_(ctx.scale)
+        # y has x's sign wherever the mask kept x, and where it did not the gradient is already 0.
+        return torch.ops.aten.leaky_relu_backward(masked, y, ctx.slope, False), None, None
+
+
+class LeakyReLUDropout(nn.Module):
+    """`LeakyReLU(slope)` followed by `Dropout(p)`, with the same semantics, fused for speed.
+
+    Dropout keeps each element with probability 1 - p and scales it by 1 / (1 - p) in training,
+    and is the identity in eval mode, as `nn.Dropout`. One node instead of two halves the
+    elementwise passes over D's activations, which the step runs through five times.
+    """
+
+    def __init__(self, slope: float, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.slope, self.p = slope, p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
-            return x
-        keep = torch.rand(x.shape, device=x.device) >= self.p
-        return x * keep * (1.0 / (1.0 - self.p))
+            return F.leaky_relu(x, self.slope)
+        return _LeakyReLUDropoutFunction.apply(x, self.slope, self.p)
+
+    def extra_repr(self) -> str:
+        return f"slope={self.slope}, p={self.p}"
+
+
+class FlattenLinear(nn.Linear):
+    """Flatten (C, H, W) features, then Linear: the weight's columns are in (C, H, W) order.
+
+    On channels_last input it reads the features in memory order, (H, W, C), and permutes the
+    (small) weight to match instead of copying the (large) activations to NCHW.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            n, c, h, w = x.shape
+            weight = self.weight.view(-1, c, h, w).permute(0, 2, 3, 1).reshape(self.out_features, -1)
+            return F.linear(x.permute(0, 2, 3, 1).reshape(n, -1), weight, self.bias)
+        return super().forward(x.flatten(1))
 
 
 class Generator(nn.Module):
@@ -77,13 +142,13 @@ class Discriminator(nn.Module):
         super().__init__()
         self.layers = nn.Sequential(
             nn.Conv2d(1, 64, 5, stride=2, padding=2),  # (N, 64, 14, 14)
-            nn.LeakyReLU(LEAKY_SLOPE),
-            Dropout(0.3),
+            LeakyReLUDropout(LEAKY_SLOPE, DROPOUT),
+            nn.Identity(),  # placeholders keep the layer indices, so checkpoints keep their keys
             nn.Conv2d(64, 128, 5, stride=2, padding=2),  # (N, 128, 7, 7)
-            nn.LeakyReLU(LEAKY_SLOPE),
-            Dropout(0.3),
-            nn.Flatten(),  # (N, 6272)
-            nn.Linear(7 * 7 * 128, 1),  # (N, 1)
+            LeakyReLUDropout(LEAKY_SLOPE, DROPOUT),
+            nn.Identity(),
+            nn.Identity(),
+            FlattenLinear(7 * 7 * 128, 1),  # (N, 6272) → (N, 1)
         )
         self.apply(_keras_init)
 
