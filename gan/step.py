@@ -26,23 +26,33 @@ def train_step(
     `d_real_prob`, `d_fake_prob`) so that the caller decides when to wait on the device.
     """
     # Forward: G makes a batch, D scores it and the real one. Two D passes rather than one over
-    # the concatenation, so that G's backward runs through D for the fake half only.
+    # the concatenation, so that the backward passes below run through the fake half only.
     autocast = torch.autocast(real_images.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     with autocast:
         fake_images = generator(noise)
         real_logits = discriminator(real_images).float()
         fake_logits = discriminator(fake_images).float()
-    loss_d = discriminator_loss(real_logits, fake_logits)
-    loss_g = generator_loss(fake_logits)
+    with torch.no_grad():
+        loss_d = discriminator_loss(real_logits, fake_logits)
+        loss_g = generator_loss(fake_logits)
+        d_real_grad, d_fake_grad, g_over_d = _logit_gradients(real_logits, fake_logits)
 
-    # Accumulate gradients: each loss reaches only its own network's weights, so both updates
-    # see the same D, as with the tutorial's two tapes. G's pass keeps the graph for D's.
     optimizer_g.zero_grad(set_to_none=True)
     optimizer_d.zero_grad(set_to_none=True)
-    # Update G: minimise −log D(G(z)).
-    torch.autograd.backward(loss_g, inputs=list(generator.parameters()), retain_graph=True)
-    # Update D: maximise log D(x) + log(1 − D(G(z))).
-    torch.autograd.backward(loss_d, inputs=list(discriminator.parameters()))
+    # D's gradient, and on the way the gradient of D's loss with respect to the fake images
+    # (retain_graph: autograd would otherwise free the saved tensors G's backward needs).
+    torch.autograd.backward(
+        [real_logits, fake_logits],
+        [d_real_grad, d_fake_grad],
+        inputs=[*discriminator.parameters(), fake_images],
+        retain_graph=True,
+    )
+    # Both losses reach the fake images through the same D and the same per-image logit, so
+    # d loss_g / d image = (d loss_g / d logit) / (d loss_d / d logit) × d loss_d / d image, image by
+    # image. That spares a second backward pass through D; G's own backward follows as usual.
+    fake_grad = fake_images.grad * g_over_d.view(-1, *[1] * (fake_images.dim() - 1)).to(fake_images.grad.dtype)
+    torch.autograd.backward(fake_images, fake_grad, inputs=list(generator.parameters()))
+    # Both networks were differentiated against the same D, as with the tutorial's two tapes.
     optimizer_g.step()
     optimizer_d.step()
 
@@ -53,6 +63,23 @@ def train_step(
             "d_real_prob": torch.sigmoid(real_logits).mean(),
             "d_fake_prob": torch.sigmoid(fake_logits).mean(),
         }
+
+
+MIN_FAKE_LOGIT = -40.0  # D's loss gradient of a fake logit is floored at sigmoid(-40) ≈ 4e-18 of a sample
+
+
+def _logit_gradients(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d loss_d / d real logits, d loss_d / d fake logits, and per fake image (d loss_g / d logit) / (d loss_d / d logit).
+
+    The binary cross-entropy on logits differentiates to (sigmoid(logit) − target) / N. D's
+    gradient at a fake logit is floored so that the ratio, −sigmoid(−l) / sigmoid(l), stays finite
+    and G keeps its full gradient where D is sure an image is fake; D's own gradient changes there
+    by at most 4e-18 per image.
+    """
+    d_real_grad = (torch.sigmoid(real_logits) - 1) / real_logits.numel()
+    d_fake_grad = torch.sigmoid(fake_logits.clamp(min=MIN_FAKE_LOGIT)) / fake_logits.numel()
+    g_fake_grad = -torch.sigmoid(-fake_logits) / fake_logits.numel()
+    return d_real_grad, d_fake_grad, g_fake_grad / d_fake_grad
 
 
 def bf16_is_native(device: torch.device) -> bool:

@@ -45,6 +45,26 @@ def test_each_network_moves_by_the_gradient_of_its_own_loss_only():
         torch.testing.assert_close(old - new.detach(), grad, rtol=1e-4, atol=1e-6)
 
 
+def test_generator_keeps_its_full_gradient_where_d_is_certain_the_images_are_fake():
+    # Fake logits near -90: D's loss gradient there underflows float32, G's is about -1 per image.
+    generator, discriminator, real, noise = _setup()
+    with torch.no_grad():
+        discriminator.layers[7].bias.fill_(-90.0)
+    g_ref, d_ref = copy.deepcopy(generator), copy.deepcopy(discriminator)
+    torch.manual_seed(5)  # the same dropout masks as train_step's, which scores the real batch first
+    d_ref(real)
+    fake_logits = d_ref(g_ref(noise))
+    assert fake_logits.max() < -80
+    grads_g = torch.autograd.grad(generator_loss(fake_logits), list(g_ref.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads_g) and any(g.abs().max() > 1e-4 for g in grads_g)
+
+    before = [p.detach().clone() for p in generator.parameters()]
+    torch.manual_seed(5)
+    train_step(generator, discriminator, torch.optim.SGD(generator.parameters(), lr=1.0), torch.optim.SGD(discriminator.parameters(), lr=0.0), real, noise)
+    for old, new, grad in zip(before, generator.parameters(), grads_g):
+        torch.testing.assert_close(old - new.detach(), grad, rtol=1e-4, atol=1e-6)
+
+
 def test_frozen_discriminator_optimizer_leaves_d_unchanged_while_g_trains():
     generator, discriminator, real, noise = _setup()
     before_g = [p.detach().clone() for p in generator.parameters()]
