@@ -54,7 +54,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--data", str, "dataset: mnist (default) or fashion-mnist", choices=("mnist", "fashion-mnist"))
     flag("--data-dir", str, "folder or s3://bucket/prefix with the four IDX files (default: cache, system copy, download)")
     flag("--epochs", int, "total epochs of the run (default 50)")
-    flag("--batch-size", int, "global batch, split evenly across workers (default 256)")
+    flag("--batch-size", int, "global batch, split evenly across workers (default: the recipe's; tutorial 256)")
     flag("--num-workers", int, "Ray Train workers, one DDP rank each (default 1)")
     switch("--use-gpu", "one GPU per worker, NCCL between workers")
     flag("--storage", str, "folder or s3://bucket/prefix for runs (default ~/gan-job-runs)")

@@ -87,10 +87,11 @@ def test_recipes_set_hyperparameters_and_explicit_flags_win():
     from job.config import TrainConfig
 
     tutorial = TrainConfig(run_name="r")
-    assert (tutorial.lr, tutorial.beta1, tutorial.ema_decay) == (1e-4, 0.9, 0.0)
+    assert (tutorial.batch_size, tutorial.lr, tutorial.beta1, tutorial.ema_decay) == (256, 1e-4, 0.9, 0.0)
     stable = TrainConfig(run_name="r", recipe="stable")
-    assert (stable.lr, stable.beta1, stable.ema_decay) == (2e-4, 0.5, 0.995)
+    assert (stable.batch_size, stable.lr, stable.beta1, stable.ema_decay) == (64, 2e-4, 0.5, 0.999)
     assert TrainConfig(run_name="r", recipe="stable", lr=5e-5).lr == 5e-5
+    assert TrainConfig(run_name="r", recipe="stable", batch_size=256).batch_size == 256
 
 
 @pytest.mark.parametrize("flags, named", [

@@ -118,7 +118,7 @@ def test_training_time_evaluation_records_quality_and_plots_it(tmp_path, tiny_da
 def test_ema_weights_are_checkpointed_and_become_the_model(tmp_path, tiny_data_dir):
     run = _train(tmp_path, tiny_data_dir, epochs=1, recipe="stable")
     state = read_checkpoint(checkpoint_folders(run)[0])
-    assert state["config"]["ema_decay"] == 0.995 and state["config"]["beta1"] == 0.5
+    assert state["config"]["ema_decay"] == 0.999 and state["config"]["beta1"] == 0.5
     generator_pt = torch.load(tmp_path / "runs" / "local" / "artifacts" / "generator.pt", weights_only=True)
     for name, value in generator_pt.items():
         assert torch.equal(value, state["ema_generator"][name])
