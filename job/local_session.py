@@ -6,6 +6,7 @@ Used where Ray is absent or too heavy: the in-process GPU epoch check and fast l
 from __future__ import annotations
 
 import datetime
+import shutil
 from pathlib import Path
 
 import torch
@@ -33,6 +34,9 @@ class LocalSession:
         if checkpoint_dir is None:
             return
         name = CHECKPOINT_PREFIX + datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f")
-        upload_checkpoint(checkpoint_dir, self.run.child(name))
+        try:
+            upload_checkpoint(checkpoint_dir, self.run.child(name))
+        finally:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
         for stale in checkpoint_folders(self.run)[self.keep_checkpoints :]:
             stale.fs.delete_dir(stale.path)

@@ -54,7 +54,16 @@ class RaySession:
             ray.train.report(metrics)
             return
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=self._upload)
+        # Uploaded in the background while the next epoch trains; Ray removes the local folder
+        # afterwards, registers checkpoints in report order, waits for the last upload before the
+        # run ends, and fails the worker group (which then resumes) if an upload fails.
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+            delete_local_checkpoint_after_upload=True,
+            checkpoint_upload_fn=self._upload,
+        )
 
     def _upload(self, checkpoint, checkpoint_dir_name: str):  # (ray.train.Checkpoint, str) -> ray.train.Checkpoint
         """Ray Train's upload step, done so that a failed write fails the report (see `upload_checkpoint`)."""

@@ -6,9 +6,9 @@ fast tests) it is `job.local_session.LocalSession`. The loop is the same either 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -50,7 +50,10 @@ class WorkerSession(Protocol):
         """The state to resume from, or None for a fresh run."""
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
-        """Hand over the epoch's metrics and (rank 0, when due) a checkpoint folder; all ranks call it."""
+        """Hand over the epoch's metrics and (rank 0, when due) a checkpoint folder; all ranks call it.
+
+        The session owns the folder from then on and removes it once the checkpoint is stored.
+        """
 
 
 def print0(session: WorkerSession, message: str) -> None:
@@ -250,13 +253,13 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
         # Record the epoch: sample grid, checkpoint when due, metrics line, status line.
         checkpoint_due = epoch % config.checkpoint_every == 0 or epoch == config.epochs or stopped is not None
         rng_states = gather_objects(rng_state()) if checkpoint_due else None
-        with contextlib.ExitStack() as stack:
-            checkpoint_dir = None
+        checkpoint_dir = None
+        try:
             if session.rank == 0:
                 artifacts.write_sample_grid(epoch, sample_grid(nets.sampler, nets.fixed_noise, epoch))
                 if checkpoint_due:
                     checkpoint_start_s = time.perf_counter()
-                    checkpoint_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gan-ckpt-")))
+                    checkpoint_dir = Path(tempfile.mkdtemp(prefix="gan-ckpt-"))
                     write_checkpoint(checkpoint_dir, {
                         "format_version": FORMAT_VERSION,
                         **nets.training_state(),
@@ -264,6 +267,7 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
                         "config": config.to_dict(),
                         "data_fingerprint": train_set.fingerprint,
                     })  # fmt: skip
+                    # What training waits for: the upload to storage goes on in the background.
                     row["checkpoint_time_s"] = round(time.perf_counter() - checkpoint_start_s, 3)
             if stopped:
                 row["stopped"] = stopped.cause
@@ -272,7 +276,11 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
             rows.append(row)
             if session.rank == 0:
                 artifacts.write_metrics(rows)
-            session.report(row, checkpoint_dir)
+        except BaseException:
+            if checkpoint_dir is not None:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            raise
+        session.report(row, checkpoint_dir)  # takes the folder over
         if checkpoint_due and verdict is None and not (divergence_guard.suspicious or collapse_guard.suspicious):
             last_good = nets.snapshot()  # only states no guard has doubts about
         epoch_wall_s.append(time.perf_counter() - epoch_start_s)
