@@ -25,8 +25,7 @@ def train_step(
     Works on plain or DDP-wrapped networks. Returns 0-d tensors (`loss_d`, `loss_g`,
     `d_real_prob`, `d_fake_prob`) so that the caller decides when to wait on the device.
     """
-    # Forward: G makes a batch, D scores it and the real one. Two D passes rather than one over
-    # the concatenation, so that the backward passes below run through the fake half only.
+    # Forward: G makes a batch, D scores it and the real one, in two passes as the tutorial does.
     autocast = torch.autocast(real_images.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     with autocast:
         fake_images = generator(noise)
