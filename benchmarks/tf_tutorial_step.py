@@ -143,23 +143,32 @@ def make_tutorial_training(batch_size, noise_dim=NOISE_DIM):
     return generator, discriminator, train_step
 
 
+def add_threads_flag(parser):
+    """--threads: TensorFlow's intra- and inter-op thread count (both scripts take it)."""
+    parser.add_argument('--threads', type=int, default=None,
+                        help='intra- and inter-op threads (default: TensorFlow decides)')
+
+
+def apply_threads(parser, threads):
+    """Validate --threads and set it; must run before the TF runtime starts (before any op runs)."""
+    if threads is None:
+        return
+    if threads < 1:
+        parser.error('--threads must be >= 1')
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--steps', type=int, default=30, help='timed steps (default 30)')
     parser.add_argument('--warmup', type=int, default=5, help='untimed warm-up steps (default 5)')
     parser.add_argument('--batch-size', type=int, default=256, help='batch size (default 256)')
-    parser.add_argument('--threads', type=int, default=None,
-                        help='intra- and inter-op threads (default: TensorFlow decides)')
+    add_threads_flag(parser)
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
         parser.error('--steps and --batch-size must be >= 1, --warmup >= 0')
-    if args.threads is not None and args.threads < 1:
-        parser.error('--threads must be >= 1')
-
-    # Must happen before the TF runtime is initialized (i.e. before any op runs).
-    if args.threads is not None:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    apply_threads(parser, args.threads)
 
     BATCH_SIZE = args.batch_size
     noise_dim = NOISE_DIM

@@ -49,7 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tf_tutorial_step import NOISE_DIM, _trainable_count, make_tutorial_training  # noqa: E402  (the tutorial's step, reproduced there)
+from tf_tutorial_step import NOISE_DIM, _trainable_count, add_threads_flag, apply_threads, make_tutorial_training  # noqa: E402  (the tutorial's step, reproduced there)
 
 DEFAULT_DATA_DIR = '/usr/share/datasets/fashion-mnist'
 BUFFER_SIZE = 60000
@@ -96,24 +96,18 @@ def main():
     parser.add_argument('--limit', type=int, default=None,
                         help='train on the first N training images only (smoke tests)')
     parser.add_argument('--batch-size', type=int, default=256, help='BATCH_SIZE (default 256, the tutorial\'s)')
-    parser.add_argument('--threads', type=int, default=None,
-                        help='intra- and inter-op threads (default: TensorFlow decides)')
+    add_threads_flag(parser)
     args = parser.parse_args()
     if args.epochs < 1 or args.num < 1 or args.batch_size < 1:
         parser.error('--epochs, --num and --batch-size must be >= 1')
     if args.limit is not None and args.limit < 1:
         parser.error('--limit must be >= 1')
-    if args.threads is not None and args.threads < 1:
-        parser.error('--threads must be >= 1')
     try:
         save_at = parse_save_at(args.save_at, args.epochs) if args.save_at else [args.epochs]
     except argparse.ArgumentTypeError as e:
         parser.error(str(e))
 
-    # Must happen before the TF runtime is initialized (i.e. before any op runs).
-    if args.threads is not None:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    apply_threads(parser, args.threads)
     tf.keras.utils.set_random_seed(args.seed)
 
     out_dir = Path(args.out)
@@ -149,7 +143,7 @@ def main():
         seconds = time.perf_counter() - start
         print(f'  wrote {path} ({args.num} images, min {images.min():.3f} max {images.max():.3f}, '
               f'{seconds:.1f}s)', flush=True)
-        return str(path), seconds
+        return str(path)
 
     print(f'tensorflow {tf.__version__}; {train_images.shape[0]} training images, batch {BATCH_SIZE}, '
           f'{steps_per_epoch} steps/epoch, {args.epochs} epochs, saves at {save_at}', flush=True)
@@ -171,8 +165,7 @@ def main():
         print(f'epoch {epoch}/{args.epochs}  time {seconds:.1f}s  cpu {cpu_seconds:.1f}s  gen_loss {gen_loss:.4f}  '
               f'disc_loss {disc_loss:.4f}', flush=True)
         if epoch in save_at:
-            path, gen_seconds = write_samples(epoch)
-            saved[epoch] = path
+            saved[epoch] = write_samples(epoch)
 
     total = time.perf_counter() - total_start
     later = epoch_times[1:] or epoch_times
