@@ -56,6 +56,10 @@ class DivergenceGuard:
             )
         return None
 
+    def forget(self) -> None:
+        """After a rollback, the saturated epochs belong to epochs that are being trained again."""
+        self.saturated_epochs = 0
+
 
 class CollapseGuard:
     """Class coverage far below the run's own recent level for `patience` evaluations."""

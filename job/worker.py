@@ -239,7 +239,7 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
                 rollbacks.append(verdict)
                 nets.load_training_state(copy.deepcopy(last_good))
                 torch.manual_seed(config.seed + session.rank + 7919 * len(rollbacks))  # not the same road again
-                divergence_guard.saturated_epochs = 0
+                divergence_guard.forget()
                 collapse_guard.forget()
                 pending_note = {"cause": verdict.cause, "diverged_at_epoch": epoch, "resumed_from_epoch": nets.epoch}
                 rows = [r for r in rows if r["epoch"] <= nets.epoch]
