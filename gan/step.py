@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
 import torch
 from torch import nn
@@ -31,10 +32,7 @@ def train_step(
         fake_images = generator(noise)
         real_logits = discriminator(real_images).float()
         fake_logits = discriminator(fake_images).float()
-    with torch.no_grad():
-        loss_d = discriminator_loss(real_logits, fake_logits)
-        loss_g = generator_loss(fake_logits)
-        d_real_grad, d_fake_grad, g_over_d = _logit_gradients(real_logits, fake_logits)
+    loss_d, loss_g, (d_real_grad, d_fake_grad), g_over_d = _losses_and_logit_gradients(real_logits, fake_logits)
 
     optimizer_g.zero_grad(set_to_none=True)
     optimizer_d.zero_grad(set_to_none=True)
@@ -57,28 +55,36 @@ def train_step(
 
     with torch.no_grad():
         return {
-            "loss_d": loss_d.detach(),
-            "loss_g": loss_g.detach(),
+            "loss_d": loss_d,
+            "loss_g": loss_g,
             "d_real_prob": torch.sigmoid(real_logits).mean(),
             "d_fake_prob": torch.sigmoid(fake_logits).mean(),
         }
 
 
-MIN_FAKE_LOGIT = -40.0  # D's loss gradient of a fake logit is floored at sigmoid(-40) ≈ 4e-18 of a sample
+MIN_FAKE_LOGIT = -40.0  # D's loss gradient of a fake logit is floored at its value there, sigmoid(-40) / N
 
 
-def _logit_gradients(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """d loss_d / d real logits, d loss_d / d fake logits, and per fake image (d loss_g / d logit) / (d loss_d / d logit).
+def _losses_and_logit_gradients(
+    real_logits: torch.Tensor, fake_logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """loss_d, loss_g, d loss_d / d (real, fake) logits, and per fake image (d loss_g / d logit) / (d loss_d / d logit).
 
-    The binary cross-entropy on logits differentiates to (sigmoid(logit) − target) / N. D's
-    gradient at a fake logit is floored so that the ratio, −sigmoid(−l) / sigmoid(l), stays finite
-    and G keeps its full gradient where D is sure an image is fake; D's own gradient changes there
-    by at most 4e-18 per image.
+    Differentiated by autograd on the logits alone (N numbers each), so `gan.losses` stays the
+    one definition of the losses. D's gradient at a fake logit (sigmoid(logit) / N for the
+    tutorial's loss) underflows where D is certain an image is fake; it is floored at its value
+    for a logit of −40, so that the ratio stays finite and G keeps its full gradient there, while
+    D's own gradient changes by at most 4e-18 per image.
     """
-    d_real_grad = (torch.sigmoid(real_logits) - 1) / real_logits.numel()
-    d_fake_grad = torch.sigmoid(fake_logits.clamp(min=MIN_FAKE_LOGIT)) / fake_logits.numel()
-    g_fake_grad = -torch.sigmoid(-fake_logits) / fake_logits.numel()
-    return d_real_grad, d_fake_grad, g_fake_grad / d_fake_grad
+    real = real_logits.detach().requires_grad_()
+    fake = fake_logits.detach().requires_grad_()
+    with torch.enable_grad():
+        loss_d = discriminator_loss(real, fake)
+        loss_g = generator_loss(fake)
+        d_real_grad, d_fake_grad = torch.autograd.grad(loss_d, (real, fake))
+        (g_fake_grad,) = torch.autograd.grad(loss_g, fake)
+    d_fake_grad = d_fake_grad.clamp(min=1 / (1 + math.exp(-MIN_FAKE_LOGIT)) / fake.numel())
+    return loss_d.detach(), loss_g.detach(), (d_real_grad, d_fake_grad), g_fake_grad / d_fake_grad
 
 
 def bf16_is_native(device: torch.device) -> bool:
