@@ -6,6 +6,9 @@
 #
 #   deploy/run-local.sh                          # local overlay's knobs, runs in ./runs/
 #   deploy/run-local.sh --s3                     # ... with checkpoints in a local S3 endpoint
+#   deploy/run-local.sh --autoscaling            # ... on an autoscaling cluster shaped like the
+#                                                # overlay's standing RayCluster (0-CPU head, worker
+#                                                # nodes started on demand; deploy/fake_cluster.py)
 #   deploy/run-local.sh --run-name my-run        # same name again = resume
 #   GAN_JOB_EPOCHS=1 deploy/run-local.sh         # a knob from the environment wins
 #
@@ -15,12 +18,15 @@ set -euo pipefail
 
 usage() {
     cat <<'EOF'
-usage: deploy/run-local.sh [--overlay NAME] [--run-name NAME] [--s3] [--num-cpus N]
+usage: deploy/run-local.sh [--overlay NAME] [--run-name NAME] [--s3] [--num-cpus N | --autoscaling]
   --overlay NAME   overlay whose RayJob and knobs to use (default: local)
   --run-name NAME  run name, as the RayJob's name is on Kubernetes (default: local-<timestamp>)
   --s3             start an S3 endpoint on loopback (moto_server) and keep the run there;
                    without it, runs go to ./runs unless GAN_JOB_STORAGE or AWS_ENDPOINT_URL is set
   --num-cpus N     CPUs of the local Ray head (default: all)
+  --autoscaling    instead of one head with every CPU: a 0-CPU head whose autoscaler starts worker
+                   nodes (each its own raylet here) as the overlay's standing RayCluster defines
+                   them, and removes them after 60 idle seconds
 EOF
 }
 
@@ -28,16 +34,23 @@ overlay=local
 run_name="local-$(date +%Y%m%d-%H%M%S)"
 start_s3=false
 num_cpus=""
+autoscaling=false
 while [ $# -gt 0 ]; do
     case "$1" in
         --overlay) overlay="${2:?--overlay needs a name}"; shift 2 ;;
         --run-name) run_name="${2:?--run-name needs a name}"; shift 2 ;;
         --s3) start_s3=true; shift ;;
         --num-cpus) num_cpus="${2:?--num-cpus needs a number}"; shift 2 ;;
+        --autoscaling) autoscaling=true; shift ;;
         -h | --help) usage; exit 0 ;;
         *) echo "run-local.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
 done
+
+if [ "$autoscaling" = true ] && [ -n "$num_cpus" ]; then
+    echo "run-local.sh: --num-cpus and --autoscaling exclude each other (the autoscaling cluster's CPUs come from the overlay)" >&2
+    exit 2
+fi
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 for tool in ray kubectl; do
@@ -149,20 +162,40 @@ RAY_AUTH_TOKEN="$(python -c 'import secrets; print(secrets.token_hex(32))')"
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN
 
 # The driver inherits this environment from the head, as on Kubernetes from the head pod.
-head_args=(--head --block --disable-usage-stats --temp-dir "$tmp/ray"
-    --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1
-    --port "$gcs_port" --dashboard-port "$dashboard_port" --ray-client-server-port "$client_port"
-    --node-manager-port "$node_manager_port" --object-manager-port "$object_manager_port"
-    --dashboard-agent-listen-port "$agent_listen_port" --dashboard-agent-grpc-port "$agent_grpc_port"
-    --runtime-env-agent-port "$runtime_env_port" --metrics-export-port "$metrics_port"
-    --min-worker-port 0 --max-worker-port 0)
-if [ -n "$num_cpus" ]; then head_args+=(--num-cpus "$num_cpus"); fi
-ray start "${head_args[@]}" >"$tmp/head.log" 2>&1 &
-head_pid=$!
-address="http://127.0.0.1:$dashboard_port"
-if ! wait_for_http "$address/api/version" 120; then
-    cat "$tmp/head.log" >&2
-    exit 1
+if [ "$autoscaling" = true ]; then
+    # Ray's fake multi-node provider: the classic autoscaler starts and removes worker nodes.
+    python "$repo/deploy/fake_cluster.py" --overlay "$overlay" --env-file "$tmp/cluster.env" >"$tmp/head.log" 2>&1 &
+    head_pid=$!
+    for _ in $(seq 300); do
+        [ -f "$tmp/cluster.env" ] || ! kill -0 "$head_pid" 2>/dev/null && break
+        sleep 0.5
+    done
+    if [ ! -f "$tmp/cluster.env" ]; then
+        cat "$tmp/head.log" >&2
+        exit 1
+    fi
+    # shellcheck disable=SC1091 # written by fake_cluster.py: RAY_ADDRESS, RAY_API_SERVER_ADDRESS, RAY_AUTH_*
+    . "$tmp/cluster.env"
+    address="$RAY_API_SERVER_ADDRESS"
+    gcs_port="${RAY_ADDRESS##*:}"
+    unset RAY_ADDRESS
+    head -n 1 "$tmp/head.log"
+else
+    head_args=(--head --block --disable-usage-stats --temp-dir "$tmp/ray"
+        --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1
+        --port "$gcs_port" --dashboard-port "$dashboard_port" --ray-client-server-port "$client_port"
+        --node-manager-port "$node_manager_port" --object-manager-port "$object_manager_port"
+        --dashboard-agent-listen-port "$agent_listen_port" --dashboard-agent-grpc-port "$agent_grpc_port"
+        --runtime-env-agent-port "$runtime_env_port" --metrics-export-port "$metrics_port"
+        --min-worker-port 0 --max-worker-port 0)
+    if [ -n "$num_cpus" ]; then head_args+=(--num-cpus "$num_cpus"); fi
+    ray start "${head_args[@]}" >"$tmp/head.log" 2>&1 &
+    head_pid=$!
+    address="http://127.0.0.1:$dashboard_port"
+    if ! wait_for_http "$address/api/version" 120; then
+        cat "$tmp/head.log" >&2
+        exit 1
+    fi
 fi
 echo "run-local.sh: Ray head at $address (temp dir $tmp/ray), run $run_name, storage ${GAN_JOB_STORAGE:-default}"
 

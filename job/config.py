@@ -71,7 +71,8 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between checkpoints; the last epoch always gets one
     keep_checkpoints: int = 2  # checkpoints kept in storage; 2 so a damaged latest has a fallback
     max_failures: int = 2  # worker-group restarts Ray Train makes before giving up
-    cpus_per_worker: int | None = None  # CPUs (and torch threads) per worker; None = node CPUs / workers
+    cpus_per_worker: int | None = None  # CPUs (and torch threads) per worker; None = the largest node's CPUs / workers
+    placement_timeout: int = 600  # seconds to wait for an autoscaler to start the workers' nodes
     recipe: str = "tutorial"  # hyperparameter set: "tutorial" (unchanged) or "stable" (see RECIPES)
     lr: float | None = None  # Adam learning rate of both networks; None = the recipe's
     beta1: float | None = None  # Adam beta1 of both networks; None = the recipe's
@@ -111,6 +112,7 @@ class TrainConfig:
             ("cpus_per_worker", 1),
             ("eval_every", 0),
             ("eval_num", 10),
+            ("placement_timeout", 1),
         ):
             value = getattr(self, name)
             if value is None and name in ("limit", "cpus_per_worker"):

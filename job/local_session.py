@@ -20,6 +20,7 @@ class LocalSession:
 
     rank = 0
     world_size = 1
+    node_id = "local"
 
     def __init__(self, run: Location, device: torch.device, keep_checkpoints: int = 2) -> None:
         self.run = run

@@ -19,12 +19,14 @@ class RaySession:
     """Rank, device, checkpoints and reports from Ray Train's context."""
 
     def __init__(self, config: TrainConfig) -> None:
+        import ray
         import ray.train
         import ray.train.torch
 
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
+        self.node_id = ray.get_runtime_context().get_node_id()
         # Ray gives each GPU worker its own device; select_device only checks that it is there.
         self.device = ray.train.torch.get_device() if config.use_gpu else select_device(False)
         if config.use_gpu:

@@ -11,6 +11,7 @@ from job.config import TrainConfig
 from job.data_source import fetch_from_bucket
 from job.distributed import backend_for
 from job.errors import UsageError
+from job.placement import PlacementTimeout, place
 from job.storage import Location, is_s3, resolve_location
 from job.worker import check_resumable
 
@@ -70,35 +71,6 @@ def connect_ray() -> None:
         ray.init(logging_level="WARNING", log_to_driver=True)
 
 
-def default_cpus_per_worker(num_workers: int) -> int:
-    """The largest node's CPUs divided among the workers (at least one each)."""
-    import ray
-
-    node_cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
-    return max(1, int(max(node_cpus, default=1) // num_workers))
-
-
-def check_placeable(config: TrainConfig) -> None:
-    """Refuse a request the cluster can never place, instead of waiting for it forever."""
-    import ray
-
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    wanted_gpus = 1 if config.use_gpu else 0
-    slots = sum(
-        min(int(res.get("CPU", 0) // config.cpus_per_worker), int(res.get("GPU", 0) // wanted_gpus) if wanted_gpus else 1 << 30)
-        for res in nodes
-    )
-    if slots < config.num_workers:
-        total_cpus = sum(res.get("CPU", 0) for res in nodes)
-        total_gpus = sum(res.get("GPU", 0) for res in nodes)
-        raise UsageError(
-            f"--num-workers {config.num_workers} with --cpus-per-worker {config.cpus_per_worker}"
-            + (" and one GPU each (--use-gpu)" if config.use_gpu else "")
-            + f" cannot be placed: the cluster has {total_cpus:g} CPUs and {total_gpus:g} GPUs on {len(nodes)} nodes; "
-            "ask for fewer workers or CPUs per worker, or add nodes"
-        )
-
-
 def worker_failure(error: BaseException) -> BaseException:
     """The exception a worker raised, out of Ray Train's wrappers."""
     failures = getattr(error, "worker_failures", None)
@@ -151,9 +123,11 @@ def run_training(config: TrainConfig) -> int:
         # Workers use the endpoint the driver checked, whatever their own environment says.
         config = config.replace(s3_endpoint=endpoint_url(config.s3_endpoint))
     connect_ray()
-    if config.cpus_per_worker is None:
-        config = config.replace(cpus_per_worker=default_cpus_per_worker(config.num_workers))
-    check_placeable(config)
+    try:
+        config = place(config)  # refuses what can never fit; waits while an autoscaler starts nodes
+    except PlacementTimeout as err:
+        print(f"gan-job: {err}", file=sys.stderr)
+        return 1
     prepare_storage(config)
 
     trainer = build_trainer(config)

@@ -45,6 +45,7 @@ class WorkerSession(Protocol):
     world_size: int
     device: torch.device
     run: Location  # `<storage>/<run-name>`
+    node_id: str  # the Ray node this rank runs on ("local" in one process)
 
     def load_checkpoint(self) -> dict | None:
         """The state to resume from, or None for a fresh run."""
@@ -298,6 +299,7 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
 
     # Finish: the model a consumer needs without Ray, and proof that the ranks agree.
     digests = gather_objects(parameter_digest(nets.generator, nets.discriminator))
+    nodes = gather_objects(session.node_id)
     if session.rank == 0:
         rows = artifacts.read_metrics() or rows
         artifacts.write_generator(nets.sampler.state_dict())
@@ -308,6 +310,7 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
             "step": nets.step,
             "final_metrics": rows[-1] if rows else None,
             "param_digests": digests,  # one per rank, equal when DDP kept them in sync
+            "nodes": nodes,  # the node of each rank, in rank order
             "generator": {"class": "gan.models.Generator", "kwargs": {"noise_dim": config.noise_dim}, "ema": nets.ema is not None},
         })  # fmt: skip
         if rows:

@@ -138,3 +138,46 @@ def ray_cluster(s3_server):
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=True)
     yield ray
     ray.shutdown()
+
+
+def load_fake_cluster_module():
+    """deploy/fake_cluster.py, the local autoscaling cluster that `deploy/run-local.sh --autoscaling` starts too."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fake_cluster", Path(__file__).resolve().parents[1] / "deploy" / "fake_cluster.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fake_cluster"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def autoscaling_cluster(s3_server, fashion_mnist_dir):
+    """A real autoscaling multi-node Ray cluster shaped like the local overlay's standing RayCluster.
+
+    A 0-CPU head and no worker nodes until the autoscaler (Ray's classic one, with the fake
+    multi-node provider) starts them. Its timings are shortened so that tests see nodes come and go
+    in seconds. The head carries the local overlay's knobs, as the head pod loads the ConfigMap,
+    shortened for CI and pointed at the S3 server and the Debian copy of Fashion-MNIST.
+    """
+    fake_cluster = load_fake_cluster_module()
+    objects = fake_cluster.built_overlay("local")
+    standing = next(o for o in objects if o["kind"] == "RayCluster")
+    head = standing["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    maps = {s["configMapRef"]["name"] for s in head.get("envFrom", []) if "configMapRef" in s}
+    knobs = {
+        key: value
+        for o in objects
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"] in maps
+        for key, value in o.get("data", {}).items()
+        if key.startswith("GAN_JOB_")
+    }
+    knobs.update(GAN_JOB_STORAGE=f"s3://{s3_server.bucket}/standing", GAN_JOB_DATA="fashion-mnist",
+                 GAN_JOB_DATA_DIR=str(fashion_mnist_dir), GAN_JOB_EPOCHS="1", GAN_JOB_LIMIT="512", GAN_JOB_EVAL_EVERY="0")  # fmt: skip
+    timings = fake_cluster.Timings(update_interval_s=1, heartbeat_timeout_s=10, idle_timeout_s=10,
+                                   health_check_period_ms=1000, health_check_failure_threshold=3)  # fmt: skip
+    cluster = fake_cluster.FakeCluster(fake_cluster.standing_shape(objects), timings, env=knobs).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

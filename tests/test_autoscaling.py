@@ -1,0 +1,211 @@
+"""The job on a real autoscaling multi-node Ray cluster: the shape of the standing RayCluster, with a
+0-CPU head and worker nodes that Ray's autoscaler starts from zero (the fake multi-node provider
+runs each as its own raylet on this machine; see deploy/fake_cluster.py).
+
+- placement: a request no node type can hold is refused at once; one the autoscaler can meet waits
+  for its nodes, up to --placement-timeout;
+- scheduled retraining: the retraining CronJob's own script, run with the real `ray job submit`
+  against the cluster at zero worker nodes, trains on two nodes, checkpoints and promotes to S3,
+  and the nodes go again when idle;
+- a lost node: a worker node killed mid-epoch; the run resumes from its last checkpoint on a
+  replacement node and records every epoch once.
+
+All tests share one cluster (conftest.py's `autoscaling_cluster`); each driver is a subprocess
+joined to it with RAY_ADDRESS, as on the head of a real cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from job.checkpoint import checkpoint_folders
+from job.storage import resolve_location
+from tests.conftest import load_fake_cluster_module
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3]
+
+BIN = Path(sys.executable).parent
+# 2 workers x 1,024 images, 128 per rank per step: 8 steps an epoch.
+LOST_NODE_STEPS_PER_EPOCH = 8
+
+
+def wait_until(condition, timeout_s: float, what: str, every_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise TimeoutError(f"{what}: not within {timeout_s:.0f} s")
+
+
+def no_worker_nodes(cluster) -> None:
+    """Wait until the autoscaler has removed every worker node (a test before may have left idle ones)."""
+    wait_until(lambda: not cluster.worker_nodes(), 90, "worker nodes removed when idle")
+
+
+def driver_env(cluster) -> dict[str, str]:
+    """A driver's environment on the head: the cluster's address and token, no knobs of the test process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GAN_JOB_")}
+    return {**env, **cluster.client_env, "PATH": f"{BIN}:{env['PATH']}"}
+
+
+def train(cluster, *flags: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "job", "train", *flags], env=driver_env(cluster),
+                          capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
+
+
+def error_lines(done: subprocess.CompletedProcess) -> list[str]:
+    """The driver's own stderr lines (Ray's autoscaler events, prefixed '(autoscaler', left out)."""
+    return [line for line in done.stderr.splitlines() if line.strip() and "(autoscaler" not in line]
+
+
+# Placement --------------------------------------------------------------------------------------
+
+
+def test_the_test_cluster_has_the_standing_raycluster_shape(autoscaling_cluster):
+    shape = autoscaling_cluster.shape
+    assert shape.head_cpus == 0
+    assert [(g.name, g.cpus, g.gpus, g.min_replicas, g.max_replicas) for g in shape.groups] == [("workers", 1, 0, 0, 2)]
+
+
+@pytest.mark.parametrize(
+    "flags, why",
+    [
+        (["--use-gpu"], "no node type has a GPU"),
+        (["--cpus-per-worker", "2"], "no node type holds even one worker"),
+        (["--num-workers", "4", "--cpus-per-worker", "1"], "the node types hold at most 2 such workers"),
+    ],
+    ids=["gpu", "cpus-per-worker", "num-workers"],
+)
+def test_a_request_no_node_type_can_hold_is_refused_at_once_naming_the_node_types(autoscaling_cluster, tmp_path, flags, why):
+    storage = tmp_path / "runs"
+    started = time.monotonic()
+    done = train(autoscaling_cluster, "--data", "fashion-mnist", "--storage", str(storage), "--run-name", "never", *flags)
+    lines = error_lines(done)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, lines
+    assert why in lines[0] and "workers (1 CPU, 0 GPU, at most 2)" in lines[0] and "ray.head.default (0 CPU" in lines[0]
+    assert time.monotonic() - started < 60  # at once: no wait for nodes that can never come
+    assert not storage.exists()
+
+
+def test_a_request_the_autoscaler_cannot_meet_in_time_gives_up_at_the_placement_timeout(autoscaling_cluster, tmp_path):
+    no_worker_nodes(autoscaling_cluster)
+    storage = tmp_path / "runs"
+    done = train(autoscaling_cluster, "--data", "fashion-mnist", "--storage", str(storage), "--run-name", "late",
+                 "--num-workers", "2", "--cpus-per-worker", "1", "--placement-timeout", "1")  # fmt: skip
+    lines = error_lines(done)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, lines
+    assert "2 workers of 1 CPU were not placed within --placement-timeout 1 s" in lines[0]
+    assert "waiting for 2 workers of 1 CPU: the autoscaler is starting nodes" in done.stdout
+    assert not storage.exists()
+
+
+# Scheduled retraining end to end ----------------------------------------------------------------
+
+
+def retrain_script() -> tuple[str, list[str]]:
+    """The retraining CronJob's command and script, from the built local overlay."""
+    cronjob = next(o for o in load_fake_cluster_module().built_overlay("local") if o["kind"] == "CronJob")
+    container = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    return container["args"][0], container["command"]
+
+
+class NodeWatch(threading.Thread):
+    """Records the most worker nodes seen at once while a run goes on."""
+
+    def __init__(self, cluster) -> None:
+        super().__init__(daemon=True)
+        self.cluster, self.most, self.first_seen_s, self.done = cluster, 0, None, threading.Event()
+        self.started_s = time.monotonic()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            count = len(self.cluster.worker_nodes())
+            if count and self.first_seen_s is None:
+                self.first_seen_s = time.monotonic() - self.started_s
+            self.most = max(self.most, count)
+            time.sleep(0.5)
+
+
+def test_the_retraining_cronjob_trains_on_nodes_the_autoscaler_starts_and_they_go_when_idle(autoscaling_cluster, s3_server):
+    cluster = autoscaling_cluster
+    no_worker_nodes(cluster)
+    script, command = retrain_script()
+    assert command == ["bash", "-c"]
+    firing = f"gan-retrain-{int(time.time()) // 60}"
+    # The pod's environment: the firing's name, the standing cluster's job API and its token.
+    env = {**os.environ, "FIRING": firing, "RAY_API_SERVER_ADDRESS": cluster.dashboard_address, "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": cluster.token, "HOME": str(cluster.temp / "submitter-home"), "PATH": f"{BIN}:{os.environ['PATH']}"}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    watch = NodeWatch(cluster)
+    watch.start()
+    try:
+        done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=420)
+    finally:
+        watch.done.set()
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert watch.most == 2, f"saw at most {watch.most} worker nodes"
+
+    objects = s3_server.objects()
+    run = f"standing/{firing}"
+    assert any(k.startswith(f"{run}/checkpoint_") and k.endswith("/state.pt") for k in objects), sorted(objects)[:20]
+    model = json.loads(objects[f"{run}/artifacts/model.json"])
+    assert len(model["nodes"]) == 2 and len(set(model["nodes"])) == 2, model["nodes"]  # one rank per node
+    assert json.loads(objects["standing/gan/LATEST"])["run"].rstrip("/").endswith(run)
+    # Idle nodes go: none is left once the idle timeout (10 s here) has passed.
+    no_worker_nodes(cluster)
+
+
+# A lost node ------------------------------------------------------------------------------------
+
+
+def _rows(run: Path) -> list[dict]:
+    try:
+        text = (run / "artifacts" / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_a_worker_node_lost_mid_epoch_is_replaced_and_the_run_resumes_from_its_checkpoint(autoscaling_cluster, fashion_mnist_dir, tmp_path):
+    cluster = autoscaling_cluster
+    no_worker_nodes(cluster)
+    run = tmp_path / "runs" / "lost-node"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "job", "train", "--data", "fashion-mnist", "--data-dir", str(fashion_mnist_dir), "--storage",
+         str(tmp_path / "runs"), "--run-name", "lost-node", "--epochs", "3", "--limit", "2048", "--num-workers", "2",
+         "--cpus-per-worker", "1", "--batch-size", "256", "--eval-every", "0"],
+        env=driver_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        # Epoch 1 done and checkpointed: epoch 2 is under way. Kill a node half-way through it.
+        first = wait_until(lambda: _rows(run) and checkpoint_folders(resolve_location(str(run))) and _rows(run), 240, "epoch 1 checkpointed")
+        time.sleep(first[0]["epoch_time_s"] / 2)
+        victim = cluster.worker_nodes()[0]
+        assert cluster.kill_node(victim) > 0
+        killed_in_epoch = len(_rows(run)) + 1
+        output, _ = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.communicate()
+    assert driver.returncode == 0, output[-4000:]
+    rows = _rows(run)
+    assert killed_in_epoch == 2, f"the node went in epoch {killed_in_epoch}, not mid-run"
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert [row["step"] for row in rows] == [LOST_NODE_STEPS_PER_EPOCH * epoch for epoch in (1, 2, 3)]
+    assert "resuming run lost-node at epoch 2" in output
+    nodes = json.loads((run / "artifacts" / "model.json").read_text())["nodes"]
+    assert victim not in nodes and len(set(nodes)) == 2, (victim, nodes)
