@@ -137,7 +137,9 @@ def autoscaling_config(shape: ClusterShape, gcs_address: str, idle_timeout_s: fl
         "upscaling_speed": 1.0,
         "idle_timeout_minutes": idle_timeout_s / 60,
         "provider": {
-            "type": "fake_multinode",
+            # Ray's fake_multinode provider, plus lost nodes: see fake_provider.py.
+            "type": "external",
+            "module": "fake_provider.PreemptibleFakeProvider",
             "use_node_id_as_ip": True,
             "disable_node_updaters": True,
             "disable_launch_config_check": True,
@@ -262,6 +264,7 @@ class FakeCluster:
             **os.environ,
             **self.env,
             "RAY_FAKE_CLUSTER": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(DEPLOY), os.environ.get("PYTHONPATH")])),  # fake_provider
             "AUTOSCALER_METRIC_PORT": str(ports[-1]),  # the monitor's own port, 44217 by default
             "AUTOSCALER_UPDATE_INTERVAL_S": str(self.timings.update_interval_s),
             "AUTOSCALER_HEARTBEAT_TIMEOUT_S": str(self.timings.heartbeat_timeout_s),
@@ -310,6 +313,9 @@ class FakeCluster:
     def stop(self) -> None:
         """End this cluster's processes (only these), then remove its temp folder."""
         if self.head is not None:
+            # Worker nodes first, as their pods would go: the head then has no one to wait for.
+            for node_id in self.worker_nodes():
+                self.kill_node(node_id)
             leftovers = self.processes()
             self.head.terminate()  # `ray start --block` stops the head's processes on SIGTERM
             try:

@@ -197,13 +197,22 @@ else
         exit 1
     fi
 fi
-echo "run-local.sh: Ray head at $address (temp dir $tmp/ray), run $run_name, storage ${GAN_JOB_STORAGE:-default}"
+echo "run-local.sh: Ray head at $address, run $run_name, storage ${GAN_JOB_STORAGE:-default}"
 
 # The entrypoint goes through a shell, as in KubeRay's submitter, where RAYJOB_NAME is the
 # RayJob's name; here it is the run name. `ray job submit` follows the logs and fails if the job does.
 # RAY_ADDRESS pins the job's Ray processes to this head when other Ray instances run on the machine.
 export RAYJOB_NAME="$run_name"
 runtime_env="{\"env_vars\": {\"RAY_ADDRESS\": \"127.0.0.1:$gcs_port\"}, \"excludes\": [\".git\", \".venv\", \"runs\"]}"
-submit=(ray job submit --address "$address" --submission-id "$run_name-$(date +%s)" --working-dir "$repo"
-    --runtime-env-json "$runtime_env" --)
+submit=(ray job submit --address "$address" --submission-id "$run_name-$(date +%s)")
+if [ "$autoscaling" = true ]; then
+    # No --working-dir: the fake nodes share the head's temp dir, and when their runtime-env agents
+    # clean up they remove the unpacked working dir under a driver that still runs in it. The job
+    # runs the package installed in this environment (pip install -e: this checkout), as a
+    # KubeRay cluster runs the one in its image.
+    runtime_env="{\"env_vars\": {\"RAY_ADDRESS\": \"127.0.0.1:$gcs_port\"}}"
+else
+    submit+=(--working-dir "$repo")
+fi
+submit+=(--runtime-env-json "$runtime_env" --)
 eval "$(printf '%q ' "${submit[@]}") $entrypoint"

@@ -181,6 +181,7 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
     per_rank_images = train_set.images.shape[0] // session.world_size
     steps_per_epoch = math.ceil(per_rank_images / config.batch_size_per_worker)
     first_step_s: float | None = None
+    first_step_at = 0.0
     epoch_wall_s: list[float] = []
     stopped: Verdict | None = None
     while nets.epoch < config.epochs:
@@ -200,6 +201,7 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
             nets.step += 1
             if first_step_s is None:
                 first_step_s = time.perf_counter() - started_s
+                first_step_at = time.time()
             now_s = time.perf_counter()
             if session.rank == 0 and now_s - last_progress_s >= PROGRESS_EVERY_S:
                 done = batch_index + 1
@@ -220,6 +222,7 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
         }
         if not epoch_wall_s:
             row["first_step_s"] = round(first_step_s or 0.0, 3)  # startup cost of this attempt
+            row["first_step_at"] = round(first_step_at, 3)  # when it came (Unix time), to time a whole submission
         if pending_note:
             row["after_rollback"], pending_note = pending_note, None
         verdicts = [divergence_guard.check({**row, **dict(zip(STAT_NAMES, means))})]

@@ -149,6 +149,7 @@ def test_the_retraining_cronjob_trains_on_nodes_the_autoscaler_starts_and_they_g
            "RAY_AUTH_TOKEN": cluster.token, "HOME": str(cluster.temp / "submitter-home"), "PATH": f"{BIN}:{os.environ['PATH']}"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     watch = NodeWatch(cluster)
+    submitted = time.time()
     watch.start()
     try:
         done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=420)
@@ -162,10 +163,15 @@ def test_the_retraining_cronjob_trains_on_nodes_the_autoscaler_starts_and_they_g
     run = f"standing/{firing}"
     assert any(k.startswith(f"{run}/checkpoint_") and k.endswith("/state.pt") for k in objects), sorted(objects)[:20]
     model = json.loads(objects[f"{run}/artifacts/model.json"])
+    first_row = json.loads(objects[f"{run}/artifacts/metrics.jsonl"].splitlines()[0])
+    print(f"retraining: first worker node after {watch.first_seen_s:.1f} s, first step {first_row['first_step_at'] - submitted:.1f} s "
+          f"after submission, ranks on nodes {model['nodes']}")
     assert len(model["nodes"]) == 2 and len(set(model["nodes"])) == 2, model["nodes"]  # one rank per node
     assert json.loads(objects["standing/gan/LATEST"])["run"].rstrip("/").endswith(run)
     # Idle nodes go: none is left once the idle timeout (10 s here) has passed.
+    finished = time.monotonic()
     no_worker_nodes(cluster)
+    print(f"retraining: worker nodes gone {time.monotonic() - finished:.1f} s after the job ended")
 
 
 # A lost node ------------------------------------------------------------------------------------
@@ -194,8 +200,11 @@ def test_a_worker_node_lost_mid_epoch_is_replaced_and_the_run_resumes_from_its_c
         first = wait_until(lambda: _rows(run) and checkpoint_folders(resolve_location(str(run))) and _rows(run), 240, "epoch 1 checkpointed")
         time.sleep(first[0]["epoch_time_s"] / 2)
         victim = cluster.worker_nodes()[0]
-        assert cluster.kill_node(victim) > 0
+        killed = cluster.kill_node(victim)
         killed_in_epoch = len(_rows(run)) + 1
+        print(f"lost node: killed {killed} processes of node {victim[-5:]} in epoch {killed_in_epoch}, "
+              f"{first[0]['epoch_time_s'] / 2:.1f} s after epoch 1 ended")
+        assert killed > 0
         output, _ = driver.communicate(timeout=300)
     finally:
         if driver.poll() is None:
@@ -208,4 +217,5 @@ def test_a_worker_node_lost_mid_epoch_is_replaced_and_the_run_resumes_from_its_c
     assert [row["step"] for row in rows] == [LOST_NODE_STEPS_PER_EPOCH * epoch for epoch in (1, 2, 3)]
     assert "resuming run lost-node at epoch 2" in output
     nodes = json.loads((run / "artifacts" / "model.json").read_text())["nodes"]
+    print(f"lost node: epochs {[r['epoch'] for r in rows]}, steps {[r['step'] for r in rows]}, finished on nodes {[n[-5:] for n in nodes]}")
     assert victim not in nodes and len(set(nodes)) == 2, (victim, nodes)
