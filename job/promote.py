@@ -10,10 +10,17 @@ negative margin demands an improvement (`-0.1`: at least 10 % better). With no L
 finished run is promoted. Both numbers come from the same classifier, data, image count and noise
 seed: when LATEST was measured otherwise, its run is evaluated again.
 
-LATEST is a small JSON object `{"run": <uri>, "fid_classifier": ..., "promoted_at": ...}`, replaced
-whole (a temporary file renamed over it locally, a single PUT on S3), so a reader sees the old or
-the new pointer, never a mix. Every decision is printed as one JSON line and appended to
-`promotions.jsonl` next to LATEST. Run one promotion per job at a time (the schedule's job does).
+LATEST is a small JSON object `{"run": <uri>, "fid_classifier": ..., "promoted_at": ...,
+"decision": {...}}`, replaced whole (a temporary file renamed over it locally, a single PUT on S3),
+so a reader sees the old or the new pointer, never a mix. Every decision is printed as one JSON line
+and appended to `promotions.jsonl` next to LATEST.
+
+Promotions may overlap (two retrains finishing together): both LATEST and the log are written by
+compare-and-swap (job/pointer.py), and a promotion that loses the race reads them again and
+decides again against the newer LATEST, keeping its candidate's evaluation. After any overlap the
+log holds every decision, in an order in which they could have run one after the other, and LATEST
+is the last promoted one's. A store that does not enforce the conditions is refused before
+anything is evaluated or written.
 """
 
 from __future__ import annotations
@@ -22,17 +29,22 @@ import argparse
 import datetime
 import json
 import math
+import sys
+import uuid
 from typing import TYPE_CHECKING
 
 from job.config import DATASET_NAMES
+from job.console import warn
 from job.errors import UsageError
+from job.pointer import LOG_FILE, PreconditionFailed, Snapshot, Store, append, check_enforced, parse_pointer, read_snapshot
+from job.pointer import replace_pointer
 from job.storage import Location, resolve_location
 
 if TYPE_CHECKING:
     from gan.metrics import QualityEvaluator
 
-PROMOTIONS_FILE = "promotions.jsonl"
 POINTER_KEYS = ("run", "fid_classifier", "promoted_at")
+MAX_DECISIONS = 5  # reads and decisions before giving up on a LATEST that other promotions keep moving
 
 
 def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,11 +70,6 @@ def now_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def parent_of(location: Location) -> Location:
-    """The folder that holds `location`."""
-    return Location(location.uri.rstrip("/").rsplit("/", 1)[0], location.fs, location.path.rstrip("/").rsplit("/", 1)[0])
-
-
 def is_file(location: Location) -> bool:
     import pyarrow.fs
 
@@ -75,13 +82,7 @@ def read_pointer(location: Location, flag: str = "--target") -> dict | None:
         return None
     if not is_file(location):
         raise UsageError(f"{flag} {location.uri} is a folder; name the pointer object itself, e.g. <storage>/<job>/LATEST")
-    try:
-        pointer = json.loads(location.read_text())
-    except (ValueError, UnicodeDecodeError):
-        pointer = None
-    if not isinstance(pointer, dict) or not isinstance(pointer.get("run"), str):
-        raise UsageError(f'{flag} {location.uri} is not a LATEST pointer (a JSON object with "run"); fix or delete it')
-    return pointer
+    return parse_pointer(location.read_bytes(), location.uri, flag)
 
 
 def unreadable(flag: str, uri: str, err: OSError) -> UsageError:
@@ -99,21 +100,6 @@ def resolve_latest(uri: str, s3_endpoint: str | None = None) -> str:
         return read_pointer(location, flag="--from")["run"]
     except OSError as err:
         raise unreadable("--from", uri, err) from None
-
-
-def write_pointer(target: Location, pointer: dict) -> None:
-    """Replace LATEST whole: readers see the old pointer or the new one, never part of either."""
-    target.write_text(json.dumps(pointer, sort_keys=True) + "\n")
-
-
-def append_decision(target: Location, decision: dict) -> None:
-    """Add the decision to `promotions.jsonl` beside LATEST (rewritten whole: object stores cannot append)."""
-    log = parent_of(target).child(PROMOTIONS_FILE)
-    try:
-        previous = log.read_text()
-    except (FileNotFoundError, OSError):
-        previous = ""
-    log.write_text(previous + json.dumps(decision, sort_keys=True) + "\n")
 
 
 def finished_state(run: Location, s3_endpoint: str | None) -> tuple[Location, dict, dict | None, str | None]:
@@ -178,6 +164,10 @@ def current_fid_classifier(
     return result["fid_classifier"], True
 
 
+def decided(decision: dict) -> None:
+    """Called after each decision, before any of it is written: a seam where tests order overlapping promotions."""
+
+
 def promote(args: argparse.Namespace) -> int:
     """`gan-job promote`: move LATEST to `--run` when it passes the gate; print and log the decision."""
     from job.checkpoint import STATE_FILE
@@ -197,44 +187,100 @@ def promote(args: argparse.Namespace) -> int:
     except OSError as err:
         raise unreadable("--run", args.run, err) from None
     try:
-        current = read_pointer(target)
+        read_pointer(target)  # a LATEST that is not a pointer is refused before any work
     except OSError as err:
         raise unreadable("--target", args.target, err) from None
+    check_enforced(target, args.s3_endpoint)  # seconds, before minutes of evaluation
     checkpoint, state, model, unfinished = finished_state(run, args.s3_endpoint)
 
+    # Measure the candidate once; each decision below compares it with the LATEST of its read.
+    evaluator, candidate = None, None
+    if not unfinished:
+        data = args.data or model.get("config", {}).get("data") or state["config"]["data"]
+        evaluator = prepare_evaluator(data, args.data_dir, args.s3_endpoint)
+        candidate = candidate_evaluation(run, checkpoint, state, evaluator, data, args.num, args.seed)
+
+    store, decision_id, measured = Store(args.s3_endpoint), uuid.uuid4().hex, {}
+    for attempt in range(1, MAX_DECISIONS + 1):
+        snapshot = read_or_refuse(store, target)
+        mine = snapshot.logged(decision_id) or (snapshot.carried if (snapshot.carried or {}).get("id") == decision_id else None)
+        if mine is not None:  # a write whose reply was lost had landed
+            decision = mine
+            break
+        decision = decide(snapshot.pointer, run, target, args, state, unfinished, candidate, evaluator, measured)
+        decision.update(id=decision_id, attempt=attempt)
+        if (snapshot.carried or {}).get("id"):
+            decision["current_decision"] = snapshot.carried["id"]
+        decided(decision)
+        try:
+            if decision["promoted"]:
+                replace_pointer(store, target, snapshot, {
+                    "run": run.uri, "fid_classifier": candidate["fid_classifier"], "promoted_at": decision["decided_at"],
+                    "epoch": candidate["epoch"], "source": checkpoint.uri, "evaluation": protocol_of(candidate), "decision": decision,
+                })  # fmt: skip
+            else:
+                append(store, target, snapshot, decision)
+        except PreconditionFailed:
+            continue  # another promotion wrote first: read again and decide against what it wrote
+        break
+    else:
+        print(
+            f"gan-job: error: promote lost the race for {target.uri} {MAX_DECISIONS} times (other promotions kept moving it); "
+            "nothing of this one was written; run it again",
+            file=sys.stderr,
+        )
+        return 1
+    if decision["promoted"]:
+        log_promotion(store, target, decision)
+    print(json.dumps(decision, sort_keys=True))
+    return 0
+
+
+def read_or_refuse(store: Store, target: Location) -> Snapshot:
+    try:
+        return read_snapshot(store, target)
+    except OSError as err:
+        raise unreadable("--target", target.uri, err) from None
+
+
+def decide(
+    current: dict | None, run: Location, target: Location, args: argparse.Namespace, state: dict, unfinished: str | None,
+    candidate: dict | None, evaluator: QualityEvaluator | None, measured: dict,
+) -> dict:  # fmt: skip
+    """The decision about the candidate against `current` (LATEST as just read); `measured` keeps re-evaluations of current runs."""
     decision = {"run": run.uri, "target": target.uri, "decided_at": now_utc(), "margin": args.margin, "epoch": int(state["epoch"])}
     if current is not None:
         decision["current_run"] = current["run"]
     if unfinished:
         decision.update(promoted=False, reason=unfinished)
-        return _finish(target, decision)
-
-    # Measure the candidate, then LATEST the same way, and compare.
-    data = args.data or model.get("config", {}).get("data") or state["config"]["data"]
-    evaluator = prepare_evaluator(data, args.data_dir, args.s3_endpoint)
-    candidate = candidate_evaluation(run, checkpoint, state, evaluator, data, args.num, args.seed)
+        return decision
     decision.update(fid_classifier=candidate["fid_classifier"], fid_classifier_floor=candidate["fid_classifier_floor"])
     if current is None:
         decision.update(promoted=True, reason="no LATEST yet")
-    else:
-        current_fid, reevaluated = current_fid_classifier(current, target, candidate, evaluator, args.s3_endpoint)
-        threshold = current_fid + args.margin * abs(current_fid)
-        promoted = candidate["fid_classifier"] <= threshold
-        decision.update(
-            current_fid_classifier=current_fid, current_reevaluated=reevaluated, threshold=round(threshold, 4), promoted=promoted,
-            reason=f"fid_classifier {candidate['fid_classifier']} {'<=' if promoted else '>'} {round(threshold, 4)} "
-            f"(current {current_fid} with margin {args.margin})",
-        )  # fmt: skip
-
-    if decision["promoted"]:
-        write_pointer(target, {
-            "run": run.uri, "fid_classifier": candidate["fid_classifier"], "promoted_at": decision["decided_at"],
-            "epoch": candidate["epoch"], "source": checkpoint.uri, "evaluation": protocol_of(candidate),
-        })  # fmt: skip
-    return _finish(target, decision)
+        return decision
+    key = (current["run"], current.get("source"))
+    if key not in measured:
+        measured[key] = current_fid_classifier(current, target, candidate, evaluator, args.s3_endpoint)
+    current_fid, reevaluated = measured[key]
+    threshold = current_fid + args.margin * abs(current_fid)
+    promoted = candidate["fid_classifier"] <= threshold
+    decision.update(
+        current_fid_classifier=current_fid, current_reevaluated=reevaluated, threshold=round(threshold, 4), promoted=promoted,
+        reason=f"fid_classifier {candidate['fid_classifier']} {'<=' if promoted else '>'} {round(threshold, 4)} "
+        f"(current {current_fid} with margin {args.margin})",
+    )  # fmt: skip
+    return decision
 
 
-def _finish(target: Location, decision: dict) -> int:
-    append_decision(target, decision)
-    print(json.dumps(decision, sort_keys=True))
-    return 0
+def log_promotion(store: Store, target: Location, decision: dict) -> None:
+    """Append a promotion that LATEST already carries to the log, unless another promotion did so meanwhile."""
+    for _ in range(MAX_DECISIONS):
+        snapshot = read_or_refuse(store, target)
+        if snapshot.logged(decision["id"]) is not None:
+            return
+        try:
+            append(store, target, snapshot, decision)
+            return
+        except PreconditionFailed:
+            continue
+    warn(f"the promotion is in {target.uri} but not yet in its {LOG_FILE}: other promotions kept writing it; the next one logs it")

@@ -55,3 +55,50 @@ def check_bucket(uri: str, endpoint: str | None, flag: str = "--storage", create
         raise
     except Exception as err:
         raise _explain(err, where, bucket, flag) from None
+
+
+# An ETag no object has (real ones are hex digests), for a condition that must fail.
+NEVER_AN_ETAG = '"00000000000000000000000000000000"'
+
+
+def check_conditional_writes(uri: str, endpoint: str | None, flag: str = "--target") -> None:
+    """Raise a `UsageError` unless the store refuses PUTs whose If-Match or If-None-Match condition fails.
+
+    `promote` relies on them (job/pointer.py); a store that ignores them would let one of two
+    concurrent promotions overwrite the other's. The probe is an object of its own under `uri`,
+    written, overwritten under two failing conditions, and deleted.
+    """
+    from botocore.exceptions import ClientError
+
+    bucket, prefix = split_s3_uri(uri, flag)
+    where = endpoint_url(endpoint) or "AWS S3"
+    client = s3_client(endpoint, max_attempts=PREFLIGHT_ATTEMPTS, read_timeout_s=10)
+    probe = f"{prefix}/.gan-job-condition-probe-{uuid.uuid4().hex}".lstrip("/")
+    ignored, unsupported = [], []
+    try:
+        client.put_object(Bucket=bucket, Key=probe, Body=b"probe")
+        for header, condition in (("If-Match", {"IfMatch": NEVER_AN_ETAG}), ("If-None-Match: *", {"IfNoneMatch": "*"})):
+            try:
+                client.put_object(Bucket=bucket, Key=probe, Body=b"overwritten", **condition)
+                ignored.append(header)
+            except ClientError as err:
+                if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 412:
+                    unsupported.append(f"{header}: {err.response.get('Error', {}).get('Code') or 'error'}")
+    except Exception as err:
+        raise _explain(err, where, bucket, flag) from None
+    finally:
+        try:
+            client.delete_object(Bucket=bucket, Key=probe)
+        except Exception:  # the probe is a few bytes; a missing delete permission must not fail promote
+            pass
+    if ignored:
+        raise UsageError(
+            f"{flag} {uri}: the S3 store at {where} ignores conditional writes (it overwrote an object despite a failing "
+            f"{' and '.join(ignored)}), so concurrent promotions could lose one; keep LATEST in a store that enforces them "
+            "(AWS S3, MinIO)"
+        )
+    if unsupported:
+        raise UsageError(
+            f"{flag} {uri}: the S3 store at {where} refuses conditional writes ({', '.join(unsupported)}), which promote "
+            "needs so that concurrent promotions lose nothing; keep LATEST in a store that supports them (AWS S3, MinIO)"
+        )

@@ -1,0 +1,274 @@
+"""A job's `LATEST` pointer and its `promotions.jsonl`, updated by compare-and-swap.
+
+Overlapping promotions (two scheduled retrains that finish together) must lose nothing: both
+decisions end in the log, and LATEST and the log read as if the promotions had run one after
+the other. Neither object store nor file system can update two objects in one step, so:
+
+- The primitive: `Store.read` returns an object's bytes with a version token (S3: the ETag of that
+  GET; local: the SHA-256 of the bytes), and `Store.write` replaces the object only if it still
+  has that token, else raises `PreconditionFailed`. On S3 that is one PUT with `If-Match: <etag>`
+  (`If-None-Match: *` for a first write), sent through boto3 because pyarrow sends no conditional
+  headers; AWS S3, MinIO and moto enforce them. Locally an exclusive `flock` on a lock file beside
+  the object (`.LATEST.lock`) is held only while the token is compared and a temporary file is
+  renamed over the object, so readers, who take no lock, see the old or the new bytes.
+- The order: the log is where decisions are serialised, LATEST only moves with a promotion.
+  Every decision is made against one snapshot (the log read first, then LATEST). A decision not
+  to promote is appended to the log, conditional on the log read. A promotion writes LATEST
+  conditional on the LATEST read, and the new pointer carries the decision itself (`"decision"`);
+  then it appends the decision to the log. Whoever writes the log first adds the decision that
+  its LATEST carries when the log lacks it, and a promotion does so before it replaces LATEST,
+  so a crash between the two writes cannot lose a decision (LATEST holds it until the next
+  promotion logs it), and the log stays in the order the pointer moved in.
+- A lost race (`PreconditionFailed`) means: read again and decide again against the newer
+  LATEST (`job.promote` keeps the candidate's evaluation; LATEST's own number is stored in it).
+  Decisions have ids, so a write whose reply was lost but that landed is recognised, not repeated.
+- A store that ignores the conditions would make all of this silently wrong, so `check_enforced`
+  probes it before anything is written (S3: `job.s3_preflight.check_conditional_writes`; local:
+  another process must fail to take a lock this one holds) and refuses it with a one-line error.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+
+from job.errors import UsageError
+from job.storage import Location
+
+LOG_FILE = "promotions.jsonl"
+
+
+class PreconditionFailed(Exception):
+    """The object changed since it was read: another writer won the race."""
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """An object's bytes as read, with the token a conditional write compares (both None: no object)."""
+
+    data: bytes | None
+    token: str | None
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def lock_path(location: Location) -> str:
+    folder, name = os.path.split(location.path)
+    return os.path.join(folder, f".{name}.lock")
+
+
+def _bucket_key(location: Location) -> tuple[str, str]:
+    bucket, _, key = location.path.partition("/")
+    return bucket, key
+
+
+class Store:
+    """Whole-object reads with a version token, and writes conditional on it; local files or S3 objects."""
+
+    def __init__(self, s3_endpoint: str | None = None):
+        self.s3_endpoint = s3_endpoint
+        self._client = None
+
+    def client(self):
+        if self._client is None:
+            from job.s3 import s3_client
+
+            self._client = s3_client(self.s3_endpoint)
+        return self._client
+
+    def read(self, location: Location) -> Versioned:
+        """The object and its token; `Versioned(None, None)` when there is none. Other failures are OSErrors."""
+        if location.is_local:
+            try:
+                with open(location.path, "rb") as handle:
+                    data = handle.read()
+            except FileNotFoundError:
+                return Versioned(None, None)
+            return Versioned(data, digest(data))
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = _bucket_key(location)
+        try:
+            reply = self.client().get_object(Bucket=bucket, Key=key)
+            return Versioned(reply["Body"].read(), reply["ETag"])  # body and ETag of one version
+        except ClientError as err:
+            if _code(err) in ("NoSuchKey", "404"):
+                return Versioned(None, None)
+            raise OSError(f"S3 GET of {location.uri} failed ({_code(err)})") from None
+        except BotoCoreError as err:
+            raise OSError(f"S3 GET of {location.uri} failed ({type(err).__name__}: {err})") from None
+
+    def write(self, location: Location, data: bytes, token: str | None) -> None:
+        """Replace the object whole with `data` if it still has `token` (None: if there is still none).
+
+        Raises `PreconditionFailed` when it changed since it was read; other failures are OSErrors.
+        """
+        if location.is_local:
+            os.makedirs(os.path.dirname(location.path), exist_ok=True)
+            fd = os.open(lock_path(location), os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # held for a compare and a rename: milliseconds
+                if self.read(location).token != token:
+                    raise PreconditionFailed(location.uri)
+                location.write_bytes(data)  # a temporary file renamed over it
+            finally:
+                os.close(fd)  # releases the lock
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = _bucket_key(location)
+        condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
+        try:
+            self.client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+        except ClientError as err:
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            # 412: the condition failed; 409: a concurrent conditional write to the key won (AWS);
+            # 404 on If-Match: the object was deleted since it was read.
+            if status in (409, 412) or (token is not None and status == 404):
+                raise PreconditionFailed(location.uri) from None
+            raise OSError(f"S3 PUT of {location.uri} failed ({_code(err)})") from None
+        except BotoCoreError as err:
+            raise OSError(f"S3 PUT of {location.uri} failed ({type(err).__name__}: {err})") from None
+
+
+def _code(err) -> str:
+    return str(err.response.get("Error", {}).get("Code") or err.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+
+
+# -- the enforcement probe ---------------------------------------------------------------------
+
+# Run in another process: flock is per open file locally, but some network file systems (NFS)
+# emulate it with per-process locks, which a second descriptor in this process would not meet.
+_TRY_LOCK = "import fcntl, sys\nf = open(sys.argv[1], 'rb')\ntry:\n fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n sys.exit(3)\n"
+
+
+def check_enforced(target: Location, s3_endpoint: str | None = None, flag: str = "--target") -> None:
+    """Raise a `UsageError` unless the store of `target` enforces what `Store.write` relies on."""
+    folder_uri = target.uri.rstrip("/").rsplit("/", 1)[0]
+    if not target.is_local:
+        from job.s3_preflight import check_conditional_writes
+
+        check_conditional_writes(folder_uri, s3_endpoint, flag)
+        return
+    folder = os.path.dirname(target.path)
+    os.makedirs(folder, exist_ok=True)
+    probe = os.path.join(folder, f".gan-job-lock-probe-{uuid.uuid4().hex}")
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            raise UsageError(
+                f"{flag} {target.uri}: the file system of {folder} cannot lock files ({err.strerror or err}), so concurrent "
+                "promotions could lose one; keep LATEST on a local disk, an NFSv4 share with locking, or in a bucket"
+            ) from None
+        other = subprocess.run([sys.executable, "-I", "-S", "-c", _TRY_LOCK, probe], capture_output=True, timeout=60)
+        if other.returncode == 0:
+            raise UsageError(
+                f"{flag} {target.uri}: the file system of {folder} does not enforce file locks (another process took a "
+                "lock this one held), so concurrent promotions could lose one; keep LATEST on a local disk, an NFSv4 "
+                "share with locking, or in a bucket"
+            )
+        if other.returncode != 3:
+            raise OSError(f"the lock probe in {folder} failed: {other.stderr.decode(errors='replace').strip()[-300:]}")
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+# -- LATEST and the log ------------------------------------------------------------------------
+
+
+def parse_pointer(data: bytes, uri: str, flag: str = "--target") -> dict:
+    """LATEST's JSON object; anything else is refused as bad input."""
+    try:
+        pointer = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        pointer = None
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("run"), str):
+        raise UsageError(f'{flag} {uri} is not a LATEST pointer (a JSON object with "run"); fix or delete it')
+    return pointer
+
+
+def pointer_bytes(pointer: dict) -> bytes:
+    return (json.dumps(pointer, sort_keys=True) + "\n").encode("utf-8")
+
+
+def log_of(target: Location) -> Location:
+    """`promotions.jsonl` beside LATEST."""
+    folder_uri, _, _ = target.uri.rstrip("/").rpartition("/")
+    folder_path, _, _ = target.path.rstrip("/").rpartition("/")
+    return Location(folder_uri, target.fs, folder_path).child(LOG_FILE)
+
+
+def log_entries(data: bytes | None) -> list[dict]:
+    """The log's decisions; lines that are not JSON objects (a hand edit) are skipped."""
+    entries = []
+    for line in (data or b"").decode("utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One read of a job's promotion state: the log, then LATEST (so a LATEST newer than the log is seen)."""
+
+    log: Versioned
+    latest: Versioned
+    pointer: dict | None  # LATEST parsed; None when there is none yet
+    entries: tuple[dict, ...]  # the log's decisions
+
+    def logged(self, decision_id: str) -> dict | None:
+        return next((e for e in self.entries if e.get("id") == decision_id), None)
+
+    @property
+    def carried(self) -> dict | None:
+        """The decision that made LATEST (None for a pointer written by hand or by an older version)."""
+        decision = (self.pointer or {}).get("decision")
+        return decision if isinstance(decision, dict) and isinstance(decision.get("id"), str) else None
+
+
+def read_snapshot(store: Store, target: Location) -> Snapshot:
+    log = store.read(log_of(target))
+    latest = store.read(target)
+    pointer = parse_pointer(latest.data, target.uri) if latest.data is not None else None
+    return Snapshot(log, latest, pointer, tuple(log_entries(log.data)))
+
+
+def append(store: Store, target: Location, snapshot: Snapshot, *decisions: dict) -> None:
+    """Append `decisions` to the log as it was in `snapshot`, after the decision LATEST carries if the log lacks it.
+
+    Raises `PreconditionFailed` when the log changed since the snapshot.
+    """
+    carried = snapshot.carried
+    pending = [carried] if carried is not None and snapshot.logged(carried["id"]) is None else []
+    pending += [d for d in decisions if snapshot.logged(d["id"]) is None and (carried is None or d["id"] != carried["id"])]
+    if not pending:
+        return
+    previous = snapshot.log.data or b""
+    if previous and not previous.endswith(b"\n"):
+        previous += b"\n"
+    lines = "".join(json.dumps(d, sort_keys=True) + "\n" for d in pending).encode("utf-8")
+    store.write(log_of(target), previous + lines, snapshot.log.token)
+
+
+def replace_pointer(store: Store, target: Location, snapshot: Snapshot, pointer: dict) -> None:
+    """Move LATEST to `pointer` (which carries its decision), after logging the decision the old LATEST carries.
+
+    Raises `PreconditionFailed` when the log or LATEST changed since the snapshot.
+    """
+    append(store, target, snapshot)  # the decision about to leave LATEST goes to the log first
+    store.write(target, pointer_bytes(pointer), snapshot.latest.token)
