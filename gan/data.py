@@ -174,16 +174,21 @@ def to_unit_range(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.float().mul_(1 / 127.5).sub_(1.0)
 
 
-def shard_indices(num_images: int, rank: int, world_size: int, epoch: int, seed: int) -> torch.Tensor:
+def shard_indices(num_images: int, rank: int, world_size: int, epoch: int, seed: int, multiple: int | None = None) -> torch.Tensor:
     """This rank's image indices for `epoch`: disjoint from the other ranks', all of equal size.
 
     The permutation depends only on seed + epoch, so every rank computes the same one without
-    talking. The last `num_images % world_size` images of each epoch's order are left out, a
-    different few each epoch, so that every rank runs the same number of steps.
+    talking. The last `num_images % multiple` images of each epoch's order are left out, a
+    different few each epoch, so that every rank runs the same number of steps. `multiple` is the
+    world size (the default), or a multiple of every world size an elastic run may take, so that
+    the epoch has the same images and steps at each.
     """
+    multiple = multiple or world_size
+    if multiple % world_size:
+        raise ValueError(f"multiple {multiple} is not a multiple of the world size {world_size}")
     generator = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(num_images, generator=generator)
-    per_rank = num_images // world_size
+    per_rank = (num_images - num_images % multiple) // world_size
     return order[rank * per_rank : (rank + 1) * per_rank]
 
 

@@ -32,6 +32,18 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
+def worker_range(text: str) -> tuple[int, int]:
+    """`--num-workers`: N (a fixed group) or MIN-MAX (an elastic one), 1 <= MIN <= MAX."""
+    low, dash, high = text.strip().partition("-")
+    try:
+        bounds = (int(low), int(high) if dash else int(low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or MIN-MAX (e.g. 2, or 1-4)") from None
+    if bounds[0] < 1 or bounds[0] > bounds[1]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or MIN-MAX with 1 <= MIN <= MAX (e.g. 2, or 1-4)")
+    return bounds
+
+
 def _env_bool(dest: str) -> bool:
     raw = os.environ.get(env_var_for(dest), "").strip().lower()
     if raw in TRUE_WORDS:
@@ -55,7 +67,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--data-dir", str, "folder or s3://bucket/prefix with the four IDX files (default: cache, system copy, download)")
     flag("--epochs", int, "total epochs of the run (default 50)")
     flag("--batch-size", int, "global batch, split evenly across workers (default: the recipe's; tutorial 256)")
-    flag("--num-workers", int, "Ray Train workers, one DDP rank each (default 1)")
+    flag("--num-workers", worker_range, "Ray Train workers, one DDP rank each: N, or MIN-MAX to grow with the cluster (default 1)")
+    flag("--elastic-resize-interval", float, "with --num-workers MIN-MAX: seconds between checks for room to grow (default 60)")
     switch("--use-gpu", "one GPU per worker, NCCL between workers")
     flag("--storage", str, "folder or s3://bucket/prefix for runs (default ~/gan-job-runs)")
     flag("--run-name", str, "run folder under storage; the same name again resumes (default: the Ray submission id, else a timestamp)")
@@ -87,7 +100,10 @@ def _train(args: argparse.Namespace) -> int:
     from job.train import run_training
 
     names = {f.name for f in fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "num_workers" in values:  # N or MIN-MAX, held as two settings
+        values["num_workers"], values["max_workers"] = values["num_workers"]
+    config = TrainConfig(**values)
     return run_training(config)
 
 

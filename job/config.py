@@ -62,7 +62,9 @@ class TrainConfig:
     data_dir: str | None = None  # folder or s3:// prefix with the four IDX files; None = cache, system copy, download
     epochs: int = 50  # total epochs of the run (the tutorial's EPOCHS)
     batch_size: int | None = None  # global batch, split evenly across workers; None = the recipe's (tutorial: 256)
-    num_workers: int = 1  # Ray Train workers, one DDP rank each
+    num_workers: int = 1  # Ray Train workers, one DDP rank each; the minimum of an elastic run
+    max_workers: int | None = None  # the maximum of an elastic run (--num-workers MIN-MAX); None = num_workers
+    elastic_resize_interval: float = 60.0  # seconds between Ray Train's checks for room to grow an elastic run
     use_gpu: bool = False  # one GPU per worker, NCCL between them
     storage: str = dataclasses.field(default_factory=default_storage)  # folder or s3:// prefix holding runs
     run_name: str = dataclasses.field(default_factory=default_run_name)  # folder under storage; same name = resume
@@ -87,6 +89,8 @@ class TrainConfig:
     create_bucket: bool = False  # create a missing bucket instead of failing
 
     def __post_init__(self) -> None:
+        if self.max_workers is None:
+            object.__setattr__(self, "max_workers", self.num_workers)  # frozen: filled once, here
         if self.recipe not in RECIPES:
             raise UsageError(f"--recipe {self.recipe!r} is not one of: {', '.join(RECIPES)}")
         for name, value in RECIPES[self.recipe].items():
@@ -113,6 +117,7 @@ class TrainConfig:
             ("eval_every", 0),
             ("eval_num", 10),
             ("placement_timeout", 1),
+            ("max_workers", 1),
         ):
             value = getattr(self, name)
             if value is None and name in ("limit", "cpus_per_worker"):
@@ -130,13 +135,21 @@ class TrainConfig:
         for name in ("on_divergence", "on_collapse"):
             if getattr(self, name) not in GUARD_ACTIONS:
                 raise UsageError(f"{flag_name(name)} {getattr(self, name)!r} is not one of: {', '.join(GUARD_ACTIONS)}")
-        if self.batch_size % self.num_workers:
+        if self.max_workers < self.num_workers:
+            raise UsageError(f"--num-workers {self.num_workers}-{self.max_workers}: the maximum is below the minimum; use MIN-MAX with MIN <= MAX")
+        if not _is_number(self.elastic_resize_interval) or not math.isfinite(self.elastic_resize_interval) or self.elastic_resize_interval <= 0:
+            raise UsageError(f"--elastic-resize-interval must be a finite number of seconds > 0, got {self.elastic_resize_interval!r}")
+        # Every world size the run may take splits the global batch exactly: the optimisation is
+        # the same at any size (same batch, learning rate and steps per epoch).
+        uneven = [size for size in self.world_sizes if self.batch_size % size]
+        if uneven:
+            sizes = ", ".join(map(str, uneven))
             raise UsageError(
-                f"--batch-size {self.batch_size} does not split evenly across --num-workers {self.num_workers}; "
-                f"use a multiple of {self.num_workers}"
+                f"--batch-size {self.batch_size} does not split evenly across --num-workers {self.workers_text} "
+                f"(not for {sizes} workers); use a multiple of {math.lcm(*self.world_sizes)}"
             )
-        if self.limit is not None and self.limit < self.num_workers:
-            raise UsageError(f"--limit {self.limit} leaves no image for some of the {self.num_workers} workers")
+        if self.limit is not None and self.limit < self.max_workers:
+            raise UsageError(f"--limit {self.limit} leaves no image for some of the {self.max_workers} workers")
         if not RUN_NAME_PATTERN.fullmatch(self.run_name) or ".." in self.run_name:
             raise UsageError(
                 f"--run-name {self.run_name!r} is not a valid folder or key name; use letters, digits, '.', '_' "
@@ -144,8 +157,23 @@ class TrainConfig:
             )
 
     @property
-    def batch_size_per_worker(self) -> int:
-        return self.batch_size // self.num_workers
+    def world_sizes(self) -> range:
+        """Every number of workers the run may have: one for a fixed run, MIN..MAX for an elastic one."""
+        return range(self.num_workers, self.max_workers + 1)
+
+    @property
+    def elastic(self) -> bool:
+        return self.max_workers > self.num_workers
+
+    @property
+    def workers_text(self) -> str:
+        """--num-workers as the user wrote it: N, or MIN-MAX."""
+        return f"{self.num_workers}-{self.max_workers}" if self.elastic else str(self.num_workers)
+
+    @property
+    def shard_multiple(self) -> int:
+        """Images per epoch are a multiple of this, so that every world size runs the same steps per epoch."""
+        return math.lcm(*self.world_sizes)
 
     def to_dict(self) -> dict:
         """Plain values only: what Ray hands to workers and what checkpoints and model.json hold."""

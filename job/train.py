@@ -91,7 +91,10 @@ def build_trainer(config: TrainConfig):  # -> ray.train.torch.TorchTrainer (Ray 
         train_loop_config=config.to_dict(),
         torch_config=TorchConfig(backend=backend_for(config.use_gpu)),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.num_workers,
+            # (MIN, MAX): Ray Train starts once MIN workers fit, and every elastic_resize_monitor_interval_s
+            # grows the group (a restart from the last checkpoint) when the cluster has room for more.
+            num_workers=(config.num_workers, config.max_workers) if config.elastic else config.num_workers,
+            elastic_resize_monitor_interval_s=config.elastic_resize_interval,
             use_gpu=config.use_gpu,
             resources_per_worker={"CPU": config.cpus_per_worker or 1, **({"GPU": 1} if config.use_gpu else {})},
         ),
@@ -132,7 +135,7 @@ def run_training(config: TrainConfig) -> int:
 
     trainer = build_trainer(config)
     print(
-        f"training run {config.run_name}: {config.num_workers} worker(s) x {config.cpus_per_worker} CPU"
+        f"training run {config.run_name}: {config.workers_text} worker(s) x {config.cpus_per_worker} CPU"
         + (" + 1 GPU" if config.use_gpu else "")
         + f", {config.epochs} epochs, global batch {config.batch_size}; storage {run.uri}",
         flush=True,

@@ -157,13 +157,15 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
     nets = build_networks(config, device)
     amp_dtype = amp_dtype_for(config.precision, device)
     state = session.load_checkpoint()
+    resumed: dict | None = None  # where this attempt took over, recorded in its first metrics row
     if state is not None:
         check_resumable(config, state)
         nets.load_training_state(state)
         restore_rng(state["rng"], session, config, nets.epoch + 1)
         if state["data_fingerprint"] != train_set.fingerprint:
             print0(session, f"warning: run {config.run_name} was trained on other data ({state['data_fingerprint']}); continuing on {train_set.fingerprint}")
-        print0(session, f"resuming run {config.run_name} at epoch {nets.epoch + 1} (step {nets.step})")
+        print0(session, f"resuming run {config.run_name} at epoch {nets.epoch + 1} (step {nets.step}) on {session.world_size} worker(s)")
+        resumed = {"from_epoch": nets.epoch, "from_step": nets.step, "world_size_before": state["rng"].get("world_size")}
     nets.generator = wrap_ddp(nets.generator, device)
     nets.discriminator = wrap_ddp(nets.discriminator, device)
     last_good = nets.snapshot()  # what a rollback returns to: the latest checkpointed state
@@ -178,8 +180,11 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
     rollbacks: list[Verdict] = []
     pending_note: dict | None = None  # what the next metrics row says about a rollback before it
 
-    per_rank_images = train_set.images.shape[0] // session.world_size
-    steps_per_epoch = math.ceil(per_rank_images / config.batch_size_per_worker)
+    # The same global batch and steps per epoch at every world size an elastic run may take.
+    batch_per_rank = config.batch_size // session.world_size
+    num_images = train_set.images.shape[0]
+    per_rank_images = (num_images - num_images % config.shard_multiple) // session.world_size
+    steps_per_epoch = math.ceil(per_rank_images / batch_per_rank)
     first_step_s: float | None = None
     first_step_at = 0.0
     epoch_wall_s: list[float] = []
@@ -189,10 +194,10 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
         epoch_start_s = time.perf_counter()
 
         # Train one epoch on this rank's shard.
-        indices = shard_indices(train_set.images.shape[0], session.rank, session.world_size, epoch, config.seed)
+        indices = shard_indices(num_images, session.rank, session.world_size, epoch, config.seed, config.shard_multiple)
         sums = torch.zeros(len(STAT_NAMES), device=device)
         last_progress_s = epoch_start_s
-        for batch_index, real_images in enumerate(iterate_batches(images_u8, indices, config.batch_size_per_worker)):
+        for batch_index, real_images in enumerate(iterate_batches(images_u8, indices, batch_per_rank)):
             noise = torch.randn(real_images.shape[0], config.noise_dim, device=device)
             stats = train_step(nets.generator, nets.discriminator, nets.optimizer_g, nets.optimizer_d, real_images, noise, amp_dtype)
             if nets.ema:
@@ -218,11 +223,14 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
             "step": nets.step,
             **{name: round(value, 6) if math.isfinite(value) else str(value) for name, value in zip(STAT_NAMES, means)},
             "images_per_s": round(per_rank_images * session.world_size / epoch_time_s, 1),
+            "world_size": session.world_size,
             "epoch_time_s": round(epoch_time_s, 3),
         }
         if not epoch_wall_s:
             row["first_step_s"] = round(first_step_s or 0.0, 3)  # startup cost of this attempt
             row["first_step_at"] = round(first_step_at, 3)  # when it came (Unix time), to time a whole submission
+            if resumed:  # a restart (a lost worker, or an elastic resize) redid the epoch it interrupted
+                row["resumed"] = resumed
         if pending_note:
             row["after_rollback"], pending_note = pending_note, None
         verdicts = [divergence_guard.check({**row, **dict(zip(STAT_NAMES, means))})]

@@ -219,3 +219,27 @@ def test_a_worker_node_lost_mid_epoch_is_replaced_and_the_run_resumes_from_its_c
     nodes = json.loads((run / "artifacts" / "model.json").read_text())["nodes"]
     print(f"lost node: epochs {[r['epoch'] for r in rows]}, steps {[r['step'] for r in rows]}, finished on nodes {[n[-5:] for n in nodes]}")
     assert victim not in nodes and len(set(nodes)) == 2, (victim, nodes)
+
+
+# Elastic workers --------------------------------------------------------------------------------
+
+
+def test_an_elastic_run_starts_with_the_minimum_and_grows_when_the_autoscaler_adds_a_node(autoscaling_cluster, fashion_mnist_dir, tmp_path):
+    cluster = autoscaling_cluster
+    no_worker_nodes(cluster)
+    run = tmp_path / "runs" / "elastic"
+    # 1,024 images at a global batch of 256: 4 steps an epoch at 1 worker and at 2. Ray Train first
+    # considers a resize 6 s after the group starts; the second node is seldom ready for it by then.
+    done = train(cluster, "--data", "fashion-mnist", "--data-dir", str(fashion_mnist_dir), "--storage", str(tmp_path / "runs"),
+                 "--run-name", "elastic", "--epochs", "8", "--limit", "1024", "--num-workers", "1-2", "--cpus-per-worker", "1",
+                 "--elastic-resize-interval", "6", "--eval-every", "0")  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = _rows(run)
+    sizes = [row["world_size"] for row in rows]
+    print(f"elastic: world size per epoch {sizes}, steps {[r['step'] for r in rows]}, resumed {[r.get('resumed') for r in rows]}")
+    assert [row["epoch"] for row in rows] == list(range(1, 9))
+    assert [row["step"] for row in rows] == [4 * epoch for epoch in range(1, 9)]  # the same steps per epoch at either size
+    assert sizes[0] == 1 and sizes[-1] == 2 and sizes == sorted(sizes)
+    resumes = [row["resumed"] for row in rows if "resumed" in row]
+    assert len(resumes) == 1 and resumes[0]["world_size_before"] == 1  # one resize, from the last checkpoint
+    assert len(set(json.loads((run / "artifacts" / "model.json").read_text())["nodes"])) == 2

@@ -459,3 +459,36 @@ def test_config_refuses_any_invalid_value_naming_its_flag(values, invalid):
 def test_config_refuses_a_seed_above_2_to_the_32(values, seed):
     with pytest.raises(UsageError, match="--seed"):
         TrainConfig(**{**values, "seed": seed})
+
+
+# Elastic workers: --num-workers MIN-MAX ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["3-2", "0-2", "a-b", "2-", "-", "1-2-3"])
+@pytest.mark.parametrize("source", ["flag", "env"])
+def test_a_malformed_worker_range_is_refused(value, source, monkeypatch, tiny_data_dir, tmp_path, capsys):
+    argv = ["train", "--data-dir", str(tiny_data_dir), "--storage", str(tmp_path / "runs"), "--run-name", "r"]
+    if source == "flag":
+        argv.append(f"--num-workers={value}")
+    else:
+        monkeypatch.setenv("GAN_JOB_NUM_WORKERS", value)
+    line = refused(argv, "--num-workers", capsys, fix=False)
+    assert "MIN-MAX" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_worker_range_whose_sizes_do_not_all_split_the_batch_names_them(tiny_data_dir, tmp_path, capsys):
+    line = refused(["train", "--data-dir", str(tiny_data_dir), "--storage", str(tmp_path / "runs"), "--run-name", "r",
+                    "--num-workers", "2-5", "--batch-size", "64"], "--batch-size 64", capsys)  # fmt: skip
+    assert "not for 3, 5 workers" in line and "use a multiple of 60" in line
+
+
+def test_a_worker_range_is_held_as_two_settings():
+    from job.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--num-workers", "1-4"])
+    assert args.num_workers == (1, 4)
+    fixed = TrainConfig(run_name="r", storage="/tmp/unused", num_workers=2)
+    assert (fixed.num_workers, fixed.max_workers, fixed.elastic) == (2, 2, False)
+    elastic = TrainConfig(run_name="r", storage="/tmp/unused", num_workers=1, max_workers=4, batch_size=240)
+    assert (elastic.workers_text, elastic.elastic, list(elastic.world_sizes), elastic.shard_multiple) == ("1-4", True, [1, 2, 3, 4], 12)

@@ -118,3 +118,15 @@ def test_offline_without_any_copy_says_how_to_provide_the_files(monkeypatch):
     monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
     with pytest.raises(DataError, match="--data-dir"):
         resolve_data_dir("mnist")
+
+
+def test_shards_for_every_size_of_an_elastic_run_cover_the_same_images_in_the_same_steps():
+    multiple = 6  # lcm(1, 2, 3): an elastic run of 1-3 workers
+    seen = {}
+    for world_size in (1, 2, 3):
+        shards = [shard_indices(1003, rank, world_size, epoch=4, seed=1, multiple=multiple) for rank in range(world_size)]
+        assert all(len(shard) == 1002 // world_size for shard in shards)
+        seen[world_size] = set(torch.cat(shards).tolist())
+    assert seen[1] == seen[2] == seen[3] and len(seen[1]) == 1002  # same images: the epoch does not depend on the size
+    with pytest.raises(ValueError):
+        shard_indices(1003, 0, 4, epoch=1, seed=1, multiple=6)
