@@ -147,38 +147,42 @@ def _code(err) -> str:
 
 # Run in another process: flock is per open file locally, but some network file systems (NFS)
 # emulate it with per-process locks, which a second descriptor in this process would not meet.
-_TRY_LOCK = "import fcntl, sys\nf = open(sys.argv[1], 'rb')\ntry:\n fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n sys.exit(3)\n"
+_TRY_LOCK = """
+import fcntl, sys
+try:
+    fcntl.flock(open(sys.argv[1], "rb"), fcntl.LOCK_EX | fcntl.LOCK_NB)
+except BlockingIOError:
+    sys.exit(3)
+"""
 
 
 def check_enforced(target: Location, s3_endpoint: str | None = None, flag: str = "--target") -> None:
     """Raise a `UsageError` unless the store of `target` enforces what `Store.write` relies on."""
-    folder_uri = target.uri.rstrip("/").rsplit("/", 1)[0]
     if not target.is_local:
         from job.s3_preflight import check_conditional_writes
 
-        check_conditional_writes(folder_uri, s3_endpoint, flag)
+        check_conditional_writes(target.uri, s3_endpoint, flag)
         return
     folder = os.path.dirname(target.path)
     os.makedirs(folder, exist_ok=True)
     probe = os.path.join(folder, f".gan-job-lock-probe-{uuid.uuid4().hex}")
     fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o666)
+    advice = "so concurrent promotions could lose one; keep LATEST on a local disk, an NFSv4 share with locking, or in a bucket"
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
-            raise UsageError(
-                f"{flag} {target.uri}: the file system of {folder} cannot lock files ({err.strerror or err}), so concurrent "
-                "promotions could lose one; keep LATEST on a local disk, an NFSv4 share with locking, or in a bucket"
-            ) from None
+            reason = err.strerror or str(err)
+            raise UsageError(f"{flag} {target.uri}: the file system of {folder} cannot lock files ({reason}), {advice}") from None
         other = subprocess.run([sys.executable, "-I", "-S", "-c", _TRY_LOCK, probe], capture_output=True, timeout=60)
         if other.returncode == 0:
             raise UsageError(
-                f"{flag} {target.uri}: the file system of {folder} does not enforce file locks (another process took a "
-                "lock this one held), so concurrent promotions could lose one; keep LATEST on a local disk, an NFSv4 "
-                "share with locking, or in a bucket"
+                f"{flag} {target.uri}: the file system of {folder} does not enforce file locks (another process took a lock "
+                f"this one held), {advice}"
             )
         if other.returncode != 3:
-            raise OSError(f"the lock probe in {folder} failed: {other.stderr.decode(errors='replace').strip()[-300:]}")
+            reason = (other.stderr.decode(errors="replace").strip().splitlines() or [f"exit status {other.returncode}"])[-1]
+            raise UsageError(f"{flag} {target.uri}: the file system of {folder} cannot lock files ({reason}), {advice}")
     finally:
         os.close(fd)
         os.unlink(probe)
@@ -233,6 +237,11 @@ class Snapshot:
 
     def logged(self, decision_id: str) -> dict | None:
         return next((e for e in self.entries if e.get("id") == decision_id), None)
+
+    def find(self, decision_id: str) -> dict | None:
+        """The decision with this id if the log or LATEST holds it (a write can land although its reply was lost)."""
+        carried = self.carried
+        return self.logged(decision_id) or (carried if carried is not None and carried["id"] == decision_id else None)
 
     @property
     def carried(self) -> dict | None:

@@ -203,7 +203,7 @@ def promote(args: argparse.Namespace) -> int:
     store, decision_id, measured = Store(args.s3_endpoint), uuid.uuid4().hex, {}
     for attempt in range(1, MAX_DECISIONS + 1):
         snapshot = read_or_refuse(store, target)
-        mine = snapshot.logged(decision_id) or (snapshot.carried if (snapshot.carried or {}).get("id") == decision_id else None)
+        mine = snapshot.find(decision_id)
         if mine is not None:  # a write whose reply was lost had landed
             decision = mine
             break
@@ -258,7 +258,7 @@ def decide(
     if current is None:
         decision.update(promoted=True, reason="no LATEST yet")
         return decision
-    key = (current["run"], current.get("source"))
+    key = json.dumps({name: current.get(name) for name in ("run", "source", "fid_classifier", "evaluation")}, sort_keys=True)
     if key not in measured:
         measured[key] = current_fid_classifier(current, target, candidate, evaluator, args.s3_endpoint)
     current_fid, reevaluated = measured[key]

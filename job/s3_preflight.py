@@ -64,16 +64,16 @@ NEVER_AN_ETAG = '"00000000000000000000000000000000"'
 def check_conditional_writes(uri: str, endpoint: str | None, flag: str = "--target") -> None:
     """Raise a `UsageError` unless the store refuses PUTs whose If-Match or If-None-Match condition fails.
 
-    `promote` relies on them (job/pointer.py); a store that ignores them would let one of two
-    concurrent promotions overwrite the other's. The probe is an object of its own under `uri`,
-    written, overwritten under two failing conditions, and deleted.
+    `promote` relies on them (job/pointer.py) for the object `uri`; a store that ignores them would
+    let one of two concurrent promotions overwrite the other's. The probe is an object of its own
+    beside `uri`, written, overwritten under two failing conditions, and deleted.
     """
     from botocore.exceptions import ClientError
 
-    bucket, prefix = split_s3_uri(uri, flag)
+    bucket, key = split_s3_uri(uri, flag)
     where = endpoint_url(endpoint) or "AWS S3"
     client = s3_client(endpoint, max_attempts=PREFLIGHT_ATTEMPTS, read_timeout_s=10)
-    probe = f"{prefix}/.gan-job-condition-probe-{uuid.uuid4().hex}".lstrip("/")
+    probe = f"{key.rpartition('/')[0]}/.gan-job-condition-probe-{uuid.uuid4().hex}".lstrip("/")
     ignored, unsupported = [], []
     try:
         client.put_object(Bucket=bucket, Key=probe, Body=b"probe")

@@ -78,6 +78,7 @@ def test_a_finished_run_is_evaluated_and_promoted_when_there_is_no_latest(storag
     pointer = latest(storage)
     assert pointer["run"] == str(storage / "a") and pointer["fid_classifier"] == stored["fid_classifier"] and pointer["promoted_at"]
     assert [json.loads(line) for line in (storage / "job" / "promotions.jsonl").read_text().splitlines()] == [decision]
+    assert pointer["decision"] == decision  # LATEST carries the decision that made it (until it is logged: job/pointer.py)
 
 
 def test_a_better_run_replaces_latest(storage, small_fashion_dir, capsys):
