@@ -1,8 +1,9 @@
 """The command line: `gan-job` and `python -m job` are the same program.
 
-Every `train` flag can also come from an environment variable `GAN_JOB_<FLAG>` (for example
-`GAN_JOB_EPOCHS=5`), which is how manifests pass knobs; a flag on the command line wins.
-Bad input ends in one line on stderr and exit status 2, with nothing written.
+Every `train` flag but `--promote-to` and `--promote-margin` can also come from an environment
+variable `GAN_JOB_<FLAG>` (for example `GAN_JOB_EPOCHS=5`), which is how manifests pass knobs; a
+flag on the command line wins. Bad input ends in one line on stderr and exit status 2, with nothing
+written.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ ENV_PREFIX = "GAN_JOB_"
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
+# `train` flags that no environment variable sets: promoting is never a knob.
+NOT_FROM_ENVIRONMENT = ("promote_to", "promote_margin")
 
 
 def env_var_for(dest: str) -> str:
@@ -91,20 +94,34 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--precision", str, "auto (bf16 autocast where the hardware does bf16 natively), fp32 or bf16", choices=PRECISION_CHOICES)
     flag("--s3-endpoint", str, "S3 endpoint URL, e.g. http://minio:9000 (default: AWS_ENDPOINT_URL)")
     switch("--create-bucket", "create the --storage bucket if it is missing")
+    # Not knobs, on purpose: only a command line that says so moves LATEST, never a job submitted by
+    # hand to a cluster whose head loads the knobs. (NOT_FROM_ENVIRONMENT lists them.)
+    parser.add_argument(
+        "--promote-to", default=None, metavar="<storage>/<job>/LATEST",
+        help="after training finished, promote the run to this pointer as `promote` does with its defaults; "
+        "exit status 3 if the promotion fails (no environment variable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--promote-margin", type=float, default=None, metavar="M",
+        help="with --promote-to: promote's --margin (default 0: no worse than the current LATEST; no environment variable)",
+    )  # fmt: skip
 
 
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from job.config import TrainConfig
-    from job.train import run_training
+    from job.train import Promotion, run_training
 
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if "num_workers" in values:  # N or MIN-MAX, held as two settings
         values["num_workers"], values["max_workers"] = values["num_workers"]
     config = TrainConfig(**values)
-    return run_training(config)
+    promotion = None
+    if args.promote_to is not None or args.promote_margin is not None:
+        promotion = Promotion(args.promote_to, 0.0 if args.promote_margin is None else args.promote_margin)
+    return run_training(config, promotion)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -174,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit status (0 ok, 1 failed, 2 bad input)."""
+    """Run one command; returns the exit status (0 ok, 1 failed, 2 bad input, 3 `train --promote-to`: trained, promotion failed)."""
     from gan.data import DataError
 
     try:

@@ -168,14 +168,41 @@ def decided(decision: dict) -> None:
     """Called after each decision, before any of it is written: a seam where tests order overlapping promotions."""
 
 
+def check_margin(margin: object, flag: str = "--margin") -> None:
+    """Refuse a margin that is not a finite number > -1."""
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin <= -1:
+        raise UsageError(f"{flag} must be a finite number > -1 (0.05 = up to 5 % worse), got {margin!r}")
+
+
+def check_target(target: Location, s3_endpoint: str | None, flag: str = "--target") -> None:
+    """Refuse, before any work, a target that is not a LATEST pointer (nor absent), cannot be read, or whose
+    store does not enforce the conditional writes that promotions rely on (a probe, written and deleted)."""
+    try:
+        read_pointer(target, flag)  # a LATEST that is not a pointer is refused before any work
+    except OSError as err:
+        raise unreadable(flag, target.uri, err) from None
+    check_enforced(target, s3_endpoint, flag)  # seconds, before minutes of evaluation
+
+
+def promotion_args(
+    run: str, target: str, margin: float = 0.0, data_dir: str | None = None, s3_endpoint: str | None = None
+) -> argparse.Namespace:
+    """The arguments of `gan-job promote --run RUN --target TARGET --margin M`, every other flag at its default
+    (the run's data, the default image count and seed); `data_dir` names where the run's IDX files are."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_promote_arguments(parser)
+    args = parser.parse_args(["--run", run, "--target", target])
+    args.margin, args.data_dir, args.s3_endpoint = margin, data_dir, s3_endpoint
+    return args
+
+
 def promote(args: argparse.Namespace) -> int:
     """`gan-job promote`: move LATEST to `--run` when it passes the gate; print and log the decision."""
     from job.checkpoint import STATE_FILE
     from job.evaluate import check_evaluation_flags, prepare_evaluator
 
     # Check the input before anything is evaluated or written.
-    if isinstance(args.margin, bool) or not isinstance(args.margin, (int, float)) or not math.isfinite(args.margin) or args.margin <= -1:
-        raise UsageError(f"--margin must be a finite number > -1 (0.05 = up to 5 % worse), got {args.margin!r}")
+    check_margin(args.margin)
     check_evaluation_flags(args.data, args.num, args.seed)
     run = resolve_location(args.run, args.s3_endpoint, flag="--run")
     target = resolve_location(args.target, args.s3_endpoint, flag="--target")
@@ -186,11 +213,7 @@ def promote(args: argparse.Namespace) -> int:
             raise UsageError(f"--run {args.run} is a checkpoint folder; pass its run folder, <storage>/<run-name>")
     except OSError as err:
         raise unreadable("--run", args.run, err) from None
-    try:
-        read_pointer(target)  # a LATEST that is not a pointer is refused before any work
-    except OSError as err:
-        raise unreadable("--target", args.target, err) from None
-    check_enforced(target, args.s3_endpoint)  # seconds, before minutes of evaluation
+    check_target(target, args.s3_endpoint)
     checkpoint, state, model, unfinished = finished_state(run, args.s3_endpoint)
 
     # Measure the candidate once; each decision below compares it with the LATEST of its read.

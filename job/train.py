@@ -1,9 +1,12 @@
-"""The `train` command's driver: checks everything it can, then hands the run to Ray Train."""
+"""The `train` command's driver: checks everything it can, then hands the run to Ray Train, and with
+`--promote-to` promotes the finished run as `gan-job promote` would."""
 
 from __future__ import annotations
 
 import os
 import sys
+import traceback
+from dataclasses import dataclass
 
 from gan.data import DataError, load_split, resolve_data_dir
 from job.checkpoint import latest_checkpoint_or_refuse
@@ -14,6 +17,63 @@ from job.errors import UsageError
 from job.placement import PlacementTimeout, place
 from job.storage import Location, is_s3, resolve_location
 from job.worker import check_resumable
+
+# Exit status when training finished but its promotion (`--promote-to`) failed: 0 is success (the
+# promotion made or declined), 1 a failed run, 2 bad input; 3 is free everywhere in the CLI.
+PROMOTION_FAILED = 3
+POINTER_NAME = "LATEST"
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """`train --promote-to TARGET [--promote-margin M]`: after training, promote the run to TARGET."""
+
+    target: str | None  # <storage>/<job>/LATEST; None only when --promote-margin came without it (refused)
+    margin: float = 0.0  # promote's --margin
+
+
+def check_promotion(promotion: Promotion, s3_endpoint: str | None) -> Location:
+    """The promotion's target, after the checks that need no storage: the margin, the pointer's name, the URI."""
+    from job.promote import check_margin
+
+    check_margin(promotion.margin, flag="--promote-margin")
+    if promotion.target is None:
+        raise UsageError("--promote-margin needs --promote-to <storage>/<job>/LATEST; pass both, or neither")
+    if promotion.target.rsplit("/", 1)[-1] != POINTER_NAME:
+        raise UsageError(
+            f"--promote-to {promotion.target!r} does not name a pointer; pass <storage>/<job>/{POINTER_NAME}, "
+            f"e.g. <storage>/gan/{POINTER_NAME}"
+        )
+    return resolve_location(promotion.target, s3_endpoint, flag="--promote-to")
+
+
+def promote_finished_run(run: Location, promotion: Promotion, config: TrainConfig) -> int:
+    """`gan-job promote --run <the run> --target <promotion.target> --margin M` in this process; 0 when the
+    promotion was made or declined (promote prints and logs the decision), PROMOTION_FAILED otherwise."""
+    from job.promote import promote, promotion_args
+
+    # promote's defaults (the run's data, the default image count and seed); the IDX files the run used.
+    args = promotion_args(run.uri, promotion.target, promotion.margin, config.data_dir, config.s3_endpoint)
+    print(f"promoting run {config.run_name} to {promotion.target} if it is no worse than the current one", flush=True)
+    try:
+        status = promote(args)
+    except (UsageError, DataError, OSError) as err:
+        reason = " ".join(str(err).split())
+    except Exception as err:  # noqa: BLE001 (the run is done: say so, with the trace, and exit 3, not 1)
+        traceback.print_exc()
+        reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+    else:
+        if status == 0:
+            return 0
+        reason = f"promote ended with exit status {status} (see above)"
+    print(
+        f"gan-job: run {config.run_name} finished, but promoting it to {promotion.target} failed (exit status "
+        f"{PROMOTION_FAILED}): {reason}; the run is complete, retry with `gan-job promote --run {run.uri} "
+        f"--target {promotion.target}`",
+        file=sys.stderr,
+        flush=True,
+    )
+    return PROMOTION_FAILED
 
 
 def preflight(config: TrainConfig) -> Location:
@@ -116,9 +176,19 @@ def absolute_locations(config: TrainConfig) -> TrainConfig:
     return config.replace(storage=resolve_location(config.storage, config.s3_endpoint).uri, data_dir=data_dir)
 
 
-def run_training(config: TrainConfig) -> int:
-    """Train `config` on Ray Train; 0 on success, 2 on bad input, 1 when training failed."""
+def run_training(config: TrainConfig, promotion: Promotion | None = None) -> int:
+    """Train `config` on Ray Train, then promote the run if `promotion` says so.
+
+    0 when training finished (and the promotion, if any, was made or declined), 1 when training
+    failed, 2 on bad input (refused before any Ray work), PROMOTION_FAILED (3) when training
+    finished but its promotion failed.
+    """
+    target = check_promotion(promotion, config.s3_endpoint) if promotion is not None else None
     run = preflight(config)
+    if target is not None:
+        from job.promote import check_target
+
+        check_target(target, config.s3_endpoint, flag="--promote-to")  # a LATEST that is no pointer, a store that cannot do it
     config = absolute_locations(config)
     if is_s3(config.storage) or is_s3(config.data_dir):
         from job.s3 import endpoint_url
@@ -156,4 +226,6 @@ def run_training(config: TrainConfig) -> int:
         print(f"gan-job: run {config.run_name} stopped by a guard: {stopped}", file=sys.stderr)
         return 1
     print(f"run {config.run_name} finished: checkpoints and artifacts in {run.uri}", flush=True)
-    return 0
+    if promotion is None:
+        return 0
+    return promote_finished_run(run, promotion, config)

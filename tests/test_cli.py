@@ -105,3 +105,87 @@ def test_bad_recipe_and_guard_flags_are_named(flags, named, tmp_path, capsys, ti
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err
     assert not (tmp_path / "runs").exists()
+
+
+# `train --promote-to`: checked before any Ray work, and never an environment knob.
+
+
+@pytest.fixture
+def ray_must_not_start(monkeypatch):
+    """Reaching `connect_ray` fails the test: bad promotion input is refused before Ray."""
+    import job.train
+
+    def refuse() -> None:
+        raise AssertionError("bad input reached Ray: job.train.connect_ray() was called")
+
+    monkeypatch.setattr(job.train, "connect_ray", refuse)
+
+
+def not_a_pointer(tmp_path):
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "LATEST").write_text("not json")
+    return str(tmp_path / "job" / "LATEST")
+
+
+def a_folder(tmp_path):
+    (tmp_path / "job" / "LATEST").mkdir(parents=True)
+    return str(tmp_path / "job" / "LATEST")
+
+
+BAD_PROMOTIONS = [
+    pytest.param(["--promote-margin", "nan"], "--promote-margin", id="margin nan"),
+    pytest.param(["--promote-margin", "inf"], "--promote-margin", id="margin inf"),
+    pytest.param(["--promote-margin", "-1"], "--promote-margin", id="margin -1"),
+    pytest.param(["--promote-margin", "five"], "--promote-margin", id="margin not a number"),
+    pytest.param(["--promote-margin", "0.05"], "--promote-to", id="margin without a target"),
+    pytest.param(["--promote-to", "{tmp}/job"], "--promote-to", id="no pointer name"),
+    pytest.param(["--promote-to", "{tmp}/job/LATEST/"], "--promote-to", id="trailing slash"),
+    pytest.param(["--promote-to", "gs://bucket/job/LATEST"], "--promote-to", id="unsupported scheme"),
+    pytest.param(["--promote-to", "s3:///job/LATEST"], "--promote-to", id="no bucket"),
+    pytest.param(["--promote-to", "{tmp}/job/LATEST", "--promote-margin", "nan"], "--promote-margin", id="target and a bad margin"),
+    pytest.param(["--promote-to", a_folder], "--promote-to", id="a folder"),
+    pytest.param(["--promote-to", not_a_pointer], "--promote-to", id="not a pointer"),
+]
+
+
+@pytest.mark.usefixtures("ray_must_not_start")
+@pytest.mark.parametrize("flags, named", BAD_PROMOTIONS)
+def test_a_bad_promotion_is_refused_before_training_in_one_line(flags, named, tmp_path, capsys, tiny_data_dir):
+    flags = [flag(tmp_path) if callable(flag) else flag.format(tmp=tmp_path) for flag in flags]
+    storage = tmp_path / "runs"
+    argv = ["train", "--data", "fashion-mnist", "--data-dir", str(tiny_data_dir), "--storage", str(storage), "--run-name", "r", *flags]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gan-job") and named in lines[0] and "Traceback" not in captured.err, lines
+    assert not storage.exists()
+
+
+@pytest.mark.s3
+@pytest.mark.usefixtures("ray_must_not_start")
+def test_a_promotion_into_a_missing_bucket_is_refused_before_training(s3_server, tmp_path, capsys, tiny_data_dir):
+    storage = tmp_path / "runs"
+    argv = ["train", "--data", "fashion-mnist", "--data-dir", str(tiny_data_dir), "--storage", str(storage), "--run-name", "r",
+            "--promote-to", "s3://no-such-bucket-gan-job/job/LATEST", "--s3-endpoint", s3_server.url]  # fmt: skip
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--promote-to" in lines[0] and "no-such-bucket-gan-job" in lines[0], lines
+    assert not storage.exists()
+
+
+def test_promotion_is_never_an_environment_knob(monkeypatch, tmp_path, tiny_data_dir):
+    import job.train
+
+    monkeypatch.setenv("GAN_JOB_PROMOTE_TO", str(tmp_path / "job" / "LATEST"))
+    monkeypatch.setenv("GAN_JOB_PROMOTE_MARGIN", "nan")  # would be refused, were it read
+    args = build_parser().parse_args(["train"])
+    assert args.promote_to is None and args.promote_margin is None
+    seen = []
+    monkeypatch.setattr(job.train, "run_training", lambda config, promotion=None: seen.append(promotion) or 0)
+    argv = ["train", "--data", "fashion-mnist", "--data-dir", str(tiny_data_dir), "--storage", str(tmp_path / "runs"), "--run-name", "r"]
+    assert main(argv) == 0 and seen == [None]
+    assert main([*argv, "--promote-to", str(tmp_path / "job" / "LATEST")]) == 0
+    assert seen[-1] == job.train.Promotion(str(tmp_path / "job" / "LATEST"), 0.0), "promote's default margin"
+    assert main([*argv, "--promote-to", str(tmp_path / "job" / "LATEST"), "--promote-margin", "0.05"]) == 0
+    assert seen[-1].margin == 0.05
+    assert "GAN_JOB_PROMOTE" not in build_parser()._subparsers._group_actions[0].choices["train"].format_help()  # noqa: SLF001

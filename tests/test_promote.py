@@ -200,3 +200,107 @@ def test_promotion_into_a_bucket_writes_the_pointer_object_that_resolve_latest_f
     assert json.loads(objects["promote/job/LATEST"])["run"] == run
     assert "promote/job/promotions.jsonl" in objects and "promote/runs/a/artifacts/eval.json" in objects
     assert resolve_latest(target, s3_server.url) == run
+
+
+# `train --promote-to`: the driver promotes its finished run in-process, as `promote` would.
+
+
+@pytest.fixture
+def ray_train_replaced(monkeypatch):
+    """`train`'s driver with Ray Train replaced (no cluster): `fit` runs `state.on_fit` and returns
+    `state.metrics`. The runs it "trains" are the storage fixture's, which are already finished."""
+    from types import SimpleNamespace
+
+    import job.train
+
+    state = SimpleNamespace(on_fit=lambda: None, metrics={})
+
+    class Trainer:
+        def fit(self):
+            state.on_fit()
+            return SimpleNamespace(metrics=state.metrics)
+
+    monkeypatch.setattr(job.train, "connect_ray", lambda: None)
+    monkeypatch.setattr(job.train, "place", lambda config: config)
+    monkeypatch.setattr(job.train, "build_trainer", lambda config: Trainer())
+    monkeypatch.setattr("job.evaluate.DEFAULT_NUM", int(NUM))  # promote's default image count, small here
+    return state
+
+
+def train_main(storage, name, data_dir, *extra):
+    """`gan-job train` of run `name` (the template run's configuration, so it "resumes") with `extra` flags."""
+    from job.cli import main
+
+    argv = ["train", "--data", "fashion-mnist", "--data-dir", data_dir, "--epochs", "1", "--batch-size", "32", "--limit", "64",
+            "--cpus-per-worker", "1", "--eval-every", "0", "--storage", storage, "--run-name", name, *extra]  # fmt: skip
+    return main([str(a) for a in argv])
+
+
+def printed_decisions(out):
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.usefixtures("ray_train_replaced")
+def test_train_promote_to_promotes_the_finished_run_with_promotes_defaults(storage, small_fashion_dir, capsys):
+    target = storage / "job" / "LATEST"
+    assert train_main(storage, "a", small_fashion_dir, "--promote-to", target) == 0
+    (decision,) = printed_decisions(capsys.readouterr().out)
+    assert decision["promoted"] is True and decision["margin"] == 0.0 and decision["run"] == str(storage / "a")
+    pointer = latest(storage)
+    assert pointer["run"] == str(storage / "a") and pointer["evaluation"]["num_images"] == int(NUM) and pointer["evaluation"]["seed"] == 0
+    assert pointer["evaluation"]["data"] == "fashion-mnist", "the run's data"
+    assert [json.loads(line) for line in (storage / "job" / "promotions.jsonl").read_text().splitlines()] == [decision]
+
+
+@pytest.mark.usefixtures("ray_train_replaced")
+def test_train_exits_0_when_the_promotion_is_declined_and_the_margin_is_promotes(storage, small_fashion_dir, capsys):
+    target = storage / "job" / "LATEST"
+    first = promote_run(storage, "a", small_fashion_dir, capsys)
+    before = target.read_bytes()
+    set_stored_fid(storage, "b", first["fid_classifier"] * 1.04)
+    assert train_main(storage, "b", small_fashion_dir, "--promote-to", target) == 0
+    (declined,) = printed_decisions(capsys.readouterr().out)
+    assert declined["promoted"] is False and target.read_bytes() == before
+    assert train_main(storage, "b", small_fashion_dir, "--promote-to", target, "--promote-margin", "0.05") == 0
+    (promoted,) = printed_decisions(capsys.readouterr().out)
+    assert promoted["promoted"] is True and promoted["margin"] == 0.05 and latest(storage)["run"] == str(storage / "b")
+    assert len((storage / "job" / "promotions.jsonl").read_text().splitlines()) == 3, "every decision logged"
+
+
+def test_train_exits_3_when_training_finished_but_the_promotion_failed(storage, small_fashion_dir, ray_train_replaced, capsys):
+    from job.train import PROMOTION_FAILED
+
+    target = storage / "job" / "LATEST"
+    ray_train_replaced.on_fit = lambda: target.write_text("damaged while the run trained")  # checked before training, broken after
+    assert train_main(storage, "a", small_fashion_dir, "--promote-to", target) == PROMOTION_FAILED == 3
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and not printed_decisions(captured.out)
+    (line,) = [line for line in captured.err.splitlines() if line.startswith("gan-job")]
+    assert "run a finished, but promoting it" in line and "exit status 3" in line and f"gan-job promote --run {storage / 'a'}" in line
+    assert target.read_text() == "damaged while the run trained" and not (storage / "job" / "promotions.jsonl").exists()
+
+
+def test_train_exits_3_on_an_unexpected_promotion_failure_too(storage, small_fashion_dir, ray_train_replaced, monkeypatch, capsys):
+    import job.promote
+
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(job.promote, "promote", broken)
+    assert train_main(storage, "a", small_fashion_dir, "--promote-to", storage / "job" / "LATEST") == 3
+    err = capsys.readouterr().err
+    assert "RuntimeError: a bug" in err.splitlines()[-1] and "Traceback" in err  # a bug keeps its trace
+
+
+def test_a_failed_training_is_not_promoted(storage, small_fashion_dir, ray_train_replaced, capsys):
+    ray_train_replaced.metrics = {"stopped": "divergence"}  # a guard with --on-divergence stop ended the run
+    assert train_main(storage, "a", small_fashion_dir, "--promote-to", storage / "job" / "LATEST") == 1
+    assert not (storage / "job" / "LATEST").exists() and not (storage / "job" / "promotions.jsonl").exists()
+    assert not printed_decisions(capsys.readouterr().out)
+
+
+@pytest.mark.usefixtures("ray_train_replaced")
+def test_train_never_promotes_because_of_the_environment(storage, small_fashion_dir, monkeypatch, capsys):
+    monkeypatch.setenv("GAN_JOB_PROMOTE_TO", str(storage / "job" / "LATEST"))
+    assert train_main(storage, "a", small_fashion_dir) == 0
+    assert not (storage / "job" / "LATEST").exists() and not printed_decisions(capsys.readouterr().out)
