@@ -8,7 +8,9 @@ what Ray 2.60 exposes about the cluster:
   Ray Data reads the same record). Empty on a plain `ray start` cluster and on the classic
   autoscaler.
 - **The classic autoscaler (v1)** writes its status to the GCS every update
-  (`__autoscaling_status`: ``ray status`` reads it), naming its monitor's pid. Where the driver
+  (`__autoscaling_status`: ``ray status`` reads it), naming its monitor's pid. A head started
+  without an autoscaling config runs the same monitor with a read-only provider, which names each
+  live node's type `node_<node id>`: that is a fixed-size cluster. Where the driver
   runs on the head, as `ray job submit` drivers do, the monitor's `--autoscaling-config` file gives
   the node types. KubeRay's v1 autoscaler builds its config in memory from the RayCluster: there
   only the wait below applies.
@@ -184,7 +186,15 @@ def autoscaler_v1_status() -> dict | None:
         return None
     if "autoscaler_report" not in status or time.time() - float(status.get("time", 0)) > STATUS_FRESH_S:
         return None  # a monitor without an autoscaler, or one that has stopped
+    if is_read_only(status):
+        return None  # `ray start --head` without --autoscaling-config: nothing is ever started
     return status
+
+
+def is_read_only(status: dict) -> bool:
+    """Whether a v1 status comes from the read-only provider, which only mirrors the live nodes."""
+    mapping = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return all(node_type == f"node_{node_id}" for node_id, node_type in mapping.items())
 
 
 def types_from_v1_monitor(status: dict) -> tuple[NodeType, ...] | None:

@@ -140,6 +140,27 @@ def ray_cluster(s3_server):
     ray.shutdown()
 
 
+def metrics_rows(run: Path) -> list[dict]:
+    """The rows of a local run's `artifacts/metrics.jsonl` (none before its first epoch)."""
+    try:
+        text = (run / "artifacts" / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def knobs_loaded_by(container: dict, objects: list[dict]) -> dict[str, str]:
+    """The GAN_JOB_* knobs of the ConfigMaps a container loads with envFrom, from built manifests."""
+    maps = {s["configMapRef"]["name"] for s in container.get("envFrom", []) if "configMapRef" in s}
+    return {
+        key: value
+        for o in objects
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"] in maps
+        for key, value in o.get("data", {}).items()
+        if key.startswith("GAN_JOB_")
+    }
+
+
 def load_fake_cluster_module():
     """deploy/fake_cluster.py, the local autoscaling cluster that `deploy/run-local.sh --autoscaling` starts too."""
     import importlib.util
@@ -163,15 +184,7 @@ def autoscaling_cluster(s3_server, fashion_mnist_dir):
     fake_cluster = load_fake_cluster_module()
     objects = fake_cluster.built_overlay("local")
     standing = next(o for o in objects if o["kind"] == "RayCluster")
-    head = standing["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    maps = {s["configMapRef"]["name"] for s in head.get("envFrom", []) if "configMapRef" in s}
-    knobs = {
-        key: value
-        for o in objects
-        if o["kind"] == "ConfigMap" and o["metadata"]["name"] in maps
-        for key, value in o.get("data", {}).items()
-        if key.startswith("GAN_JOB_")
-    }
+    knobs = knobs_loaded_by(standing["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0], objects)
     knobs.update(GAN_JOB_STORAGE=f"s3://{s3_server.bucket}/standing", GAN_JOB_DATA="fashion-mnist",
                  GAN_JOB_DATA_DIR=str(fashion_mnist_dir), GAN_JOB_EPOCHS="1", GAN_JOB_LIMIT="512", GAN_JOB_EVAL_EVERY="0")  # fmt: skip
     timings = fake_cluster.Timings(update_interval_s=1, heartbeat_timeout_s=10, idle_timeout_s=10,

@@ -29,6 +29,8 @@ import pytest
 from job.checkpoint import checkpoint_folders
 from job.storage import resolve_location
 from tests.conftest import load_fake_cluster_module
+from tests.conftest import metrics_rows as _rows
+from tests.faultproxy import wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
@@ -37,19 +39,9 @@ BIN = Path(sys.executable).parent
 LOST_NODE_STEPS_PER_EPOCH = 8
 
 
-def wait_until(condition, timeout_s: float, what: str, every_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise TimeoutError(f"{what}: not within {timeout_s:.0f} s")
-
-
 def no_worker_nodes(cluster) -> None:
     """Wait until the autoscaler has removed every worker node (a test before may have left idle ones)."""
-    wait_until(lambda: not cluster.worker_nodes(), 90, "worker nodes removed when idle")
+    wait_until(lambda: not cluster.worker_nodes(), 90, "worker nodes removed when idle", poll_s=0.5)
 
 
 def driver_env(cluster) -> dict[str, str]:
@@ -175,14 +167,6 @@ def test_the_retraining_cronjob_trains_on_nodes_the_autoscaler_starts_and_they_g
 
 
 # A lost node ------------------------------------------------------------------------------------
-
-
-def _rows(run: Path) -> list[dict]:
-    try:
-        text = (run / "artifacts" / "metrics.jsonl").read_text()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def test_a_worker_node_lost_mid_epoch_is_replaced_and_the_run_resumes_from_its_checkpoint(autoscaling_cluster, fashion_mnist_dir, tmp_path):

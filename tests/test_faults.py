@@ -28,6 +28,7 @@ import torch
 from job.checkpoint import DIGEST_FILE, STATE_FILE, checkpoint_folders, read_checkpoint
 from job.cli import main
 from job.storage import resolve_location
+from tests.conftest import metrics_rows as _rows
 from tests.faultproxy import FaultProxy, ray_actor_pids, ray_worker_log_lines, train_worker_pids, wait_until
 
 pytestmark = pytest.mark.ray
@@ -44,14 +45,6 @@ def _train_argv(data_dir: Path, storage: str, run_name: str, epochs: int, *extra
         "train", "--data", "fashion-mnist", "--data-dir", str(data_dir), "--storage", storage,
         "--run-name", run_name, "--epochs", str(epochs), "--eval-every", "0", *extra,
     ]  # fmt: skip
-
-
-def _rows(run: Path) -> list[dict]:
-    try:
-        text = (run / "artifacts" / "metrics.jsonl").read_text()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _registered(run: Path) -> list[str]:

@@ -27,11 +27,6 @@ def test_use_gpu_without_a_visible_gpu_is_a_clear_error(monkeypatch):
         select_device(True)
 
 
-def test_use_gpu_selects_the_workers_cuda_device(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no GPU here: pretend one is visible
-    assert select_device(True, 1) == torch.device("cuda", 1)
-
-
 def test_trainer_asks_ray_for_one_gpu_per_worker_and_nccl(tmp_path):
     from job.train import build_trainer
 
@@ -41,6 +36,16 @@ def test_trainer_asks_ray_for_one_gpu_per_worker_and_nccl(tmp_path):
     assert scaling.use_gpu and scaling.num_workers == 4
     assert scaling.resources_per_worker == {"CPU": 3, "GPU": 1}
     assert trainer.backend_config.backend == "nccl"
+
+
+def test_an_elastic_run_asks_ray_train_for_min_and_max_workers(tmp_path):
+    from job.train import build_trainer
+
+    config = TrainConfig(num_workers=1, max_workers=4, batch_size=240, cpus_per_worker=1, elastic_resize_interval=7.5,
+                         storage=str(tmp_path), run_name="elastic")  # fmt: skip
+    scaling = build_trainer(config).scaling_config
+    assert scaling.num_workers == (1, 4) and scaling.elastic_resize_monitor_interval_s == 7.5
+    assert build_trainer(config.replace(max_workers=1)).scaling_config.num_workers == 1  # N-N is N
 
 
 def test_trainer_uses_gloo_and_no_gpu_on_cpu(tmp_path):

@@ -112,3 +112,11 @@ def test_autoscaler_v2s_infeasible_gang_requests_are_read_from_the_cluster_statu
     parsed = autoscaler_pb2.GetClusterStatusReply.FromString(reply.SerializeToString())
     assert infeasible_bundles(parsed) == [{"CPU": 1.0, "GPU": 1.0}] * 2
     assert infeasible_bundles(autoscaler_pb2.GetClusterStatusReply()) == []
+
+
+def test_a_head_without_an_autoscaling_config_is_a_fixed_cluster():
+    from job.placement import is_read_only
+
+    head = "a" * 56
+    assert is_read_only({"autoscaler_report": {"node_type_mapping": {head: f"node_{head}", "b" * 56: f"node_{'b' * 56}"}}})
+    assert not is_read_only({"autoscaler_report": {"node_type_mapping": {head: "ray.head.default", "f" * 56: "workers"}}})
