@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, knobs_loaded_by
 from tests.test_deploy import build
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
@@ -34,15 +34,7 @@ def rayjob_and_knobs(overlay: str = "local") -> tuple[str, dict[str, str]]:
     objects = build(overlay)
     rayjob = next(o for o in objects if o["kind"] == "RayJob")
     head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    maps = {s["configMapRef"]["name"] for s in head.get("envFrom", []) if "configMapRef" in s}
-    knobs = {
-        key: value
-        for o in objects
-        if o["kind"] == "ConfigMap" and o["metadata"]["name"] in maps
-        for key, value in o.get("data", {}).items()
-        if key.startswith("GAN_JOB_")
-    }
-    return rayjob["spec"]["entrypoint"], knobs
+    return rayjob["spec"]["entrypoint"], knobs_loaded_by(head, list(objects))
 
 
 def wait_for_http(url: str, timeout_s: float) -> None:
