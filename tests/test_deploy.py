@@ -424,11 +424,62 @@ def test_every_image_is_pinned_to_a_release(objects):
             assert not image.endswith(":latest"), image
 
 
-def test_gan_job_images_are_the_gpu_variant_exactly_where_gpus_are_requested(objects):
+def submitter_containers(objs: list[dict]) -> Iterator[tuple[str, dict]]:
+    """(where, container) for every container that only runs `ray job submit`: a RayJob's (or a
+    RayCronJob template's) submitter pod, the CronJob's pod."""
+    for obj in objs:
+        where = f"{obj['kind']} {obj['metadata']['name']}"
+        for spec in rayjob_specs(obj):
+            for container in spec.get("submitterPodTemplate", {}).get("spec", {}).get("containers", []):
+                yield where, container
+        if obj["kind"] == "CronJob":
+            for container in obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]:
+                yield where, container
+
+
+def gan_job_variant(image: str) -> str | None:
+    """"cpu" or "gpu" for a gan-job image (any registry), None for another image."""
+    repository, _, tag = image.partition("@")[0].rpartition(":")
+    return tag.rsplit("-", 1)[1] if repository.rsplit("/", 1)[-1] == "gan-job" and "-" in tag else None
+
+
+def test_gan_job_images_are_the_gpu_variant_exactly_in_the_ray_containers_of_gpu_overlays(objects):
     all_containers = [container for obj in objects for _, container in containers(obj)]
     wants_gpu = any("nvidia.com/gpu" in container.get("resources", {}).get("limits", {}) for container in all_containers)
-    variants = {container["image"].rsplit("-", 1)[1] for container in all_containers if "/gan-job:" in f"/{container['image']}"}
-    assert variants == ({"gpu"} if wants_gpu else {"cpu"})
+    ray_variants = {gan_job_variant(container["image"]) for _, container in ray_containers(objects)}
+    assert ray_variants == ({"gpu"} if wants_gpu else {"cpu"}), "every Ray container on the one image the workers need"
+    submitters = {id(container) for _, container in submitter_containers(objects)}
+    ray = {id(container) for _, container in ray_containers(objects)}
+    others = {gan_job_variant(c["image"]) for c in all_containers if id(c) not in ray and id(c) not in submitters} - {None}
+    assert others <= {"cpu"}, f"gan-job containers outside the Ray clusters: {others}"
+
+
+@pytest.mark.parametrize("overlay", [name for name in OVERLAYS if name.startswith("cluster")])
+def test_cluster_overlays_keep_submitters_on_the_cpu_image_and_ray_containers_on_the_cuda_one(overlay):
+    objects = list(build(overlay))
+    ray_images = {container["image"] for _, container in ray_containers(objects)}
+    submitter_images = {where: container["image"] for where, container in submitter_containers(objects)}
+    assert len(ray_images) == 1 and gan_job_variant(next(iter(ray_images))) == "gpu", ray_images
+    kinds = {where.split()[0] for where in submitter_images}
+    assert {"RayJob", "CronJob"} <= kinds or {"RayJob", "RayCronJob"} <= kinds, f"a submitter of each kind: {submitter_images}"
+    # The same registry and repository: one `images:` entry names both variants.
+    (ray_image,) = ray_images
+    for where, image in submitter_images.items():
+        assert image == ray_image.rsplit("-", 1)[0] + "-cpu", f"{where}: submitter image {image}"
+
+
+def test_gpu_changes_live_in_one_component():
+    # The GPU component, and nothing else, requests GPUs, switches GAN_JOB_USE_GPU on or names the CUDA image.
+    gpu_markers = ("nvidia.com/gpu", "GAN_JOB_USE_GPU", "-gpu")
+    holders = set()
+    for path in sorted(DEPLOY.rglob("*.yaml")):
+        lines = [line.split("#", 1)[0] for line in path.read_text().splitlines()]
+        if any(marker in line for line in lines for marker in gpu_markers):
+            holders.add(path.parent.relative_to(DEPLOY).as_posix())
+    assert holders == {"components/gpu"}, f"GPU settings outside components/gpu: {sorted(holders - {'components/gpu'})}"
+    kustomizations = {overlay: yaml.safe_load((DEPLOY / "overlays" / overlay / "kustomization.yaml").read_text()) for overlay in OVERLAYS}
+    users = {overlay for overlay, kustomization in kustomizations.items() if "../../components/gpu" in kustomization.get("components", [])}
+    assert users == {"cluster"}, "overlays/cluster uses it, and overlays/cluster-raycronjob through overlays/cluster"
 
 
 def test_entrypoints_run_train_with_flags_and_knobs_the_cli_accepts(objects, tmp_path, monkeypatch):
