@@ -250,21 +250,61 @@ def submitted(calls: list[list[str]]) -> tuple[str, str]:
     return submission_id, shlex.join(words)
 
 
+# The submitter's environment carries a GAN_JOB_STORAGE of its own in these tests, which the driver
+# must not use: the storage is the head's knob (a submitter pod has no knobs at all).
+SUBMITTER_STORAGE = "s3://not-the-heads-bucket/runs"
+
+
 def kuberay_submit(tmp_path: Path, entrypoint: str, rayjob_name: str) -> str:
     """The driver's command when KubeRay's submitter submits a RayJob's entrypoint.
 
     KubeRay (K8sJobMode) runs `ray job submit ... -- <entrypoint>` in bash, with RAYJOB_NAME set
     from the submitter Job's name, which is the RayJob's name."""
     script = f"ray job submit --address http://head:8265 --submission-id {rayjob_name}-x1y2z --no-wait -- {entrypoint}"
-    return submitted(run_with_fake_ray(tmp_path, script, {"RAYJOB_NAME": rayjob_name}))[1]
+    return submitted(run_with_fake_ray(tmp_path, script, {"RAYJOB_NAME": rayjob_name, "GAN_JOB_STORAGE": SUBMITTER_STORAGE}))[1]
 
 
-def job_commands(driver_command: str) -> list[list[str]]:
-    """The `python -m job ...` commands a driver command runs (directly, or chained in `bash -c`)."""
-    words = shlex.split(driver_command)
-    if words[:2] == ["bash", "-c"]:
-        return [shlex.split(part) for part in words[2].split("&&")]
-    return [words]
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Records the arguments of each call (one a line, then a blank line).
+for arg in "$@"; do printf '%s\\n' "$arg"; done >> "$PYTHON_CALLS"
+echo >> "$PYTHON_CALLS"
+"""
+
+
+def on_the_head(tmp_path: Path, driver_command: str, head_env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Runs a driver command as Ray's job manager on the head does (`sh -c`, the head's environment:
+    `head_env`, the knobs), with `python` replaced by a recorder; `.calls` holds the `python` calls."""
+    bin_dir = tmp_path / "head-bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python").write_text(FAKE_PYTHON)
+    (bin_dir / "python").chmod(0o755)
+    calls = tmp_path / "python-calls"
+    calls.write_text("")
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON_CALLS": str(calls), **head_env}
+    result = subprocess.run(["sh", "-c", driver_command], env=env, check=False, capture_output=True, text=True)
+    result.calls = [block.split("\n") for block in calls.read_text().strip("\n").split("\n\n") if block]
+    return result
+
+
+def job_commands(tmp_path: Path, driver_command: str, head_env: dict[str, str]) -> list[list[str]]:
+    """The `python -m job ...` commands a driver command runs on a head with `head_env` (the knobs)."""
+    result = on_the_head(tmp_path, driver_command, head_env)
+    assert result.returncode == 0, f"the driver command failed on the head:\n{driver_command}\n{result.stderr}"
+    return [["python", *call] for call in result.calls]
+
+
+def driver_commands(
+    objs: list[dict], tmp_path: Path, rayjob_name: str = "gan-train", firing: str = "gan-retrain-29000000"
+) -> dict[str, str]:
+    """{where: the driver's command} for every RayJob, RayCronJob template and CronJob of an overlay."""
+    commands = {}
+    for obj in objs:
+        for spec in rayjob_specs(obj):
+            commands[f"{obj['kind']} {obj['metadata']['name']}"] = kuberay_submit(tmp_path, spec["entrypoint"], rayjob_name)
+        if obj["kind"] == "CronJob":
+            calls = run_with_fake_ray(tmp_path, cronjob_script(obj), {"FIRING": firing, "GAN_JOB_STORAGE": SUBMITTER_STORAGE})
+            commands[f"CronJob {obj['metadata']['name']}"] = submitted(calls)[1]
+    return commands
 
 
 def run_name_of(command: list[str]) -> str:
@@ -488,34 +528,45 @@ def test_entrypoints_run_train_with_flags_and_knobs_the_cli_accepts(objects, tmp
     for name, value in knobs(objects).items():
         monkeypatch.setenv(name, value)
     commands = []
-    for obj in objects:
-        for spec in rayjob_specs(obj):
-            commands += job_commands(kuberay_submit(tmp_path, spec["entrypoint"], "gan-train"))
-    for cronjob in named(objects, "CronJob"):
-        calls = run_with_fake_ray(tmp_path, cronjob_script(cronjob), {"FIRING": "gan-retrain-29000000"})
-        commands += job_commands(submitted(calls)[1])
+    for driver_command in driver_commands(objects, tmp_path).values():
+        commands += job_commands(tmp_path, driver_command, knobs(objects))
     assert commands
     for command in commands:
         assert command[:3] == ["python", "-m", "job"], shlex.join(command)
         args = build_parser().parse_args(command[3:])
-        assert args.command in ("train", "promote"), shlex.join(command)
+        assert args.command == "train", shlex.join(command)
 
 
-def test_each_scheduled_firing_trains_then_promotes_its_own_run(objects, tmp_path):
+def test_every_entrypoint_trains_its_run_and_promotes_it_to_the_storage_latest(objects, tmp_path):
+    # One process: `train --promote-to`, no chain of commands that could promote a failed run.
     from job.cli import build_parser
 
-    for cronjob in named(objects, "CronJob"):
-        calls = run_with_fake_ray(tmp_path, cronjob_script(cronjob), {"FIRING": "gan-retrain-29000000"})
-        train, promote = (build_parser().parse_args(c[3:]) for c in job_commands(submitted(calls)[1]))
-        assert (train.command, promote.command) == ("train", "promote")
-        assert promote.run.endswith("/" + train.run_name) and promote.target.endswith("/LATEST")
+    storage = knobs(objects)["GAN_JOB_STORAGE"]
+    commands = driver_commands(objects, tmp_path)
+    assert commands
+    for where, driver_command in commands.items():
+        (command,) = job_commands(tmp_path, driver_command, knobs(objects))
+        train = build_parser().parse_args(command[3:])
+        assert train.command == "train" and train.run_name in ("gan-train", "gan-retrain-29000000"), where
+        assert train.promote_to == f"{storage}/gan/LATEST", f"{where}: promotes to {train.promote_to}"
+        assert train.promote_margin is None, f"{where}: promote's default margin"
+
+
+def test_the_promotion_target_is_the_heads_storage_and_refused_without_it(objects, tmp_path):
+    # The submitter has no knobs (here: a storage of its own, which must not be used): the driver's
+    # shell on the head expands the storage, and without the knob it stops before `python` runs.
+    for where, driver_command in driver_commands(objects, tmp_path).items():
+        assert SUBMITTER_STORAGE not in driver_command and "GAN_JOB_STORAGE" in driver_command, f"{where}: {driver_command}"
+        head_without_storage = {k: v for k, v in knobs(objects).items() if k != "GAN_JOB_STORAGE"}
+        result = on_the_head(tmp_path, driver_command, head_without_storage)
+        assert result.returncode != 0 and result.calls == [] and "GAN_JOB_STORAGE" in result.stderr, f"{where}: {result.stderr}"
 
 
 def test_every_knob_is_a_train_flag(objects):
-    from job.cli import build_parser, env_var_for
+    from job.cli import NOT_FROM_ENVIRONMENT, build_parser, env_var_for
 
     defaults = vars(build_parser().parse_args(["train"]))
-    flag_variables = {env_var_for(dest) for dest in defaults if dest not in ("command", "handler")}
+    flag_variables = {env_var_for(dest) for dest in defaults if dest not in ("command", "handler", *NOT_FROM_ENVIRONMENT)}
     for obj in objects:
         for _, container in containers(obj):
             for name in container_env(container, objects):
@@ -607,7 +658,7 @@ def test_a_rayjob_runs_under_its_own_name_so_a_retry_resumes(objects, tmp_path):
             assert container_env(submitter, objects)["RAYJOB_NAME"] == ("field", "metadata.labels['batch.kubernetes.io/job-name']")
             # A retry is a new cluster and a new submission id, but the same RayJob (and Job) name.
             for name in ("gan-train", "gan-retrain-k2x9q"):
-                commands = job_commands(kuberay_submit(tmp_path, spec["entrypoint"], name))
+                commands = job_commands(tmp_path, kuberay_submit(tmp_path, spec["entrypoint"], name), knobs(objects))
                 assert [run_name_of(command) for command in commands if command[3] == "train"] == [name]
 
 
@@ -618,7 +669,8 @@ def test_each_raycronjob_firing_trains_under_its_own_run_name(objects, tmp_path)
         # KubeRay names each firing's RayJob <RayCronJob>-<5 random characters>.
         name = cron["metadata"]["name"]
         first, second = (kuberay_submit(tmp_path, spec["entrypoint"], f"{name}-{suffix}") for suffix in ("a1b2c", "d3e4f"))
-        assert run_name_of(job_commands(first)[0]) != run_name_of(job_commands(second)[0])
+        first_run, second_run = (run_name_of(job_commands(tmp_path, driver, knobs(objects))[0]) for driver in (first, second))
+        assert first_run != second_run
 
 
 @pytest.mark.parametrize(
@@ -632,7 +684,7 @@ def test_a_cronjob_firing_resumes_its_run_on_retry(objects, tmp_path, earlier_at
         calls = run_with_fake_ray(tmp_path, cronjob_script(cronjob), {"FIRING": firing}, tuple(firing + a for a in earlier_attempts))
         submission_id, driver_command = submitted(calls)
         assert submission_id == firing + expected_submission, "each attempt under a new submission id"
-        trains = [command for command in job_commands(driver_command) if command[3] == "train"]
+        trains = [command for command in job_commands(tmp_path, driver_command, knobs(objects)) if command[3] == "train"]
         assert [run_name_of(command) for command in trains] == [firing], "every attempt, the same run"
         stops = [call[-1] for call in calls if call[:2] == ["job", "stop"]]
         assert stops == [firing + a for a in expected_stops], "an earlier attempt's driver is stopped first"
