@@ -27,7 +27,8 @@ def _explain(err: Exception, where: str, bucket: str, flag: str) -> UsageError:
         code = str(err.response.get("Error", {}).get("Code", ""))
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in ("404", "NoSuchBucket") or status == 404:
-            return UsageError(f"{flag}: bucket {bucket!r} does not exist at {where}; create it or pass --create-bucket")
+            fix = "create it or pass --create-bucket" if flag == "--storage" else "create it, or check the bucket name"
+            return UsageError(f"{flag}: bucket {bucket!r} does not exist at {where}; {fix}")
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken") or status == 403:
             return UsageError(f"{flag}: the S3 credentials were refused for bucket {bucket!r} at {where} ({code or status}); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
         return UsageError(f"{flag}: S3 error {code or status} for bucket {bucket!r} at {where}")
