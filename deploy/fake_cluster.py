@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -258,8 +258,7 @@ class FakeCluster:
         self.temp = Path(tempfile.mkdtemp(prefix="gjf-", dir="/tmp"))
         ports = free_ports(len(RAY_PORT_FLAGS) + 1)
         self.ports = dict(zip(RAY_PORT_FLAGS, ports))
-        config_path = self.temp / "autoscaling.yaml"
-        config_path.write_text(yaml.safe_dump(autoscaling_config(self.shape, self.gcs_address, self.timings.idle_timeout_s)))
+        config_path = self._write_config()
         env = {
             **os.environ,
             **self.env,
@@ -290,6 +289,20 @@ class FakeCluster:
             self.stop()
             raise
         return self
+
+    def _write_config(self) -> Path:
+        path = self.temp / "autoscaling.yaml"
+        path.write_text(yaml.safe_dump(autoscaling_config(self.shape, self.gcs_address, self.timings.idle_timeout_s)))
+        return path
+
+    def set_max_replicas(self, group: str, max_replicas: int) -> None:
+        """Change a worker group's maximum while the cluster runs, as a quota or a spot market would.
+
+        The classic autoscaler reads its config file again at every update.
+        """
+        groups = tuple(replace(g, max_replicas=max_replicas) if g.name == group else g for g in self.shape.groups)
+        self.shape = replace(self.shape, groups=groups)
+        self._write_config()
 
     def processes(self) -> list[int]:
         """The pids of every process this cluster runs below its head: head services, worker nodes, workers."""
