@@ -332,7 +332,7 @@ class FakeCluster:
             leftovers = self.processes()
             self.head.terminate()  # `ray start --block` stops the head's processes on SIGTERM
             try:
-                self.head.wait(timeout=60)
+                self.head.wait(timeout=10)  # what is left after that is killed below
             except subprocess.TimeoutExpired:
                 self.head.kill()
                 self.head.wait()

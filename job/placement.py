@@ -84,8 +84,11 @@ class ClusterView:
 
 
 def request_text(config: TrainConfig) -> str:
+    """The request as the user wrote it; for an elastic run its minimum is what must fit."""
     return (
-        f"--num-workers {config.num_workers} with --cpus-per-worker {config.cpus_per_worker}"
+        f"--num-workers {config.workers_text}"
+        + (f" (at least {config.num_workers})" if config.elastic else "")
+        + f" with --cpus-per-worker {config.cpus_per_worker}"
         + (" and one GPU each (--use-gpu)" if config.use_gpu else "")
     )
 

@@ -75,8 +75,9 @@ def test_the_test_cluster_has_the_standing_raycluster_shape(autoscaling_cluster)
         (["--use-gpu"], "no node type has a GPU"),
         (["--cpus-per-worker", "2"], "no node type holds even one worker"),
         (["--num-workers", "4", "--cpus-per-worker", "1"], "the node types hold at most 2 such workers"),
+        (["--num-workers", "3-4", "--cpus-per-worker", "1", "--batch-size", "240"], "(at least 3) with --cpus-per-worker 1 can never"),
     ],
-    ids=["gpu", "cpus-per-worker", "num-workers"],
+    ids=["gpu", "cpus-per-worker", "num-workers", "elastic-minimum"],
 )
 def test_a_request_no_node_type_can_hold_is_refused_at_once_naming_the_node_types(autoscaling_cluster, tmp_path, flags, why):
     storage = tmp_path / "runs"
