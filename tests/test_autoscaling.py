@@ -16,6 +16,7 @@ joined to it with RAY_ADDRESS, as on the head of a real cluster.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -53,6 +54,22 @@ def driver_env(cluster) -> dict[str, str]:
 def train(cluster, *flags: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "job", "train", *flags], env=driver_env(cluster),
                           capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
+
+
+@contextlib.contextmanager
+def background_train(cluster, data_dir: Path, storage: Path, run_name: str, *flags: str):
+    """A `train` driver running while the test acts on the cluster; killed (its output shown) if the test fails first."""
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "job", "train", "--data", "fashion-mnist", "--data-dir", str(data_dir), "--storage", str(storage),
+         "--run-name", run_name, "--eval-every", "0", *flags],
+        env=driver_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        yield driver
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            print(driver.communicate()[0][-4000:])  # what the driver said, for a run that hung
 
 
 def error_lines(done: subprocess.CompletedProcess) -> list[str]:
@@ -173,13 +190,8 @@ def test_the_retraining_cronjob_trains_on_nodes_the_autoscaler_starts_and_they_g
 def test_a_worker_node_lost_mid_epoch_is_replaced_and_the_run_resumes_from_its_checkpoint(autoscaling_cluster, fashion_mnist_dir, tmp_path):
     cluster = autoscaling_cluster
     run = tmp_path / "runs" / "lost-node"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "job", "train", "--data", "fashion-mnist", "--data-dir", str(fashion_mnist_dir), "--storage",
-         str(tmp_path / "runs"), "--run-name", "lost-node", "--epochs", "3", "--limit", "2048", "--num-workers", "2",
-         "--cpus-per-worker", "1", "--batch-size", "256", "--eval-every", "0"],
-        env=driver_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
+    flags = ("--epochs", "3", "--limit", "2048", "--num-workers", "2", "--cpus-per-worker", "1", "--batch-size", "256")
+    with background_train(cluster, fashion_mnist_dir, tmp_path / "runs", "lost-node", *flags) as driver:
         # Epoch 1 done and checkpointed: epoch 2 is under way. Kill a node half-way through it.
         first = wait_until(lambda: _rows(run) and checkpoint_folders(resolve_location(str(run))) and _rows(run), 240, "epoch 1 checkpointed")
         time.sleep(first[0]["epoch_time_s"] / 2)
@@ -190,10 +202,6 @@ def test_a_worker_node_lost_mid_epoch_is_replaced_and_the_run_resumes_from_its_c
               f"{first[0]['epoch_time_s'] / 2:.1f} s after epoch 1 ended")
         assert killed > 0
         output, _ = driver.communicate(timeout=300)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            print(driver.communicate()[0][-4000:])  # what the driver said, for a run that hung
     assert driver.returncode == 0, output[-4000:]
     rows = _rows(run)
     assert killed_in_epoch == 2, f"the node went in epoch {killed_in_epoch}, not mid-run"
@@ -217,21 +225,12 @@ def test_an_elastic_run_starts_with_the_minimum_and_grows_when_the_cluster_can_h
     try:
         no_worker_nodes(cluster)
         # 1,024 images at a global batch of 256: 4 steps an epoch at 1 worker and at 2.
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "job", "train", "--data", "fashion-mnist", "--data-dir", str(fashion_mnist_dir), "--storage",
-             str(tmp_path / "runs"), "--run-name", "elastic", "--epochs", "10", "--limit", "1024", "--num-workers", "1-2",
-             "--cpus-per-worker", "1", "--elastic-resize-interval", "3", "--eval-every", "0"],
-            env=driver_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        try:
+        flags = ("--epochs", "10", "--limit", "1024", "--num-workers", "1-2", "--cpus-per-worker", "1", "--elastic-resize-interval", "3")
+        with background_train(cluster, fashion_mnist_dir, tmp_path / "runs", "elastic", *flags) as driver:
             wait_until(lambda: len(_rows(run)) >= 2, 240, "two epochs on one worker", poll_s=0.2)
             cluster.set_max_replicas("workers", 2)
             grown_after_epoch = len(_rows(run))
             output, _ = driver.communicate(timeout=300)
-        finally:
-            if driver.poll() is None:
-                driver.kill()
-                driver.communicate()
     finally:
         cluster.set_max_replicas("workers", 2)  # the manifest's
     assert driver.returncode == 0, output[-4000:]
