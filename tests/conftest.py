@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gan.data import IDX_FILES
+from gan.data import IDX_FILES, load_split
 from gan.idx import write_idx
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
@@ -46,6 +46,18 @@ def write_tiny_dataset(folder: Path, num_train: int = 96, num_test: int = 32, se
     for split, count in (("train", num_train), ("test", num_test)):
         write_idx(folder / f"{IDX_FILES[split + '_images']}.gz", torch.randint(0, 256, (count, 28, 28), generator=rng, dtype=torch.uint8))
         write_idx(folder / f"{IDX_FILES[split + '_labels']}.gz", torch.randint(0, 10, (count,), generator=rng, dtype=torch.uint8))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_fashion_dir(fashion_mnist_dir, tmp_path_factory) -> Path:
+    """The first images of real Fashion-MNIST as four IDX files: a real subset on which the
+    evaluation classifier trains in a second or two."""
+    folder = tmp_path_factory.mktemp("small-fashion")
+    for split, count in (("train", 1000), ("test", 500)):
+        images = load_split(fashion_mnist_dir, split, count)
+        write_idx(folder / f"{IDX_FILES[split + '_images']}.gz", images.images[:, 0])
+        write_idx(folder / f"{IDX_FILES[split + '_labels']}.gz", images.labels)
     return folder
 
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from gan.classifier import DEFAULT_EPOCHS, cache_path, load_or_train_classifier
-from gan.data import IDX_FILES, load_split
-from gan.idx import write_idx
+from gan.data import load_split
 from gan.models import Generator
 from job.checkpoint import checkpoint_folders, load_from, write_checkpoint
 from job.config import TrainConfig
@@ -20,18 +19,6 @@ from job.local_session import LocalSession
 from job.storage import resolve_location
 from job.worker import run_worker
 
-NUM_TRAIN, NUM_TEST = 1000, 500  # a small real subset: the classifier trains in a second or two
-
-
-@pytest.fixture(scope="session")
-def small_fashion_dir(fashion_mnist_dir, tmp_path_factory):
-    """The first images of real Fashion-MNIST as four IDX files."""
-    folder = tmp_path_factory.mktemp("small-fashion")
-    for split, count in (("train", NUM_TRAIN), ("test", NUM_TEST)):
-        images = load_split(fashion_mnist_dir, split, count)
-        write_idx(folder / f"{IDX_FILES[split + '_images']}.gz", images.images[:, 0])
-        write_idx(folder / f"{IDX_FILES[split + '_labels']}.gz", images.labels)
-    return folder
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ from job.promote import add_promote_arguments, resolve_latest
 from tests import test_evaluate as shared
 
 # The small real data set, its classifier and the tiny run, shared with test_evaluate's tests.
-small_fashion_dir = shared.small_fashion_dir
 trained_classifier_file = shared.trained_classifier_file
 cached_classifier = shared.cached_classifier
 train_tiny_run = shared.train_tiny_run

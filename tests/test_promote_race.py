@@ -21,8 +21,6 @@ import torch
 
 import job.pointer
 import job.promote
-from gan.data import IDX_FILES, load_split
-from gan.idx import write_idx
 from job.checkpoint import checkpoint_folders
 from job.config import TrainConfig
 from job.errors import UsageError
@@ -34,22 +32,10 @@ from job.storage import resolve_location
 from job.worker import run_worker
 
 NUM = "64"  # generated images per evaluation: enough for the numbers, quick on a CPU
-NUM_TRAIN, NUM_TEST = 1000, 500  # a real subset on which the classifier trains in seconds
 GOOD, BAD, WORST = 10.0, 20.0, 30.0  # fid_classifier of the runs (lower is better)
 
 
-# -- small real runs (test modules do not import each other, so these few lines are this file's own) --
-
-
-@pytest.fixture(scope="session")
-def small_fashion_dir(fashion_mnist_dir, tmp_path_factory):
-    """The first images of real Fashion-MNIST as four IDX files."""
-    folder = tmp_path_factory.mktemp("small-fashion")
-    for split, count in (("train", NUM_TRAIN), ("test", NUM_TEST)):
-        images = load_split(fashion_mnist_dir, split, count)
-        write_idx(folder / f"{IDX_FILES[split + '_images']}.gz", images.images[:, 0])
-        write_idx(folder / f"{IDX_FILES[split + '_labels']}.gz", images.labels)
-    return folder
+# -- small real runs (small_fashion_dir comes from conftest.py) --
 
 
 @pytest.fixture(scope="session")
