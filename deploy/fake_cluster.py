@@ -10,7 +10,7 @@ manifest. Used by the tests (tests/conftest.py) and by `deploy/run-local.sh --au
     python deploy/fake_cluster.py --overlay local     # starts it, prints its addresses, Ctrl-C stops it
 
 Differences from KubeRay worth knowing:
-- this runs the classic autoscaler (v1); KubeRay runs autoscaler v2 (see job/placement.py for what
+- this runs the classic autoscaler (v1); KubeRay runs autoscaler v2 (see job/runtime/placement.py for what
   each exposes to a driver);
 - a "node" shares this machine's CPUs: the CPUs Ray counts are the manifest's, not real cores.
 

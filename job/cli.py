@@ -111,7 +111,7 @@ def _train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from job.config import TrainConfig
-    from job.train import Promotion, run_training
+    from job.commands.train import Promotion, run_training
 
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
@@ -125,19 +125,19 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from job.generate import generate
+    from job.commands.generate import generate
 
     return generate(args)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from job.bench import bench
+    from job.commands.bench import bench
 
     return bench(args)
 
 
 def _data_push(args: argparse.Namespace) -> int:
-    from job.data_push import push
+    from job.commands.data_push import push
 
     return push(args)
 
@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
     generate.set_defaults(handler=_generate)
 
-    from job.evaluate import add_evaluate_arguments
-    from job.promote import add_promote_arguments
+    from job.commands.evaluate import add_evaluate_arguments
+    from job.commands.promote import add_promote_arguments
 
     add_evaluate_arguments(commands.add_parser("evaluate", help="quality metrics of a run or checkpoint, as one JSON object"))
     add_promote_arguments(commands.add_parser("promote", help="point LATEST at a finished run if it is no worse than the current one"))

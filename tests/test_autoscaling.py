@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from job.checkpoint import checkpoint_folders
-from job.storage import resolve_location
+from job.storage.checkpoint import checkpoint_folders
+from job.storage.location import resolve_location
 from tests.conftest import load_fake_cluster_module
 from tests.conftest import metrics_rows as _rows
 from tests.faultproxy import wait_until

@@ -22,13 +22,13 @@ from hypothesis import strategies as st
 
 from gan.data import IDX_FILES
 from gan.idx import IdxFormatError, decode_idx, encode_idx, write_idx
-from job.checkpoint import DIGEST_FILE, STATE_FILE, checkpoint_folders
+from job.storage.checkpoint import DIGEST_FILE, STATE_FILE, checkpoint_folders
 from job.cli import build_parser, env_var_for, main
 from job.config import DATASET_NAMES, TrainConfig
 from job.errors import UsageError
-from job.local_session import LocalSession
-from job.storage import resolve_location
-from job.worker import run_worker
+from job.runtime.local_session import LocalSession
+from job.storage.location import resolve_location
+from job.runtime.loop import run_worker
 from tests.conftest import write_tiny_dataset
 from tests.faultproxy import tree_state
 
@@ -40,12 +40,12 @@ FIX_HINTS = ("use ", "pass ", "write ", "choose", "create", "see --help", "add "
 @pytest.fixture(autouse=True)
 def ray_must_not_start(monkeypatch):
     """Bad input is refused before Ray: reaching `connect_ray` here fails the test at once."""
-    import job.train
+    import job.commands.train
 
     def refuse() -> None:
-        raise AssertionError("bad input reached Ray: job.train.connect_ray() was called")
+        raise AssertionError("bad input reached Ray: job.commands.train.connect_ray() was called")
 
-    monkeypatch.setattr(job.train, "connect_ray", refuse)
+    monkeypatch.setattr(job.commands.train, "connect_ray", refuse)
 
 
 def refused(argv: list[str], named: str, capsys, fix: bool = True, warnings: bool = False) -> str:

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from job.config import TrainConfig
-from job.local_session import LocalSession
-from job.storage import resolve_location
-from job.worker import run_worker
+from job.runtime.local_session import LocalSession
+from job.storage.location import resolve_location
+from job.runtime.loop import run_worker
 from tests.conftest import metrics_rows, write_tiny_dataset
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-format2-stable.tar.xz"

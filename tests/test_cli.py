@@ -113,12 +113,12 @@ def test_bad_recipe_and_guard_flags_are_named(flags, named, tmp_path, capsys, ti
 @pytest.fixture
 def ray_must_not_start(monkeypatch):
     """Reaching `connect_ray` fails the test: bad promotion input is refused before Ray."""
-    import job.train
+    import job.commands.train
 
     def refuse() -> None:
-        raise AssertionError("bad input reached Ray: job.train.connect_ray() was called")
+        raise AssertionError("bad input reached Ray: job.commands.train.connect_ray() was called")
 
-    monkeypatch.setattr(job.train, "connect_ray", refuse)
+    monkeypatch.setattr(job.commands.train, "connect_ray", refuse)
 
 
 def not_a_pointer(tmp_path):
@@ -174,18 +174,18 @@ def test_a_promotion_into_a_missing_bucket_is_refused_before_training(s3_server,
 
 
 def test_promotion_is_never_an_environment_knob(monkeypatch, tmp_path, tiny_data_dir):
-    import job.train
+    import job.commands.train
 
     monkeypatch.setenv("GAN_JOB_PROMOTE_TO", str(tmp_path / "job" / "LATEST"))
     monkeypatch.setenv("GAN_JOB_PROMOTE_MARGIN", "nan")  # would be refused, were it read
     args = build_parser().parse_args(["train"])
     assert args.promote_to is None and args.promote_margin is None
     seen = []
-    monkeypatch.setattr(job.train, "run_training", lambda config, promotion=None: seen.append(promotion) or 0)
+    monkeypatch.setattr(job.commands.train, "run_training", lambda config, promotion=None: seen.append(promotion) or 0)
     argv = ["train", "--data", "fashion-mnist", "--data-dir", str(tiny_data_dir), "--storage", str(tmp_path / "runs"), "--run-name", "r"]
     assert main(argv) == 0 and seen == [None]
     assert main([*argv, "--promote-to", str(tmp_path / "job" / "LATEST")]) == 0
-    assert seen[-1] == job.train.Promotion(str(tmp_path / "job" / "LATEST"), 0.0), "promote's default margin"
+    assert seen[-1] == job.commands.train.Promotion(str(tmp_path / "job" / "LATEST"), 0.0), "promote's default margin"
     assert main([*argv, "--promote-to", str(tmp_path / "job" / "LATEST"), "--promote-margin", "0.05"]) == 0
     assert seen[-1].margin == 0.05
     assert "GAN_JOB_PROMOTE" not in build_parser()._subparsers._group_actions[0].choices["train"].format_help()  # noqa: SLF001

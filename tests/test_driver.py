@@ -5,7 +5,7 @@ from job.config import TrainConfig
 
 def test_workers_get_absolute_local_locations(tmp_path, monkeypatch):
     """Ray workers run in their own folders: a relative --storage or --data-dir must not follow them there."""
-    from job.train import absolute_locations
+    from job.commands.train import absolute_locations
 
     monkeypatch.chdir(tmp_path)
     config = absolute_locations(TrainConfig(storage="runs", data_dir="data", run_name="r"))

@@ -11,13 +11,13 @@ import torch
 from gan.classifier import DEFAULT_EPOCHS, cache_path, load_or_train_classifier
 from gan.data import load_split
 from gan.models import Generator
-from job.checkpoint import checkpoint_folders, load_from, write_checkpoint
+from job.storage.checkpoint import checkpoint_folders, load_from, write_checkpoint
 from job.config import TrainConfig
 from job.errors import UsageError
-from job.evaluate import add_evaluate_arguments
-from job.local_session import LocalSession
-from job.storage import resolve_location
-from job.worker import run_worker
+from job.commands.evaluate import add_evaluate_arguments
+from job.runtime.local_session import LocalSession
+from job.storage.location import resolve_location
+from job.runtime.loop import run_worker
 
 
 
@@ -130,7 +130,7 @@ def test_the_ema_generator_is_evaluated_when_the_checkpoint_has_one(tmp_path, sm
     ],
 )
 def test_bad_input_is_refused_naming_the_flag(tmp_path, change, flag):
-    from job.evaluate import evaluate
+    from job.commands.evaluate import evaluate
 
     values = {
         "source": str(tmp_path),

@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from job.checkpoint import DIGEST_FILE, STATE_FILE, checkpoint_folders, read_checkpoint
+from job.storage.checkpoint import DIGEST_FILE, STATE_FILE, checkpoint_folders, read_checkpoint
 from job.cli import main
-from job.storage import resolve_location
+from job.storage.location import resolve_location
 from tests.conftest import metrics_rows as _rows
 from tests.faultproxy import FaultProxy, ray_actor_pids, ray_worker_log_lines, train_worker_pids, wait_until
 

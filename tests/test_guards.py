@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from job.config import TrainConfig
-from job.guards import CollapseGuard, DivergenceGuard
-from job.local_session import LocalSession
-from job.storage import resolve_location
-from job.worker import run_worker
+from job.runtime.guards import CollapseGuard, DivergenceGuard
+from job.runtime.local_session import LocalSession
+from job.storage.location import resolve_location
+from job.runtime.loop import run_worker
 
 HEALTHY = {"epoch": 1, "loss_d": 1.2, "loss_g": 0.9, "d_real_prob": 0.6, "d_fake_prob": 0.4}
 
@@ -103,7 +103,7 @@ def test_a_healthy_run_trips_no_guard(tmp_path, tiny_data_dir):
 @pytest.fixture
 def coverage_collapses_after_epoch_2(monkeypatch):
     """Plant a collapse: the probe scores 9, 9 classes, then 2, 1, 1 (as a generator stuck on one class scores)."""
-    import job.quality
+    import job.runtime.quality
 
     modes = iter([9, 9, 2, 1, 1, 1, 1, 1])
 
@@ -111,7 +111,7 @@ def coverage_collapses_after_epoch_2(monkeypatch):
         covered = next(modes)
         return {"modes_covered": covered, "fid_classifier": 10.0 * (10 - covered), "fid_classifier_floor": 1.0}
 
-    monkeypatch.setattr(job.quality.QualityProbe, "evaluate", planted)
+    monkeypatch.setattr(job.runtime.quality.QualityProbe, "evaluate", planted)
 
 
 def test_collapse_with_stop_ends_the_run_after_patience(tmp_path, tiny_data_dir, coverage_collapses_after_epoch_2):

@@ -13,7 +13,7 @@ from ray.core.generated import autoscaler_pb2
 
 from job.config import TrainConfig
 from job.errors import UsageError
-from job.placement import (
+from job.runtime.placement import (
     UNLIMITED,
     ClusterView,
     NodeType,
@@ -115,7 +115,7 @@ def test_autoscaler_v2s_infeasible_gang_requests_are_read_from_the_cluster_statu
 
 
 def test_a_head_without_an_autoscaling_config_is_a_fixed_cluster():
-    from job.placement import is_read_only
+    from job.runtime.placement import is_read_only
 
     head = "a" * 56
     assert is_read_only({"autoscaler_report": {"node_type_mapping": {head: f"node_{head}", "b" * 56: f"node_{'b' * 56}"}}})

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from job.checkpoint import checkpoint_folders
+from job.storage.checkpoint import checkpoint_folders
 from job.errors import UsageError
-from job.promote import add_promote_arguments, resolve_latest
+from job.commands.promote import add_promote_arguments, resolve_latest
 from tests import test_evaluate as shared
 
 # The small real data set, its classifier and the tiny run, shared with test_evaluate's tests.
@@ -60,7 +60,7 @@ def set_stored_fid(storage, name, fid):
 
 
 def _location(path):
-    from job.storage import resolve_location
+    from job.storage.location import resolve_location
 
     return resolve_location(str(path))
 
@@ -77,7 +77,7 @@ def test_a_finished_run_is_evaluated_and_promoted_when_there_is_no_latest(storag
     pointer = latest(storage)
     assert pointer["run"] == str(storage / "a") and pointer["fid_classifier"] == stored["fid_classifier"] and pointer["promoted_at"]
     assert [json.loads(line) for line in (storage / "job" / "promotions.jsonl").read_text().splitlines()] == [decision]
-    assert pointer["decision"] == decision  # LATEST carries the decision that made it (until it is logged: job/pointer.py)
+    assert pointer["decision"] == decision  # LATEST carries the decision that made it (until it is logged: job/storage/pointer.py)
 
 
 def test_a_better_run_replaces_latest(storage, small_fashion_dir, capsys):
@@ -210,7 +210,7 @@ def ray_train_replaced(monkeypatch):
     `state.metrics`. The runs it "trains" are the storage fixture's, which are already finished."""
     from types import SimpleNamespace
 
-    import job.train
+    import job.commands.train
 
     state = SimpleNamespace(on_fit=lambda: None, metrics={})
 
@@ -219,10 +219,10 @@ def ray_train_replaced(monkeypatch):
             state.on_fit()
             return SimpleNamespace(metrics=state.metrics)
 
-    monkeypatch.setattr(job.train, "connect_ray", lambda: None)
-    monkeypatch.setattr(job.train, "place", lambda config: config)
-    monkeypatch.setattr(job.train, "build_trainer", lambda config: Trainer())
-    monkeypatch.setattr("job.evaluate.DEFAULT_NUM", int(NUM))  # promote's default image count, small here
+    monkeypatch.setattr(job.commands.train, "connect_ray", lambda: None)
+    monkeypatch.setattr(job.commands.train, "place", lambda config: config)
+    monkeypatch.setattr(job.commands.train, "build_trainer", lambda config: Trainer())
+    monkeypatch.setattr("job.commands.evaluate.DEFAULT_NUM", int(NUM))  # promote's default image count, small here
     return state
 
 
@@ -267,7 +267,7 @@ def test_train_exits_0_when_the_promotion_is_declined_and_the_margin_is_promotes
 
 
 def test_train_exits_3_when_training_finished_but_the_promotion_failed(storage, small_fashion_dir, ray_train_replaced, capsys):
-    from job.train import PROMOTION_FAILED
+    from job.commands.train import PROMOTION_FAILED
 
     target = storage / "job" / "LATEST"
     ray_train_replaced.on_fit = lambda: target.write_text("damaged while the run trained")  # checked before training, broken after
@@ -280,12 +280,12 @@ def test_train_exits_3_when_training_finished_but_the_promotion_failed(storage, 
 
 
 def test_train_exits_3_on_an_unexpected_promotion_failure_too(storage, small_fashion_dir, ray_train_replaced, monkeypatch, capsys):
-    import job.promote
+    import job.commands.promote
 
     def broken(args):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(job.promote, "promote", broken)
+    monkeypatch.setattr(job.commands.promote, "promote", broken)
     assert train_main(storage, "a", small_fashion_dir, "--promote-to", storage / "job" / "LATEST") == 3
     err = capsys.readouterr().err
     assert "RuntimeError: a bug" in err.splitlines()[-1] and "Traceback" in err  # a bug keeps its trace

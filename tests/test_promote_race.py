@@ -1,6 +1,6 @@
 """Overlapping promotions lose nothing: both decisions are logged, LATEST is the better run's.
 
-The race is made deterministic with `job.promote.decided`, the seam called after each decision and
+The race is made deterministic with `job.commands.promote.decided`, the seam called after each decision and
 before any of it is written: both promotions read LATEST and decide before either writes; then
 the one called `first` writes and finishes while `second` waits, and `second` writes against what
 it read, loses, reads again and decides again. Locally and against the S3 server on loopback.
@@ -19,17 +19,17 @@ import uuid
 import pytest
 import torch
 
-import job.pointer
-import job.promote
-from job.checkpoint import checkpoint_folders
+import job.storage.pointer
+import job.commands.promote
+from job.storage.checkpoint import checkpoint_folders
 from job.config import TrainConfig
 from job.errors import UsageError
-from job.evaluate import add_evaluate_arguments, prepare_evaluator
-from job.local_session import LocalSession
-from job.pointer import PreconditionFailed, Store
-from job.promote import add_promote_arguments
-from job.storage import resolve_location
-from job.worker import run_worker
+from job.commands.evaluate import add_evaluate_arguments, prepare_evaluator
+from job.runtime.local_session import LocalSession
+from job.storage.pointer import PreconditionFailed, Store
+from job.commands.promote import add_promote_arguments
+from job.storage.location import resolve_location
+from job.runtime.loop import run_worker
 
 NUM = "64"  # generated images per evaluation: enough for the numbers, quick on a CPU
 GOOD, BAD, WORST = 10.0, 20.0, 30.0  # fid_classifier of the runs (lower is better)
@@ -147,7 +147,7 @@ def overlapped(monkeypatch, place, first, second, small_fashion_dir):
             if name == second:
                 assert first_done.wait(120)
 
-    monkeypatch.setattr(job.promote, "decided", decided)
+    monkeypatch.setattr(job.commands.promote, "decided", decided)
     statuses = {}
 
     def promote_in_thread(name):
@@ -221,7 +221,7 @@ def test_a_promotion_that_dies_between_latest_and_the_log_is_logged_by_the_next_
     def die(*_):
         raise KeyboardInterrupt  # killed after LATEST was replaced, before its log line was written
 
-    monkeypatch.setattr(job.promote, "log_promotion", die)
+    monkeypatch.setattr(job.commands.promote, "log_promotion", die)
     with pytest.raises(KeyboardInterrupt):
         promote(place, "bad", small_fashion_dir)
     monkeypatch.undo()
@@ -259,7 +259,7 @@ def test_a_promotion_that_keeps_losing_gives_up_with_one_line_and_writes_nothing
         pointer["promoted_at"] = uuid.uuid4().hex  # a hand edit between every read and write
         latest.write_text(json.dumps(pointer))
 
-    monkeypatch.setattr(job.promote, "decided", another_writer_moves_latest)
+    monkeypatch.setattr(job.commands.promote, "decided", another_writer_moves_latest)
     capsys.readouterr()
     assert promote(place, "good", small_fashion_dir) == 1
     out, err = capsys.readouterr()
@@ -277,7 +277,7 @@ def test_a_conditional_write_fails_when_the_object_changed_since_it_was_read(kin
     else:
         s3 = request.getfixturevalue("s3_server")
         location, store = resolve_location(f"s3://{s3.bucket}/cas-{uuid.uuid4().hex[:8]}/LATEST", s3.url), Store(s3.url)
-    assert store.read(location) == job.pointer.Versioned(None, None)
+    assert store.read(location) == job.storage.pointer.Versioned(None, None)
     store.write(location, b"one", None)  # first write: only if there is none
     with pytest.raises(PreconditionFailed):
         store.write(location, b"two", None)
@@ -306,10 +306,10 @@ class IgnoresConditions:
 @pytest.mark.s3
 def test_an_s3_store_that_ignores_conditional_writes_is_refused_before_anything_is_written(runs, s3_server, small_fashion_dir, monkeypatch):
     """A UsageError is one line on stderr and exit status 2 (job.cli.main)."""
-    import job.s3_preflight
+    import job.storage.s3_preflight
 
-    real_client = job.s3_preflight.s3_client
-    monkeypatch.setattr(job.s3_preflight, "s3_client", lambda *a, **k: IgnoresConditions(real_client(*a, **k)))
+    real_client = job.storage.s3_preflight.s3_client
+    monkeypatch.setattr(job.storage.s3_preflight, "s3_client", lambda *a, **k: IgnoresConditions(real_client(*a, **k)))
     client, prefix = s3_server.client(), f"ignores-{uuid.uuid4().hex[:8]}"
     for path in (runs / "good").rglob("*"):
         if path.is_file():
@@ -329,7 +329,7 @@ def test_an_s3_store_that_ignores_conditional_writes_is_refused_before_anything_
 
 def test_a_file_system_that_ignores_locks_is_refused_before_anything_is_written(runs, small_fashion_dir, monkeypatch):
     """`fcntl.flock` made a no-op in this process stands for a file system whose locks do nothing."""
-    monkeypatch.setattr(job.pointer.fcntl, "flock", lambda *a: None)
+    monkeypatch.setattr(job.storage.pointer.fcntl, "flock", lambda *a: None)
     place, stored = Place(str(runs), None), (runs / "good" / "artifacts" / "eval.json").read_bytes()
     with pytest.raises(UsageError) as refused:
         promote(place, "good", small_fashion_dir)

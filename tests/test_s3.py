@@ -12,7 +12,7 @@ import torch
 
 from gan.data import iterate_batches, load_split
 from job.cli import main
-from job.data_source import fetch_from_bucket
+from job.storage.data_source import fetch_from_bucket
 from tests.conftest import free_port, write_tiny_dataset
 
 pytestmark = [pytest.mark.s3]
@@ -144,7 +144,7 @@ def test_missing_bucket_is_named_and_create_bucket_creates_it(s3_server, tiny_da
     code, err, took_s = _train_to("s3://no-such-bucket-here/runs", tiny_data_dir, tmp_path, capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "'no-such-bucket-here' does not exist" in err and "--create-bucket" in err
     assert took_s < 30
-    from job.s3_preflight import check_bucket
+    from job.storage.s3_preflight import check_bucket
 
     check_bucket("s3://created-by-preflight/runs", None, create=True)
     s3_server.client().head_bucket(Bucket="created-by-preflight")

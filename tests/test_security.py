@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from job.checkpoint import DIGEST_FILE, STATE_FILE, checkpoint_folders, read_checkpoint
+from job.storage.checkpoint import DIGEST_FILE, STATE_FILE, checkpoint_folders, read_checkpoint
 from job.cli import main
-from job.storage import resolve_location
+from job.storage.location import resolve_location
 from tests.faultproxy import files_containing, ray_session_dir, ray_worker_log_lines, tree_state
 
 pytestmark = pytest.mark.s3

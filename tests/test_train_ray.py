@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from job.checkpoint import checkpoint_folders, read_checkpoint
+from job.storage.checkpoint import checkpoint_folders, read_checkpoint
 from job.cli import main
-from job.storage import resolve_location
+from job.storage.location import resolve_location
 
 pytestmark = pytest.mark.ray
 

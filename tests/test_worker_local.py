@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from job.checkpoint import STATE_FILE, CheckpointError, checkpoint_folders, read_checkpoint
+from job.storage.checkpoint import STATE_FILE, CheckpointError, checkpoint_folders, read_checkpoint
 from job.cli import main
 from job.config import TrainConfig
 from job.errors import UsageError
-from job.local_session import LocalSession
-from job.storage import resolve_location
-from job.worker import run_worker
+from job.runtime.local_session import LocalSession
+from job.storage.location import resolve_location
+from job.runtime.loop import run_worker
 
 
 def _train(tmp_path, data_dir, **overrides):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from job.config import TrainConfig
-from job.data_source import local_data_folder
+from job.storage.data_source import local_data_folder
 
 EVAL_SEED = 0  # classifier and reference subsets: fixed, so runs are comparable with each other
 NOISE_SEED_OFFSET = 12_345  # the probe's noise is fixed per run and apart from the training noise

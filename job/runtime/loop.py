@@ -1,7 +1,7 @@
 """The per-worker training loop. Ray-free: a `WorkerSession` supplies rank, device and storage.
 
-Under Ray Train the session is `job.ray_worker.RaySession`; in one process (the GPU epoch check,
-fast tests) it is `job.local_session.LocalSession`. The loop is the same either way.
+Under Ray Train the session is `job.runtime.ray_session.RaySession`; in one process (the GPU epoch check,
+fast tests) it is `job.runtime.local_session.LocalSession`. The loop is the same either way.
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ from gan.data import iterate_batches, load_split, shard_indices
 from gan.models import Discriminator, Generator
 from gan.plots import image_grid_png, loss_curves_png, quality_curves_png
 from gan.step import GeneratorEMA, amp_dtype_for, make_optimizer, train_step
-from job.artifacts import RunArtifacts
-from job.checkpoint import FORMAT_VERSION, write_checkpoint
+from job.storage.artifacts import RunArtifacts
+from job.storage.checkpoint import FORMAT_VERSION, write_checkpoint
 from job.config import SHAPE_FIELDS, TrainConfig
 from job.console import say
-from job.data_source import local_data_folder
-from job.distributed import broadcast_object, gather_objects, mean_across_ranks, parameter_digest, unwrap, wrap_ddp
+from job.storage.data_source import local_data_folder
+from job.runtime.distributed import broadcast_object, gather_objects, mean_across_ranks, parameter_digest, unwrap, wrap_ddp
 from job.errors import UsageError
-from job.guards import MAX_ROLLBACKS, CollapseGuard, DivergenceGuard, Verdict
-from job.quality import QualityProbe
-from job.storage import Location
+from job.runtime.guards import MAX_ROLLBACKS, CollapseGuard, DivergenceGuard, Verdict
+from job.runtime.quality import QualityProbe
+from job.storage.location import Location
 
 NUM_SAMPLES = 16  # the tutorial's 4x4 grid of fixed-noise samples
 PROGRESS_EVERY_S = 15.0  # live step progress at most this often, so `ray job logs` stays readable

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from job.config import DATASET_NAMES
 from job.console import warn
 from job.errors import UsageError
-from job.storage import Location, resolve_location
+from job.storage.location import Location, resolve_location
 
 # torch, torchmetrics and the checkpoint code load only when a command runs: cli.py calls
 # add_evaluate_arguments for every command, `--help` and `bench` included.
@@ -72,7 +72,7 @@ def check_evaluation_flags(data: str | None, num: int, seed: int, inception_weig
 def prepare_evaluator(data: str, data_dir: str | None, s3_endpoint: str | None) -> QualityEvaluator:
     """The evaluator for `data`: its IDX files (a bucket copy is fetched) and the cached classifier."""
     from gan.metrics import build_evaluator
-    from job.data_source import local_data_folder
+    from job.storage.data_source import local_data_folder
 
     folder = local_data_folder(SimpleNamespace(data=data, data_dir=data_dir, s3_endpoint=s3_endpoint))
     return build_evaluator(data, folder)
@@ -90,7 +90,7 @@ def generator_for_evaluation(state: dict) -> tuple[Generator, str]:
 
 def evaluate_state(
     evaluator: QualityEvaluator,  # the reference data and classifier
-    state: dict,  # a checkpoint (`job.checkpoint.load_from`)
+    state: dict,  # a checkpoint (`job.storage.checkpoint.load_from`)
     source: str,  # the checkpoint folder's URI, recorded in the result
     data: str,  # dataset name, recorded in the result
     num: int,  # generated images
@@ -99,7 +99,7 @@ def evaluate_state(
 ) -> dict:
     """Every metric of one checkpoint's generator, as one JSON-ready dict."""
     from gan.metrics import inception_fid
-    from job.generate import sample_images  # the one noise → images path, shared with `generate`
+    from job.commands.generate import sample_images  # the one noise → images path, shared with `generate`
 
     started_s = time.perf_counter()
     generator, key = generator_for_evaluation(state)
@@ -141,15 +141,15 @@ def store_in_run(run: Location, result: dict, evaluator: QualityEvaluator) -> No
 
 def is_run_folder(location: Location) -> bool:
     """A run folder holds checkpoint folders; a checkpoint folder holds the state file itself."""
-    from job.checkpoint import STATE_FILE
+    from job.storage.checkpoint import STATE_FILE
 
     return not location.child(STATE_FILE).exists()
 
 
 def evaluate(args: argparse.Namespace) -> int:
     """`gan-job evaluate`: print one JSON object of metrics for `--from`."""
-    from job.checkpoint import load_from
-    from job.promote import resolve_latest
+    from job.storage.checkpoint import load_from
+    from job.commands.promote import resolve_latest
 
     check_evaluation_flags(args.data, args.num, args.seed, args.inception_weights)
     source_uri = resolve_latest(args.source, args.s3_endpoint)

@@ -20,10 +20,10 @@ the other. Neither object store nor file system can update two objects in one st
   so a crash between the two writes cannot lose a decision (LATEST holds it until the next
   promotion logs it), and the log stays in the order the pointer moved in.
 - A lost race (`PreconditionFailed`) means: read again and decide again against the newer
-  LATEST (`job.promote` keeps the candidate's evaluation; LATEST's own number is stored in it).
+  LATEST (`job.commands.promote` keeps the candidate's evaluation; LATEST's own number is stored in it).
   Decisions have ids, so a write whose reply was lost but that landed is recognised, not repeated.
 - A store that ignores the conditions would make all of this silently wrong, so `check_enforced`
-  probes it before anything is written (S3: `job.s3_preflight.check_conditional_writes`; local:
+  probes it before anything is written (S3: `job.storage.s3_preflight.check_conditional_writes`; local:
   another process must fail to take a lock this one holds) and refuses it with a one-line error.
 """
 
@@ -39,7 +39,7 @@ import uuid
 from dataclasses import dataclass
 
 from job.errors import UsageError
-from job.storage import Location
+from job.storage.location import Location
 
 LOG_FILE = "promotions.jsonl"
 
@@ -79,7 +79,7 @@ class Store:
 
     def client(self):
         if self._client is None:
-            from job.s3 import s3_client
+            from job.storage.s3 import s3_client
 
             self._client = s3_client(self.s3_endpoint)
         return self._client
@@ -159,7 +159,7 @@ except BlockingIOError:
 def check_enforced(target: Location, s3_endpoint: str | None = None, flag: str = "--target") -> None:
     """Raise a `UsageError` unless the store of `target` enforces what `Store.write` relies on."""
     if not target.is_local:
-        from job.s3_preflight import check_conditional_writes
+        from job.storage.s3_preflight import check_conditional_writes
 
         check_conditional_writes(target.uri, s3_endpoint, flag)
         return

@@ -9,8 +9,8 @@ from __future__ import annotations
 import uuid
 
 from job.errors import UsageError
-from job.s3 import endpoint_url, s3_client
-from job.storage import split_s3_uri
+from job.storage.s3 import endpoint_url, s3_client
+from job.storage.location import split_s3_uri
 
 PREFLIGHT_ATTEMPTS = 2  # a wrong endpoint should fail in seconds, not after the full retry budget
 
@@ -65,7 +65,7 @@ NEVER_AN_ETAG = '"00000000000000000000000000000000"'
 def check_conditional_writes(uri: str, endpoint: str | None, flag: str = "--target") -> None:
     """Raise a `UsageError` unless the store refuses PUTs whose If-Match or If-None-Match condition fails.
 
-    `promote` relies on them (job/pointer.py) for the object `uri`; a store that ignores them would
+    `promote` relies on them (job/storage/pointer.py) for the object `uri`; a store that ignores them would
     let one of two concurrent promotions overwrite the other's. The probe is an object of its own
     beside `uri`, written, overwritten under two failing conditions, and deleted.
     """

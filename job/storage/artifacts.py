@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from job.storage import Location
+from job.storage.location import Location
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from job.checkpoint import CHECKPOINT_PREFIX, checkpoint_folders, latest_checkpoint_or_refuse, upload_checkpoint
-from job.storage import Location
+from job.storage.checkpoint import CHECKPOINT_PREFIX, checkpoint_folders, latest_checkpoint_or_refuse, upload_checkpoint
+from job.storage.location import Location
 
 
 class LocalSession:

@@ -9,14 +9,14 @@ import traceback
 from dataclasses import dataclass
 
 from gan.data import DataError, load_split, resolve_data_dir
-from job.checkpoint import latest_checkpoint_or_refuse
+from job.storage.checkpoint import latest_checkpoint_or_refuse
 from job.config import TrainConfig
-from job.data_source import fetch_from_bucket
-from job.distributed import backend_for
+from job.storage.data_source import fetch_from_bucket
+from job.runtime.distributed import backend_for
 from job.errors import UsageError
-from job.placement import PlacementTimeout, place
-from job.storage import Location, is_s3, resolve_location
-from job.worker import check_resumable
+from job.runtime.placement import PlacementTimeout, place
+from job.storage.location import Location, is_s3, resolve_location
+from job.runtime.loop import check_resumable
 
 # Exit status when training finished but its promotion (`--promote-to`) failed: 0 is success (the
 # promotion made or declined), 1 a failed run, 2 bad input; 3 is free everywhere in the CLI.
@@ -34,7 +34,7 @@ class Promotion:
 
 def check_promotion(promotion: Promotion, s3_endpoint: str | None) -> Location:
     """The promotion's target, after the checks that need no storage: the margin, the pointer's name, the URI."""
-    from job.promote import check_margin
+    from job.commands.promote import check_margin
 
     check_margin(promotion.margin, flag="--promote-margin")
     if promotion.target is None:
@@ -50,7 +50,7 @@ def check_promotion(promotion: Promotion, s3_endpoint: str | None) -> Location:
 def promote_finished_run(run: Location, promotion: Promotion, config: TrainConfig) -> int:
     """`gan-job promote --run <the run> --target <promotion.target> --margin M` in this process; 0 when the
     promotion was made or declined (promote prints and logs the decision), PROMOTION_FAILED otherwise."""
-    from job.promote import promote, promotion_args
+    from job.commands.promote import promote, promotion_args
 
     # promote's defaults (the run's data, the default image count and seed); the IDX files the run used.
     args = promotion_args(run.uri, promotion.target, promotion.margin, config.data_dir, config.s3_endpoint)
@@ -84,7 +84,7 @@ def preflight(config: TrainConfig) -> Location:
     """
     storage = resolve_location(config.storage, config.s3_endpoint)
     if is_s3(config.data_dir):
-        from job.s3_preflight import check_bucket
+        from job.storage.s3_preflight import check_bucket
 
         check_bucket(config.data_dir, config.s3_endpoint, flag="--data-dir", write=False)
         data_folder = fetch_from_bucket(config.data_dir, config.s3_endpoint)  # local workers then find it in the cache
@@ -92,7 +92,7 @@ def preflight(config: TrainConfig) -> Location:
         data_folder = resolve_data_dir(config.data, config.data_dir)
     load_split(data_folder, "train", config.limit)  # a damaged or wrong-shaped file fails here, not in every worker
     if is_s3(config.storage):
-        from job.s3_preflight import check_bucket
+        from job.storage.s3_preflight import check_bucket
 
         check_bucket(config.storage, config.s3_endpoint, flag="--storage", create=config.create_bucket)
     else:
@@ -143,7 +143,7 @@ def build_trainer(config: TrainConfig):  # -> ray.train.torch.TorchTrainer (Ray 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from job.ray_worker import train_loop_per_worker
+    from job.runtime.ray_session import train_loop_per_worker
 
     storage = resolve_location(config.storage, config.s3_endpoint)
     return TorchTrainer(
@@ -186,12 +186,12 @@ def run_training(config: TrainConfig, promotion: Promotion | None = None) -> int
     target = check_promotion(promotion, config.s3_endpoint) if promotion is not None else None
     run = preflight(config)
     if target is not None:
-        from job.promote import check_target
+        from job.commands.promote import check_target
 
         check_target(target, config.s3_endpoint, flag="--promote-to")  # a LATEST that is no pointer, a store that cannot do it
     config = absolute_locations(config)
     if is_s3(config.storage) or is_s3(config.data_dir):
-        from job.s3 import endpoint_url
+        from job.storage.s3 import endpoint_url
 
         # Workers use the endpoint the driver checked, whatever their own environment says.
         config = config.replace(s3_endpoint=endpoint_url(config.s3_endpoint))

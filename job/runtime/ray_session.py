@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from job.checkpoint import CheckpointError, latest_checkpoint_or_refuse, read_checkpoint, upload_checkpoint
+from job.storage.checkpoint import CheckpointError, latest_checkpoint_or_refuse, read_checkpoint, upload_checkpoint
 from job.config import TrainConfig
 from job.console import warn
-from job.distributed import select_device
-from job.storage import Location, resolve_location
-from job.worker import run_worker
+from job.runtime.distributed import select_device
+from job.storage.location import Location, resolve_location
+from job.runtime.loop import run_worker
 
 
 class RaySession:

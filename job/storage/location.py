@@ -107,7 +107,7 @@ class Location:
 def resolve_location(uri: str, s3_endpoint: str | None = None, flag: str = "--storage") -> Location:
     """A `Location` for a local folder (made absolute) or an `s3://bucket/prefix`."""
     if is_s3(uri):
-        from job.s3 import s3_filesystem
+        from job.storage.s3 import s3_filesystem
 
         bucket, prefix = split_s3_uri(uri, flag)
         path = f"{bucket}/{prefix}" if prefix else bucket

@@ -18,7 +18,7 @@ import torch
 
 from job.console import warn
 from job.errors import UsageError
-from job.storage import Location, resolve_location
+from job.storage.location import Location, resolve_location
 
 STATE_FILE = "state.pt"
 DIGEST_FILE = "state.pt.sha256"  # written after STATE_FILE, so a half-written folder lacks it

@@ -10,7 +10,7 @@ import torch
 
 from gan.models import Generator
 from gan.plots import image_grid_png
-from job.checkpoint import load_from
+from job.storage.checkpoint import load_from
 from job.config import MAX_SEED
 from job.errors import UsageError
 
@@ -43,7 +43,7 @@ def generate(args: argparse.Namespace) -> int:
     for path, flag in zip(outputs, ("--out", "--npy")):
         if not path.parent.exists():
             raise UsageError(f"{flag} {path}: folder {path.parent} does not exist; create it first")
-    from job.promote import resolve_latest
+    from job.commands.promote import resolve_latest
 
     source, state = load_from(resolve_latest(args.source, args.s3_endpoint), args.s3_endpoint)  # LATEST → its run
     images = sample_images(generator_from_state(state), args.num, args.seed)

@@ -6,7 +6,7 @@ import argparse
 
 from gan.data import IDX_FILES, find_idx_file, load_split, resolve_data_dir
 from job.errors import UsageError
-from job.storage import is_s3, split_s3_uri
+from job.storage.location import is_s3, split_s3_uri
 
 
 def push(args: argparse.Namespace) -> int:
@@ -17,8 +17,8 @@ def push(args: argparse.Namespace) -> int:
     files = [find_idx_file(folder, stem) for stem in IDX_FILES.values()]
     for split in ("train", "test"):  # check every file (format, 28x28, one label each) before uploading any
         load_split(folder, split)
-    from job.s3 import s3_client
-    from job.s3_preflight import check_bucket
+    from job.storage.s3 import s3_client
+    from job.storage.s3_preflight import check_bucket
 
     check_bucket(args.to, args.s3_endpoint, flag="--to")
     client = s3_client(args.s3_endpoint)

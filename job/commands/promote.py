@@ -16,7 +16,7 @@ so a reader sees the old or the new pointer, never a mix. Every decision is prin
 and appended to `promotions.jsonl` next to LATEST.
 
 Promotions may overlap (two retrains finishing together): both LATEST and the log are written by
-compare-and-swap (job/pointer.py), and a promotion that loses the race reads them again and
+compare-and-swap (job/storage/pointer.py), and a promotion that loses the race reads them again and
 decides again against the newer LATEST, keeping its candidate's evaluation. After any overlap the
 log holds every decision, in an order in which they could have run one after the other, and LATEST
 is the last promoted one's. A store that does not enforce the conditions is refused before
@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING
 from job.config import DATASET_NAMES
 from job.console import warn
 from job.errors import UsageError
-from job.pointer import LOG_FILE, PreconditionFailed, Snapshot, Store, append, check_enforced, parse_pointer, read_snapshot
-from job.pointer import replace_pointer
-from job.storage import Location, resolve_location
+from job.storage.pointer import LOG_FILE, PreconditionFailed, Snapshot, Store, append, check_enforced, parse_pointer, read_snapshot
+from job.storage.pointer import replace_pointer
+from job.storage.location import Location, resolve_location
 
 if TYPE_CHECKING:
     from gan.metrics import QualityEvaluator
@@ -49,7 +49,7 @@ MAX_DECISIONS = 5  # reads and decisions before giving up on a LATEST that other
 
 def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `gan-job promote` (cli.py builds the subparser and calls this)."""
-    from job.evaluate import DEFAULT_NUM
+    from job.commands.evaluate import DEFAULT_NUM
 
     parser.add_argument("--run", required=True, help="the run folder to promote: <storage>/<run-name> (local or s3://)")
     parser.add_argument("--target", required=True, help="the pointer to update: <storage>/<job>/LATEST (local or s3://)")
@@ -104,7 +104,7 @@ def resolve_latest(uri: str, s3_endpoint: str | None = None) -> str:
 
 def finished_state(run: Location, s3_endpoint: str | None) -> tuple[Location, dict, dict | None, str | None]:
     """The newest checkpoint (folder, state), model.json (None before the end), and why the run is unfinished (None if it is not)."""
-    from job.checkpoint import load_from
+    from job.storage.checkpoint import load_from
 
     try:
         checkpoint, state = load_from(run.uri, s3_endpoint)
@@ -129,7 +129,7 @@ def candidate_evaluation(
     run: Location, checkpoint: Location, state: dict, evaluator: QualityEvaluator, data: str, num: int, seed: int
 ) -> dict:
     """The run's stored `eval.json` when it measured this checkpoint alike, else a fresh evaluation (then stored)."""
-    from job.evaluate import EVAL_FILE, evaluate_state, same_protocol, store_in_run
+    from job.commands.evaluate import EVAL_FILE, evaluate_state, same_protocol, store_in_run
 
     wanted = {"data": data, "num_images": num, "seed": seed, "reference": evaluator.describe()}
     try:
@@ -150,8 +150,8 @@ def current_fid_classifier(
 
     Returns the number and whether it had to be measured again.
     """
-    from job.checkpoint import load_from
-    from job.evaluate import evaluate_state, same_protocol
+    from job.storage.checkpoint import load_from
+    from job.commands.evaluate import evaluate_state, same_protocol
 
     stored_fid = current.get("fid_classifier")
     if same_protocol(current.get("evaluation") or {}, protocol_of(candidate)) and isinstance(stored_fid, (int, float)):
@@ -198,8 +198,8 @@ def promotion_args(
 
 def promote(args: argparse.Namespace) -> int:
     """`gan-job promote`: move LATEST to `--run` when it passes the gate; print and log the decision."""
-    from job.checkpoint import STATE_FILE
-    from job.evaluate import check_evaluation_flags, prepare_evaluator
+    from job.storage.checkpoint import STATE_FILE
+    from job.commands.evaluate import check_evaluation_flags, prepare_evaluator
 
     # Check the input before anything is evaluated or written.
     check_margin(args.margin)
