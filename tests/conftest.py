@@ -16,6 +16,10 @@ import torch
 
 from gan.data import IDX_FILES, load_split
 from gan.idx import write_idx
+from job.config import TrainConfig
+from job.runtime.local_session import LocalSession
+from job.runtime.loop import run_worker
+from job.storage.location import resolve_location
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 
@@ -152,13 +156,35 @@ def ray_cluster(s3_server):
     ray.shutdown()
 
 
+def train_one_process(storage: Path, data_dir: Path, run_name: str = "run", **overrides) -> Path:
+    """Train a run in this process with the real loop and no Ray (rank 0 of 1, CPU); returns its folder.
+
+    Small by default (1 epoch, batch 32, one torch thread, no training-time evaluation);
+    `overrides` are any TrainConfig fields.
+    """
+    values = {
+        "data": "fashion-mnist", "data_dir": str(data_dir), "epochs": 1, "batch_size": 32, "storage": str(storage),
+        "run_name": run_name, "cpus_per_worker": 1, "eval_every": 0,
+    }  # fmt: skip
+    config = TrainConfig(**{**values, **overrides})
+    run_worker(config, LocalSession(resolve_location(config.storage).child(config.run_name), torch.device("cpu"), config.keep_checkpoints))
+    return storage / run_name
+
+
+def parse_jsonl(text: str | bytes) -> list[dict]:
+    """The objects of a JSON-lines text (metrics.jsonl, promotions.jsonl), blank lines skipped."""
+    if isinstance(text, bytes):
+        text = text.decode()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def metrics_rows(run: Path) -> list[dict]:
     """The rows of a local run's `artifacts/metrics.jsonl` (none before its first epoch)."""
     try:
         text = (run / "artifacts" / "metrics.jsonl").read_text()
     except FileNotFoundError:
         return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return parse_jsonl(text)
 
 
 def knobs_loaded_by(container: dict, objects: list[dict]) -> dict[str, str]:
