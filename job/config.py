@@ -11,9 +11,11 @@ import time
 from dataclasses import dataclass, fields
 
 from job.errors import UsageError, flag_name
+from job.settings import (
+    DATASET_NAMES, MAX_BATCH, MAX_EPOCHS, MAX_EVAL_IMAGES, MAX_LIMIT, MAX_NOISE_DIM, MAX_SECONDS, MAX_SEED, MAX_WORKERS, PRECISIONS,
+    Setting, declared, setting,
+)  # fmt: skip
 
-DATASET_NAMES = ("mnist", "fashion-mnist")
-PRECISIONS = ("auto", "fp32", "bf16")
 GUARD_ACTIONS = ("warn", "rollback", "stop")
 
 # Hyperparameters a recipe sets; any flag given explicitly wins over its recipe.
@@ -25,7 +27,18 @@ RECIPES = {
     "stable": {"batch_size": 64, "lr": 2e-4, "beta1": 0.5, "ema_decay": 0.999},
 }
 RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: "$" would let "name\n" through
-MAX_SEED = 2**32 - 1  # torch takes seeds below 2**64; seed + epoch and seed + rank must stay there
+
+
+def worker_range(text: str) -> tuple[int, int]:
+    """`--num-workers`: N (a fixed group) or MIN-MAX (an elastic one), 1 <= MIN <= MAX <= MAX_WORKERS."""
+    low, dash, high = text.strip().partition("-")
+    try:
+        bounds = (int(low), int(high) if dash else int(low))
+    except ValueError:
+        raise ValueError(f"{text!r} is not N or MIN-MAX; use e.g. 2, or 1-4") from None
+    if not 1 <= bounds[0] <= bounds[1] <= MAX_WORKERS:
+        raise ValueError(f"{text!r} is not N or MIN-MAX with 1 <= MIN <= MAX <= {MAX_WORKERS}; use e.g. 2, or 1-4")
+    return bounds
 
 
 def default_storage() -> str:
@@ -50,43 +63,58 @@ def default_run_name() -> str:
     return ray_submission_id() or time.strftime("run-%Y%m%d-%H%M%S")
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs; the defaults are the tutorial's recipe."""
 
-    data: str = "mnist"  # dataset name; MNIST as in the tutorial
-    data_dir: str | None = None  # folder or s3:// prefix with the four IDX files; None = cache, system copy, download
-    epochs: int = 50  # total epochs of the run (the tutorial's EPOCHS)
-    batch_size: int | None = None  # global batch, split evenly across workers; None = the recipe's (tutorial: 256)
-    num_workers: int = 1  # Ray Train workers, one DDP rank each; the minimum of an elastic run
+    # Each setting is declared once, here: its flag (--<name>), its GAN_JOB_<NAME> variable, kind,
+    # bounds, choices, default and help. job/cli.py builds `train`'s flags from these declarations.
+    data: str = setting("mnist", choices=DATASET_NAMES, help="dataset: mnist (default, as the tutorial) or fashion-mnist")
+    data_dir: str | None = setting(None, metavar="DIR|s3://bucket/prefix",
+        help="folder or s3://bucket/prefix with the four IDX files (default: cache, system copy, download)")
+    epochs: int = setting(50, kind=int, low=1, high=MAX_EPOCHS, help="total epochs of the run (default 50, the tutorial's)")
+    batch_size: int | None = setting(None, kind=int, low=1, high=MAX_BATCH,
+        help="global batch, split evenly across workers (default: the recipe's; tutorial 256)")
+    num_workers: int = setting(1, kind=int, low=1, high=MAX_WORKERS, reads=worker_range, metavar="N|MIN-MAX",
+        help="Ray Train workers, one DDP rank each: N, or MIN-MAX to grow with the cluster (default 1)")
     max_workers: int | None = None  # the maximum of an elastic run (--num-workers MIN-MAX); None = num_workers
-    elastic_resize_interval: float = 60.0  # seconds between Ray Train's checks for room to grow an elastic run
-    use_gpu: bool = False  # one GPU per worker, NCCL between them
-    storage: str = dataclasses.field(default_factory=default_storage)  # folder or s3:// prefix holding runs
-    run_name: str = dataclasses.field(default_factory=default_run_name)  # folder under storage; same name = resume
-    limit: int | None = None  # train on the first N images only; None = all
-    seed: int = 0  # seeds weights, noise, shuffling and the fixed sample noise
-    checkpoint_every: int = 1  # epochs between checkpoints; the last epoch always gets one
-    keep_checkpoints: int = 2  # checkpoints kept in storage; 2 so a damaged latest has a fallback
-    max_failures: int = 2  # worker-group restarts Ray Train makes before giving up
-    cpus_per_worker: int | None = None  # CPUs (and torch threads) per worker; None = the largest node's CPUs / workers
-    placement_timeout: int = 600  # seconds to wait for an autoscaler to start the workers' nodes
-    recipe: str = "tutorial"  # hyperparameter set: "tutorial" (unchanged) or "stable" (see RECIPES)
-    lr: float | None = None  # Adam learning rate of both networks; None = the recipe's
-    beta1: float | None = None  # Adam beta1 of both networks; None = the recipe's
-    ema_decay: float | None = None  # decay of the EMA of G's weights, 0 = off; None = the recipe's
-    eval_every: int = 1  # epochs between quality evaluations (FID, coverage) in training; 0 = never
-    eval_num: int = 2000  # generated images per training-time evaluation
-    on_divergence: str = "rollback"  # non-finite loss or saturated D: warn, rollback or stop
-    on_collapse: str = "warn"  # class coverage far below the run's recent level: warn, rollback or stop
-    noise_dim: int = 100  # length of G's input noise vector
-    precision: str = "auto"  # "auto" = bf16 autocast where the hardware does bf16 natively, else fp32
-    s3_endpoint: str | None = None  # S3 endpoint URL; None = AWS_ENDPOINT_URL or AWS's default
-    create_bucket: bool = False  # create a missing bucket instead of failing
+    elastic_resize_interval: float = setting(60.0, kind=float, low=0, low_open=True, high=MAX_SECONDS,
+        help="with --num-workers MIN-MAX: seconds between checks for room to grow (default 60)")
+    use_gpu: bool = setting(False, kind=bool, help="one GPU per worker, NCCL between workers")
+    storage: str = setting(factory=default_storage, metavar="DIR|s3://bucket/prefix",
+        help="folder or s3://bucket/prefix for runs (default ~/gan-job-runs)")
+    run_name: str = setting(factory=default_run_name,
+        help="run folder under storage; the same name again resumes (default: the Ray submission id, else a timestamp)")
+    limit: int | None = setting(None, kind=int, low=1, high=MAX_LIMIT, help="train on the first N images only (default: all)")
+    seed: int = setting(0, kind=int, low=0, high=MAX_SEED, help="seed of weights, noise, shuffling and sample noise (default 0)")
+    checkpoint_every: int = setting(1, kind=int, low=1, high=MAX_EPOCHS,
+        help="epochs between checkpoints; the last epoch always gets one (default 1)")
+    keep_checkpoints: int = setting(2, kind=int, low=1, high=1000,
+        help="checkpoints kept in storage (default 2, so a damaged latest has a fallback)")
+    max_failures: int = setting(2, kind=int, low=0, high=1000, help="worker-group restarts before the run fails (default 2)")
+    cpus_per_worker: int | None = setting(None, kind=int, low=1, high=MAX_WORKERS,
+        help="CPUs and torch threads per worker (default: the largest node type's CPUs / workers)")
+    placement_timeout: int = setting(600, kind=int, low=1, high=MAX_SECONDS,
+        help="seconds to wait for an autoscaler to start the workers' nodes before giving up (default 600)")
+    recipe: str = setting("tutorial", choices=tuple(RECIPES), help="hyperparameters: tutorial (default, the tutorial's unchanged) or stable")
+    lr: float | None = setting(None, kind=float, low=0, low_open=True, high=1.0,
+        help="Adam learning rate of both networks (default: the recipe's; tutorial 1e-4)")
+    beta1: float | None = setting(None, kind=float, low=0, high=1, high_open=True,
+        help="Adam beta1 of both networks (default: the recipe's; tutorial 0.9)")
+    ema_decay: float | None = setting(None, kind=float, low=0, high=1, high_open=True,
+        help="decay of an EMA of G's weights used for samples and the model, 0 = off (default: the recipe's)")
+    eval_every: int = setting(1, kind=int, low=0, high=MAX_EPOCHS,
+        help="epochs between quality evaluations during training, 0 = never (default 1)")
+    eval_num: int = setting(2000, kind=int, low=10, high=MAX_EVAL_IMAGES, help="generated images per training-time evaluation (default 2000)")
+    on_divergence: str = setting("rollback", choices=GUARD_ACTIONS,
+        help="non-finite loss or saturated D: warn, rollback (default) or stop")
+    on_collapse: str = setting("warn", choices=GUARD_ACTIONS,
+        help="coverage far below the run's recent level: warn (default), rollback or stop")
+    noise_dim: int = setting(100, kind=int, low=1, high=MAX_NOISE_DIM, help="length of the generator's noise vector (default 100)")
+    precision: str = setting("auto", choices=PRECISIONS,
+        help="auto (default: bf16 autocast where the hardware does bf16 natively), fp32 or bf16")
+    s3_endpoint: str | None = setting(None, metavar="URL", help="S3 endpoint URL, e.g. http://minio:9000 (default: AWS_ENDPOINT_URL)")
+    create_bucket: bool = setting(False, kind=bool, help="create the --storage bucket if it is missing")
 
     def __post_init__(self) -> None:
         if self.max_workers is None:
@@ -99,46 +127,13 @@ class TrainConfig:
         self._validate()
 
     def _validate(self) -> None:
-        if self.data not in DATASET_NAMES:
-            raise UsageError(f"--data {self.data!r} is not a known dataset; choose one of: {', '.join(DATASET_NAMES)}")
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"--precision {self.precision!r} is not one of: {', '.join(PRECISIONS)}")
-        for name, low in (
-            ("epochs", 1),
-            ("batch_size", 1),
-            ("num_workers", 1),
-            ("checkpoint_every", 1),
-            ("keep_checkpoints", 1),
-            ("max_failures", 0),
-            ("noise_dim", 1),
-            ("seed", 0),
-            ("limit", 1),
-            ("cpus_per_worker", 1),
-            ("eval_every", 0),
-            ("eval_num", 10),
-            ("placement_timeout", 1),
-            ("max_workers", 1),
-        ):
+        for name, spec in SETTINGS.items():
             value = getattr(self, name)
-            if value is None and name in ("limit", "cpus_per_worker"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise UsageError(f"{flag_name(name)} must be an integer >= {low}, got {value!r}")
-        if self.seed > MAX_SEED:
-            raise UsageError(f"--seed must be an integer in [0, {MAX_SEED}], got {self.seed}")
-        if not _is_number(self.lr) or not math.isfinite(self.lr) or self.lr <= 0:
-            raise UsageError(f"--lr must be a finite number > 0, got {self.lr!r}")
-        for name in ("beta1", "ema_decay"):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0 <= value < 1:
-                raise UsageError(f"{flag_name(name)} must be a number in [0, 1), got {value!r}")
-        for name in ("on_divergence", "on_collapse"):
-            if getattr(self, name) not in GUARD_ACTIONS:
-                raise UsageError(f"{flag_name(name)} {getattr(self, name)!r} is not one of: {', '.join(GUARD_ACTIONS)}")
+            if value is not None or name not in UNSET_ALLOWED:  # None means "not set" only where the default is None
+                spec.check(flag_name(name), value)
+        SETTINGS["num_workers"].check("--num-workers (its maximum)", self.max_workers)
         if self.max_workers < self.num_workers:
             raise UsageError(f"--num-workers {self.num_workers}-{self.max_workers}: the maximum is below the minimum; use MIN-MAX with MIN <= MAX")
-        if not _is_number(self.elastic_resize_interval) or not math.isfinite(self.elastic_resize_interval) or self.elastic_resize_interval <= 0:
-            raise UsageError(f"--elastic-resize-interval must be a finite number of seconds > 0, got {self.elastic_resize_interval!r}")
         # Every world size the run may take splits the global batch exactly: the optimisation is
         # the same at any size (same batch, learning rate and steps per epoch).
         uneven = [size for size in self.world_sizes if self.batch_size % size]
@@ -188,6 +183,10 @@ class TrainConfig:
     def replace(self, **changes: object) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
+
+# The declaration of every train setting, by field name (`max_workers` is --num-workers's MIN-MAX).
+SETTINGS: dict[str, Setting] = declared(TrainConfig)
+UNSET_ALLOWED = frozenset(f.name for f in fields(TrainConfig) if f.default is None and f.name not in RECIPES["tutorial"])
 
 # Fields that decide the shapes in a checkpoint: resuming with other values cannot load it.
 SHAPE_FIELDS = ("noise_dim",)

@@ -5,10 +5,19 @@ import pytest
 from job.cli import build_parser, env_var_for, main
 
 
-@pytest.mark.parametrize("command", [["--help"], ["train", "--help"], ["generate", "--help"], ["bench", "--help"], ["data", "push", "--help"]])
+HELP = [["--help"], *([command, "--help"] for command in ("train", "generate", "evaluate", "promote", "bench")), ["data", "push", "--help"]]
+
+
+@pytest.mark.parametrize("command", HELP, ids=" ".join)
 def test_every_command_has_help(command, capsys):
     assert main(command) == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_help_works_even_when_a_knob_is_bad(monkeypatch, capsys):
+    monkeypatch.setenv(env_var_for("epochs"), "many")
+    assert main(["train", "--help"]) == 0
+    assert "GAN_JOB_EPOCHS" in capsys.readouterr().out
 
 
 def test_train_flags_come_from_environment_variables_and_flags_win(monkeypatch):

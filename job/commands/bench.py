@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
@@ -13,20 +12,37 @@ from gan.data import iterate_batches, load_split, resolve_data_dir
 from gan.models import Discriminator, Generator
 from gan.step import amp_dtype_for, make_optimizer, train_step
 from job.errors import UsageError
+from job.settings import DATASET_NAMES, MAX_BATCH, MAX_NOISE_DIM, MAX_STEPS, MAX_WARMUP, MAX_WORKERS, PRECISIONS, Setting, add_flag
 
-MAX_BATCH = 65536  # the random batches are made up front, four batches' worth
+STEPS = Setting("timed steps", kind=int, low=1, high=MAX_STEPS)
+WARMUP = Setting("untimed steps first", kind=int, low=0, high=MAX_WARMUP)
+BATCH_SIZE = Setting("batch size (as train's global batch)", kind=int, low=1, high=MAX_BATCH)
+DEVICE = Setting("where to run", choices=("cpu", "cuda"))
+THREADS = Setting("torch threads (default: torch's own choice)", kind=int, low=1, high=MAX_WORKERS)
+DATA = Setting("real images instead of random ones", choices=DATASET_NAMES)
+DATA_DIR = Setting("folder with the IDX files (with --data)")
+NOISE_DIM = Setting("noise vector length", kind=int, low=1, high=MAX_NOISE_DIM)
+LR = Setting("Adam learning rate", kind=float, low=0, low_open=True, high=1.0)
+PRECISION = Setting("as train's --precision", choices=PRECISIONS)
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `gan-job bench` (cli.py builds the subparser and calls this)."""
+    add_flag(parser, "--steps", STEPS, 20)
+    add_flag(parser, "--warmup", WARMUP, 3)
+    add_flag(parser, "--batch-size", BATCH_SIZE, 256)
+    add_flag(parser, "--device", DEVICE, "cpu")
+    add_flag(parser, "--threads", THREADS)
+    add_flag(parser, "--data", DATA)
+    add_flag(parser, "--data-dir", DATA_DIR)
+    add_flag(parser, "--noise-dim", NOISE_DIM, 100)
+    add_flag(parser, "--lr", LR, 1e-4)
+    add_flag(parser, "--precision", PRECISION, "auto")
+    parser.set_defaults(handler=bench)
 
 
 def bench(args: argparse.Namespace) -> int:
-    for name in ("steps", "batch_size", "noise_dim"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(args, name)}")
-    if args.batch_size > MAX_BATCH:
-        raise UsageError(f"--batch-size must be at most {MAX_BATCH}, got {args.batch_size}")
-    if not math.isfinite(args.lr) or args.lr <= 0:
-        raise UsageError(f"--lr must be a finite number > 0, got {args.lr!r}")
-    if args.warmup < 0 or (args.threads is not None and args.threads < 1):
-        raise UsageError("--warmup must be >= 0 and --threads >= 1")
+    """`gan-job bench`: print one JSON object with images/s of the training step on this machine."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is visible; use --device cpu")
     if args.threads:

@@ -12,20 +12,22 @@ import argparse
 import json
 import time
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
 
-from job.config import DATASET_NAMES
+from gan.classifier import classifier_to_bytes
+from gan.metrics import MIN_IMAGES, QualityEvaluator, build_evaluator, check_state_dict_file, inception_fid
+from gan.models import Generator
+from gan.sampling import sample, seeded_noise
 from job.console import warn
 from job.errors import UsageError
+from job.settings import DATASET_NAMES, EVAL_NUM, SEED, Setting, add_flag
+from job.storage.checkpoint import STATE_FILE, load_from
+from job.storage.data_source import local_data_folder
 from job.storage.location import Location, resolve_location
-
-# torch, torchmetrics and the checkpoint code load only when a command runs: cli.py calls
-# add_evaluate_arguments for every command, `--help` and `bench` included.
-if TYPE_CHECKING:
-    from gan.metrics import QualityEvaluator
-    from gan.models import Generator
+from job.storage.pointer import resolve_latest
 
 DEFAULT_NUM = 10_000  # the size of the test split: FID's bias shrinks with the count
+DATA = Setting("real data to compare with (default: the run's)", choices=DATASET_NAMES)
+assert EVAL_NUM.low == MIN_IMAGES, "EVAL_NUM's declared minimum is k-NN's"  # job.settings cannot import torch
 EVAL_FILE = "eval.json"
 CLASSIFIER_FILE = "classifier.pt"
 # The fields that must agree for two evaluations' numbers to be comparable.
@@ -35,14 +37,12 @@ PROTOCOL_FIELDS = ("data", "num_images", "seed")
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `gan-job evaluate` (cli.py builds the subparser and calls this)."""
     parser.add_argument("--from", dest="source", required=True, help="run folder, checkpoint folder, LATEST pointer, or s3:// of any")
-    parser.add_argument("--data", choices=DATASET_NAMES, default=None, help="real data to compare with (default: the run's)")
+    add_flag(parser, "--data", DATA)
     parser.add_argument(
         "--data-dir", default=None, help="folder or s3://bucket/prefix with the four IDX files (default: cache, system copy, download)"
     )
-    parser.add_argument(
-        "--num", type=int, default=DEFAULT_NUM, help=f"generated images (default {DEFAULT_NUM}; at least 4, for k-NN with k = 3)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    add_flag(parser, "--num", EVAL_NUM, DEFAULT_NUM)
+    add_flag(parser, "--seed", SEED, 0)
     parser.add_argument(
         "--inception-weights", default=None, help="local Inception weights (.pth state dict) for Inception FID; never downloaded"
     )
@@ -51,15 +51,11 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_evaluation_flags(data: str | None, num: int, seed: int, inception_weights: str | None = None) -> None:
-    """Refuse bad values before anything is loaded, naming the flag."""
-    from gan.metrics import MIN_IMAGES, check_state_dict_file
-
-    if data is not None and data not in DATASET_NAMES:
-        raise UsageError(f"--data {data!r} is not a known dataset; choose one of: {', '.join(DATASET_NAMES)}")
-    if isinstance(num, bool) or not isinstance(num, int) or num < MIN_IMAGES:
-        raise UsageError(f"--num must be an integer >= {MIN_IMAGES} (k-NN precision and recall need k + 1 images), got {num!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UsageError(f"--seed must be an integer >= 0, got {seed!r}")
+    """Refuse bad values before anything is loaded, naming the flag (for callers that did not parse them)."""
+    if data is not None:
+        DATA.check("--data", data)
+    EVAL_NUM.check("--num", num)
+    SEED.check("--seed", seed)
     if inception_weights is not None:
         try:
             check_state_dict_file(inception_weights)
@@ -71,17 +67,12 @@ def check_evaluation_flags(data: str | None, num: int, seed: int, inception_weig
 
 def prepare_evaluator(data: str, data_dir: str | None, s3_endpoint: str | None) -> QualityEvaluator:
     """The evaluator for `data`: its IDX files (a bucket copy is fetched) and the cached classifier."""
-    from gan.metrics import build_evaluator
-    from job.storage.data_source import local_data_folder
-
     folder = local_data_folder(SimpleNamespace(data=data, data_dir=data_dir, s3_endpoint=s3_endpoint))
     return build_evaluator(data, folder)
 
 
 def generator_for_evaluation(state: dict) -> tuple[Generator, str]:
     """The checkpoint's EMA generator when it has one, else its generator; and which key it was."""
-    from gan.models import Generator
-
     key = "ema_generator" if state.get("ema_generator") is not None else "generator"
     generator = Generator(int(state["config"]["noise_dim"]))
     generator.load_state_dict(state[key])
@@ -98,12 +89,9 @@ def evaluate_state(
     inception_weights: str | None = None,  # local Inception weights; None = Inception FID not computed
 ) -> dict:
     """Every metric of one checkpoint's generator, as one JSON-ready dict."""
-    from gan.metrics import inception_fid
-    from job.commands.generate import sample_images  # the one noise → images path, shared with `generate`
-
     started_s = time.perf_counter()
     generator, key = generator_for_evaluation(state)
-    images = sample_images(generator, num, seed)
+    images = sample(generator, seeded_noise(num, generator.noise_dim, seed))
     return {
         "source": source,
         "epoch": int(state["epoch"]),
@@ -129,8 +117,6 @@ def same_protocol(first: dict, second: dict) -> bool:
 
 def store_in_run(run: Location, result: dict, evaluator: QualityEvaluator) -> None:
     """Write `eval.json` and the classifier next to the run; a read-only run is only warned about."""
-    from gan.classifier import classifier_to_bytes
-
     artifacts = run.child("artifacts")
     try:
         artifacts.child(CLASSIFIER_FILE).write_bytes(classifier_to_bytes(evaluator.classifier))
@@ -141,16 +127,11 @@ def store_in_run(run: Location, result: dict, evaluator: QualityEvaluator) -> No
 
 def is_run_folder(location: Location) -> bool:
     """A run folder holds checkpoint folders; a checkpoint folder holds the state file itself."""
-    from job.storage.checkpoint import STATE_FILE
-
     return not location.child(STATE_FILE).exists()
 
 
 def evaluate(args: argparse.Namespace) -> int:
     """`gan-job evaluate`: print one JSON object of metrics for `--from`."""
-    from job.storage.checkpoint import load_from
-    from job.commands.promote import resolve_latest
-
     check_evaluation_flags(args.data, args.num, args.seed, args.inception_weights)
     source_uri = resolve_latest(args.source, args.s3_endpoint)
     location = resolve_location(source_uri, args.s3_endpoint, flag="--from")

@@ -28,40 +28,42 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import sys
 import uuid
-from typing import TYPE_CHECKING
 
-from job.config import DATASET_NAMES
+from gan.metrics import QualityEvaluator
+from job.commands.evaluate import (
+    DEFAULT_NUM, EVAL_FILE, check_evaluation_flags, evaluate_state, prepare_evaluator, same_protocol, store_in_run,
+)  # fmt: skip
 from job.console import warn
 from job.errors import UsageError
-from job.storage.pointer import LOG_FILE, PreconditionFailed, Snapshot, Store, append, check_enforced, parse_pointer, read_snapshot
-from job.storage.pointer import replace_pointer
+from job.settings import DATASET_NAMES, EVAL_NUM, MAX_MARGIN, SEED, Setting, add_flag
+from job.storage.checkpoint import STATE_FILE, load_from
 from job.storage.location import Location, resolve_location
-
-if TYPE_CHECKING:
-    from gan.metrics import QualityEvaluator
+from job.storage.pointer import LOG_FILE, PreconditionFailed, Snapshot, Store, append, check_enforced, read_pointer, read_snapshot
+from job.storage.pointer import replace_pointer, unreadable
 
 POINTER_KEYS = ("run", "fid_classifier", "promoted_at")
 MAX_DECISIONS = 5  # reads and decisions before giving up on a LATEST that other promotions keep moving
+# -1 would promote a run infinitely worse; above MAX_MARGIN every run passes anyway.
+MARGIN = Setting(
+    "promote when fid_new <= fid_current * (1 + margin); 0 = no worse, 0.05 = up to 5 % worse, -0.1 = at least 10 % better",
+    kind=float, low=-1, low_open=True, high=MAX_MARGIN,
+)  # fmt: skip
+DATA = Setting("real data to evaluate against (default: the run's)", choices=DATASET_NAMES)
 
 
 def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `gan-job promote` (cli.py builds the subparser and calls this)."""
-    from job.commands.evaluate import DEFAULT_NUM
-
     parser.add_argument("--run", required=True, help="the run folder to promote: <storage>/<run-name> (local or s3://)")
     parser.add_argument("--target", required=True, help="the pointer to update: <storage>/<job>/LATEST (local or s3://)")
-    parser.add_argument(
-        "--margin", type=float, default=0.0, help="promote when fid_new <= fid_current * (1 + margin) (default 0: no worse)"
-    )
-    parser.add_argument("--data", choices=DATASET_NAMES, default=None, help="real data to evaluate against (default: the run's)")
+    add_flag(parser, "--margin", MARGIN, 0.0)
+    add_flag(parser, "--data", DATA)
     parser.add_argument(
         "--data-dir", default=None, help="folder or s3://bucket/prefix with the four IDX files (default: cache, system copy, download)"
     )
-    parser.add_argument("--num", type=int, default=DEFAULT_NUM, help=f"generated images per evaluation (default {DEFAULT_NUM})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise (default 0)")
+    add_flag(parser, "--num", EVAL_NUM, DEFAULT_NUM)
+    add_flag(parser, "--seed", SEED, 0)
     parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
     parser.set_defaults(handler=promote)
 
@@ -70,42 +72,8 @@ def now_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def is_file(location: Location) -> bool:
-    import pyarrow.fs
-
-    return location.fs.get_file_info(location.path).type == pyarrow.fs.FileType.File
-
-
-def read_pointer(location: Location, flag: str = "--target") -> dict | None:
-    """The LATEST pointer at `location`, or None when there is none yet; anything else is refused."""
-    if not location.exists():
-        return None
-    if not is_file(location):
-        raise UsageError(f"{flag} {location.uri} is a folder; name the pointer object itself, e.g. <storage>/<job>/LATEST")
-    return parse_pointer(location.read_bytes(), location.uri, flag)
-
-
-def unreadable(flag: str, uri: str, err: OSError) -> UsageError:
-    """The one-line error for a location that storage refuses to read (credentials, endpoint, bucket)."""
-    reason = " ".join(str(err).split())[:300] or type(err).__name__
-    return UsageError(f"{flag} {uri} cannot be read ({reason}); check the location and the S3 credentials and endpoint")
-
-
-def resolve_latest(uri: str, s3_endpoint: str | None = None) -> str:
-    """The run a LATEST pointer names; any other location (a run or checkpoint folder) as it is."""
-    location = resolve_location(uri, s3_endpoint, flag="--from")
-    try:
-        if not location.exists() or not is_file(location):
-            return uri
-        return read_pointer(location, flag="--from")["run"]
-    except OSError as err:
-        raise unreadable("--from", uri, err) from None
-
-
 def finished_state(run: Location, s3_endpoint: str | None) -> tuple[Location, dict, dict | None, str | None]:
     """The newest checkpoint (folder, state), model.json (None before the end), and why the run is unfinished (None if it is not)."""
-    from job.storage.checkpoint import load_from
-
     try:
         checkpoint, state = load_from(run.uri, s3_endpoint)
     except UsageError:
@@ -129,8 +97,6 @@ def candidate_evaluation(
     run: Location, checkpoint: Location, state: dict, evaluator: QualityEvaluator, data: str, num: int, seed: int
 ) -> dict:
     """The run's stored `eval.json` when it measured this checkpoint alike, else a fresh evaluation (then stored)."""
-    from job.commands.evaluate import EVAL_FILE, evaluate_state, same_protocol, store_in_run
-
     wanted = {"data": data, "num_images": num, "seed": seed, "reference": evaluator.describe()}
     try:
         stored = json.loads(run.child("artifacts", EVAL_FILE).read_text())
@@ -150,9 +116,6 @@ def current_fid_classifier(
 
     Returns the number and whether it had to be measured again.
     """
-    from job.storage.checkpoint import load_from
-    from job.commands.evaluate import evaluate_state, same_protocol
-
     stored_fid = current.get("fid_classifier")
     if same_protocol(current.get("evaluation") or {}, protocol_of(candidate)) and isinstance(stored_fid, (int, float)):
         return float(stored_fid), False
@@ -169,9 +132,8 @@ def decided(decision: dict) -> None:
 
 
 def check_margin(margin: object, flag: str = "--margin") -> None:
-    """Refuse a margin that is not a finite number > -1."""
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin <= -1:
-        raise UsageError(f"{flag} must be a finite number > -1 (0.05 = up to 5 % worse), got {margin!r}")
+    """Refuse a margin that is not a finite number in (-1, MAX_MARGIN]."""
+    MARGIN.check(flag, margin)
 
 
 def check_target(target: Location, s3_endpoint: str | None, flag: str = "--target") -> None:
@@ -198,9 +160,6 @@ def promotion_args(
 
 def promote(args: argparse.Namespace) -> int:
     """`gan-job promote`: move LATEST to `--run` when it passes the gate; print and log the decision."""
-    from job.storage.checkpoint import STATE_FILE
-    from job.commands.evaluate import check_evaluation_flags, prepare_evaluator
-
     # Check the input before anything is evaluated or written.
     check_margin(args.margin)
     check_evaluation_flags(args.data, args.num, args.seed)

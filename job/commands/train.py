@@ -16,12 +16,27 @@ from job.runtime.distributed import backend_for
 from job.errors import UsageError
 from job.runtime.placement import PlacementTimeout, place
 from job.storage.location import Location, is_s3, resolve_location
-from job.runtime.loop import check_resumable
+from job.runtime.state import check_resumable
+from job.runtime.ray_session import train_loop_per_worker
+from job.commands.promote import MARGIN, check_margin, check_target, promote, promotion_args
+from job.settings import Setting
+from job.storage.s3 import endpoint_url
+from job.storage.s3_preflight import check_bucket
 
 # Exit status when training finished but its promotion (`--promote-to`) failed: 0 is success (the
 # promotion made or declined), 1 a failed run, 2 bad input; 3 is free everywhere in the CLI.
 PROMOTION_FAILED = 3
 POINTER_NAME = "LATEST"
+# The promotion flags: declared here, never environment knobs (cli.NOT_FROM_ENVIRONMENT).
+PROMOTE_TO = Setting(
+    "after training finished, promote the run to this pointer as `promote` does with its defaults; "
+    "exit status 3 if the promotion fails (no environment variable)",
+    env=False, metavar="<storage>/<job>/LATEST",
+)  # fmt: skip
+PROMOTE_MARGIN = Setting(
+    "with --promote-to: promote's --margin (default 0: no worse than the current LATEST; no environment variable)",
+    kind=MARGIN.kind, low=MARGIN.low, low_open=MARGIN.low_open, high=MARGIN.high, env=False, metavar="M",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -34,8 +49,6 @@ class Promotion:
 
 def check_promotion(promotion: Promotion, s3_endpoint: str | None) -> Location:
     """The promotion's target, after the checks that need no storage: the margin, the pointer's name, the URI."""
-    from job.commands.promote import check_margin
-
     check_margin(promotion.margin, flag="--promote-margin")
     if promotion.target is None:
         raise UsageError("--promote-margin needs --promote-to <storage>/<job>/LATEST; pass both, or neither")
@@ -50,8 +63,6 @@ def check_promotion(promotion: Promotion, s3_endpoint: str | None) -> Location:
 def promote_finished_run(run: Location, promotion: Promotion, config: TrainConfig) -> int:
     """`gan-job promote --run <the run> --target <promotion.target> --margin M` in this process; 0 when the
     promotion was made or declined (promote prints and logs the decision), PROMOTION_FAILED otherwise."""
-    from job.commands.promote import promote, promotion_args
-
     # promote's defaults (the run's data, the default image count and seed); the IDX files the run used.
     args = promotion_args(run.uri, promotion.target, promotion.margin, config.data_dir, config.s3_endpoint)
     print(f"promoting run {config.run_name} to {promotion.target} if it is no worse than the current one", flush=True)
@@ -84,16 +95,12 @@ def preflight(config: TrainConfig) -> Location:
     """
     storage = resolve_location(config.storage, config.s3_endpoint)
     if is_s3(config.data_dir):
-        from job.storage.s3_preflight import check_bucket
-
         check_bucket(config.data_dir, config.s3_endpoint, flag="--data-dir", write=False)
         data_folder = fetch_from_bucket(config.data_dir, config.s3_endpoint)  # local workers then find it in the cache
     else:
         data_folder = resolve_data_dir(config.data, config.data_dir)
     load_split(data_folder, "train", config.limit)  # a damaged or wrong-shaped file fails here, not in every worker
     if is_s3(config.storage):
-        from job.storage.s3_preflight import check_bucket
-
         check_bucket(config.storage, config.s3_endpoint, flag="--storage", create=config.create_bucket)
     else:
         check_creatable(storage.path, config.storage)
@@ -125,7 +132,7 @@ def prepare_storage(config: TrainConfig) -> None:
 
 def connect_ray() -> None:
     """Join the cluster of `ray job submit` (RAY_ADDRESS) or start a local one."""
-    import ray
+    import ray  # lazy: Ray stays off the start-up path of every command
 
     if not ray.is_initialized():
         ray.init(logging_level="WARNING", log_to_driver=True)
@@ -140,10 +147,9 @@ def worker_failure(error: BaseException) -> BaseException:
 
 def build_trainer(config: TrainConfig):  # -> ray.train.torch.TorchTrainer (Ray stays a lazy import)
     """The TorchTrainer for `config`: scaling, backend, storage, checkpoint and failure policy."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    import ray.train  # lazy: Ray stays off the start-up path of every command
+    from ray.train.torch import TorchConfig, TorchTrainer  # lazy: as ray.train
 
-    from job.runtime.ray_session import train_loop_per_worker
 
     storage = resolve_location(config.storage, config.s3_endpoint)
     return TorchTrainer(
@@ -186,13 +192,9 @@ def run_training(config: TrainConfig, promotion: Promotion | None = None) -> int
     target = check_promotion(promotion, config.s3_endpoint) if promotion is not None else None
     run = preflight(config)
     if target is not None:
-        from job.commands.promote import check_target
-
         check_target(target, config.s3_endpoint, flag="--promote-to")  # a LATEST that is no pointer, a store that cannot do it
     config = absolute_locations(config)
     if is_s3(config.storage) or is_s3(config.data_dir):
-        from job.storage.s3 import endpoint_url
-
         # Workers use the endpoint the driver checked, whatever their own environment says.
         config = config.replace(s3_endpoint=endpoint_url(config.s3_endpoint))
     connect_ray()
@@ -210,7 +212,7 @@ def run_training(config: TrainConfig, promotion: Promotion | None = None) -> int
         + f", {config.epochs} epochs, global batch {config.batch_size}; storage {run.uri}",
         flush=True,
     )
-    import ray.train
+    import ray.train  # lazy: Ray stays off the start-up path of every command
 
     try:
         result = trainer.fit()

@@ -13,6 +13,7 @@ from pathlib import Path
 from gan.data import IDX_FILES, DataError, cache_root, file_lock, find_idx_file, resolve_data_dir
 from gan.idx import IdxFormatError, read_idx
 from job.storage.location import is_s3, split_s3_uri
+from job.storage.s3 import s3_client
 
 
 def local_data_folder(config) -> Path:  # config: job.config.TrainConfig (no import cycle)
@@ -29,8 +30,6 @@ def bucket_cache_dir(uri: str) -> Path:
 
 def fetch_from_bucket(uri: str, s3_endpoint: str | None = None) -> Path:
     """Download the IDX files under `uri` into the cache (once per node) and return the folder."""
-    from job.storage.s3 import s3_client
-
     bucket, prefix = split_s3_uri(uri, "--data-dir")
     target = bucket_cache_dir(uri)
     with file_lock(target.with_suffix(".lock")):

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from job.errors import UsageError
+from job.storage.s3 import s3_filesystem
 
 if TYPE_CHECKING:
-    import pyarrow.fs
+    import pyarrow.fs  # lazy: pyarrow is heavy and only storage work needs it
 
 
 def is_s3(uri: str | None) -> bool:
@@ -56,7 +57,7 @@ class Location:
         return Location(f"{self.uri.rstrip('/')}/{suffix}", self.fs, f"{self.path.rstrip('/')}/{suffix}")
 
     def exists(self) -> bool:
-        import pyarrow.fs
+        import pyarrow.fs  # lazy: pyarrow is heavy and only storage work needs it
 
         return self.fs.get_file_info(self.path).type != pyarrow.fs.FileType.NotFound
 
@@ -91,7 +92,7 @@ class Location:
 
     def list_names(self, folders_only: bool = False) -> list[str]:
         """Names of the entries directly under this folder (empty when it does not exist)."""
-        import pyarrow.fs
+        import pyarrow.fs  # lazy: pyarrow is heavy and only storage work needs it
 
         selector = pyarrow.fs.FileSelector(self.path, allow_not_found=True, recursive=False)
         return sorted(
@@ -100,6 +101,12 @@ class Location:
             if not folders_only or info.type == pyarrow.fs.FileType.Directory
         )
 
+    def is_file(self) -> bool:
+        """Whether this is one object (a file), not a folder or nothing."""
+        import pyarrow.fs  # lazy: pyarrow is heavy and only storage work needs it
+
+        return self.fs.get_file_info(self.path).type == pyarrow.fs.FileType.File
+
     def delete(self) -> None:
         self.fs.delete_file(self.path)
 
@@ -107,14 +114,12 @@ class Location:
 def resolve_location(uri: str, s3_endpoint: str | None = None, flag: str = "--storage") -> Location:
     """A `Location` for a local folder (made absolute) or an `s3://bucket/prefix`."""
     if is_s3(uri):
-        from job.storage.s3 import s3_filesystem
-
         bucket, prefix = split_s3_uri(uri, flag)
         path = f"{bucket}/{prefix}" if prefix else bucket
         return Location(f"s3://{path}", s3_filesystem(s3_endpoint), path)
     if "://" in uri:
         raise UsageError(f"{flag} {uri!r}: only local folders and s3://BUCKET/PREFIX are supported")
-    import pyarrow.fs
+    import pyarrow.fs  # lazy: pyarrow is heavy and only storage work needs it
 
     path = str(Path(uri).expanduser().resolve())
     return Location(path, pyarrow.fs.LocalFileSystem(), path)

@@ -39,7 +39,9 @@ import uuid
 from dataclasses import dataclass
 
 from job.errors import UsageError
-from job.storage.location import Location
+from job.storage.location import Location, resolve_location
+from job.storage.s3 import s3_client
+from job.storage.s3_preflight import check_conditional_writes
 
 LOG_FILE = "promotions.jsonl"
 
@@ -79,8 +81,6 @@ class Store:
 
     def client(self):
         if self._client is None:
-            from job.storage.s3 import s3_client
-
             self._client = s3_client(self.s3_endpoint)
         return self._client
 
@@ -93,7 +93,7 @@ class Store:
             except FileNotFoundError:
                 return Versioned(None, None)
             return Versioned(data, digest(data))
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError  # lazy: botocore loads only when S3 is used
 
         bucket, key = _bucket_key(location)
         try:
@@ -122,7 +122,7 @@ class Store:
             finally:
                 os.close(fd)  # releases the lock
             return
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError  # lazy: botocore loads only when S3 is used
 
         bucket, key = _bucket_key(location)
         condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
@@ -159,8 +159,6 @@ except BlockingIOError:
 def check_enforced(target: Location, s3_endpoint: str | None = None, flag: str = "--target") -> None:
     """Raise a `UsageError` unless the store of `target` enforces what `Store.write` relies on."""
     if not target.is_local:
-        from job.storage.s3_preflight import check_conditional_writes
-
         check_conditional_writes(target.uri, s3_endpoint, flag)
         return
     folder = os.path.dirname(target.path)
@@ -281,3 +279,32 @@ def replace_pointer(store: Store, target: Location, snapshot: Snapshot, pointer:
     """
     append(store, target, snapshot)  # the decision about to leave LATEST goes to the log first
     store.write(target, pointer_bytes(pointer), snapshot.latest.token)
+
+
+# -- reading LATEST ------------------------------------------------------------------------------
+
+
+def unreadable(flag: str, uri: str, err: OSError) -> UsageError:
+    """The one-line error for a location that storage refuses to read (credentials, endpoint, bucket)."""
+    reason = " ".join(str(err).split())[:300] or type(err).__name__
+    return UsageError(f"{flag} {uri} cannot be read ({reason}); check the location and the S3 credentials and endpoint")
+
+
+def read_pointer(location: Location, flag: str = "--target") -> dict | None:
+    """The LATEST pointer at `location`, or None when there is none yet; anything else is refused."""
+    if not location.exists():
+        return None
+    if not location.is_file():
+        raise UsageError(f"{flag} {location.uri} is a folder; name the pointer object itself, e.g. <storage>/<job>/LATEST")
+    return parse_pointer(location.read_bytes(), location.uri, flag)
+
+
+def resolve_latest(uri: str, s3_endpoint: str | None = None) -> str:
+    """The run a LATEST pointer names; any other location (a run or checkpoint folder) as it is."""
+    location = resolve_location(uri, s3_endpoint, flag="--from")
+    try:
+        if not location.exists() or not location.is_file():
+            return uri
+        return read_pointer(location, flag="--from")["run"]
+    except OSError as err:
+        raise unreadable("--from", uri, err) from None

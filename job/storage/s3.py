@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 from job.errors import UsageError
 
 if TYPE_CHECKING:
-    import pyarrow.fs
+    import pyarrow.fs  # lazy: pyarrow is heavy and only storage work needs it
 
 CONNECT_TIMEOUT_S = 5.0  # fail fast on a wrong endpoint
 REQUEST_TIMEOUT_S = 60.0  # a checkpoint part upload may take a while
@@ -37,7 +37,7 @@ def region() -> str:
 
 def s3_filesystem(explicit_endpoint: str | None = None) -> "pyarrow.fs.S3FileSystem":
     """A pyarrow S3 filesystem for the configured endpoint and credentials."""
-    import pyarrow.fs
+    import pyarrow.fs  # lazy: pyarrow is heavy and only storage work needs it
 
     url = endpoint_url(explicit_endpoint)
     options: dict = dict(
@@ -54,8 +54,8 @@ def s3_filesystem(explicit_endpoint: str | None = None) -> "pyarrow.fs.S3FileSys
 
 def s3_client(explicit_endpoint: str | None = None, max_attempts: int = MAX_ATTEMPTS, read_timeout_s: float = REQUEST_TIMEOUT_S):
     """A boto3 S3 client (typed loosely to keep boto3 lazy) for the same endpoint, with bounded retries."""
-    import boto3
-    from botocore.config import Config
+    import boto3  # lazy: boto3 loads only when S3 is used
+    from botocore.config import Config  # lazy: as boto3
 
     config = Config(
         connect_timeout=CONNECT_TIMEOUT_S,

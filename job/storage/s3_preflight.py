@@ -16,8 +16,9 @@ PREFLIGHT_ATTEMPTS = 2  # a wrong endpoint should fail in seconds, not after the
 
 
 def _explain(err: Exception, where: str, bucket: str, flag: str) -> UsageError:
+    # lazy: botocore loads only when S3 is used
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError
-    from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
+    from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError  # lazy: as above
 
     if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
         return UsageError(f"{flag}: no S3 credentials found for {where}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
@@ -69,7 +70,7 @@ def check_conditional_writes(uri: str, endpoint: str | None, flag: str = "--targ
     let one of two concurrent promotions overwrite the other's. The probe is an object of its own
     beside `uri`, written, overwritten under two failing conditions, and deleted.
     """
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError  # lazy: botocore loads only when S3 is used
 
     bucket, key = split_s3_uri(uri, flag)
     where = endpoint_url(endpoint) or "AWS S3"

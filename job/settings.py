@@ -1,0 +1,177 @@
+"""One declaration per setting, and the one set of checks every command's flags go through.
+
+A `Setting` says what a value may be: its kind, its bounds, its choices, its help. The train
+flags are declared on `TrainConfig`'s fields (`setting(...)` puts a Setting in a field's
+metadata); the other commands declare theirs where they add their flags (`add_flag`). The same
+Setting then parses the command line (`ArgType`), an environment variable and a config dict
+(`Setting.check`), so a bound is written once and every way in refuses the same values with the
+same one-line message.
+
+Every number has an upper bound, not only a lower one: a count sizes memory or time (a typo of
+three zeros should fail in a second, not after an hour or an out-of-memory kill), and a seed must
+fit what `torch.manual_seed` takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from job.errors import UsageError
+
+ENV_PREFIX = "GAN_JOB_"
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")
+
+# Upper bounds, shared where two commands size the same thing.
+MAX_SEED = 2**32 - 1  # torch takes seeds below 2**64; seed + epoch and seed + rank must stay there
+MAX_BATCH = 65_536  # images per step; bench makes four batches up front (65536 x 784 bytes x 4 = 205 MB)
+MAX_NOISE_DIM = 4096  # G's first layer is noise_dim x 12544 weights: 205 MB at this size
+MAX_EPOCHS = 100_000  # far beyond any schedule; a typo like 5000000 fails at once
+MAX_STEPS = 100_000  # bench's timed steps: minutes on a CPU at the default batch
+MAX_WARMUP = 10_000  # bench's untimed steps
+MAX_WORKERS = 1024  # Ray Train workers (DDP ranks); also the cap of --cpus-per-worker and --threads
+MAX_LIMIT = 100_000_000  # training images kept (the datasets hold 60,000)
+MAX_EVAL_IMAGES = 100_000  # generated images per evaluation: images and features held in memory (~0.5 GB)
+MAX_GENERATE_IMAGES = 1_000_000  # generate's .npy alone is 3 GB at this count
+MAX_SECONDS = 86_400  # waits and intervals: a day
+MAX_MARGIN = 100.0  # promote's margin: 100 = up to 100 times worse, which already promotes anything
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What one flag (and its environment variable, for train) may hold, and its help."""
+
+    help: str  # the --help text; the default is appended where it is not None
+    kind: type = str  # int, float, str, or bool (a switch)
+    low: float | None = None  # smallest value allowed (inclusive unless low_open)
+    high: float | None = None  # largest value allowed (inclusive unless high_open); every number has one
+    low_open: bool = False  # the value must be above `low` (a learning rate of 0 learns nothing)
+    high_open: bool = False  # the value must be below `high` (a decay of 1 never moves)
+    choices: tuple[str, ...] = ()  # the only values a str setting may take; () = any
+    env: bool = True  # train only: whether GAN_JOB_<NAME> may stand in for the flag
+    metavar: str | None = None  # how --help shows the value
+    reads: Callable[[str], object] | None = None  # a parser for a value that is not one number (--num-workers MIN-MAX)
+
+    @property
+    def numeric(self) -> bool:
+        return self.kind in (int, float)
+
+    def range_text(self) -> str:
+        """The allowed values in words: `an integer in [1, 100000]`, `a finite number in (0, 1]`."""
+        noun = "an integer" if self.kind is int else "a finite number"
+        opening, closing = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"{noun} in {opening}{_show(self.low)}, {_show(self.high)}{closing}"
+
+    def problem(self, value: object) -> str | None:
+        """Why `value` is not allowed (one phrase, to follow the flag's name), or None when it is."""
+        if self.choices:
+            return None if value in self.choices else f"{value!r} is not one of: {', '.join(self.choices)}; choose one of them"
+        if not self.numeric:
+            return None
+        wrong_kind = isinstance(value, bool) or not isinstance(value, (int, float)) or (self.kind is int and not isinstance(value, int))
+        if wrong_kind or not math.isfinite(value):
+            return self.wanted(value)
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        return self.wanted(value) if too_low or too_high else None
+
+    def wanted(self, got: object) -> str:
+        """The message for a value outside the declaration: what is allowed, what came, the fix."""
+        return f"must be {self.range_text()}, got {got!r}; use a value in that range"
+
+    def check(self, flag: str, value: object) -> None:
+        """Refuse a value that is not allowed, naming `flag`."""
+        reason = self.problem(value)
+        if reason is not None:
+            raise UsageError(f"{flag} {reason}")
+
+    def parse(self, text: str) -> object:
+        """A command-line or environment string as this setting's value; ValueError says why not."""
+        if self.reads is not None:
+            return self.reads(text)
+        if self.kind is bool:
+            word = text.strip().lower()
+            if word not in TRUE_WORDS + FALSE_WORDS:
+                raise ValueError(f"{text!r} is not a boolean; use true or false")
+            return word in TRUE_WORDS
+        if self.kind is int:
+            try:
+                value: object = int(text.strip())
+            except ValueError:
+                raise ValueError(self.wanted(text)) from None
+        elif self.kind is float:
+            try:
+                value = float(text.strip())
+            except ValueError:
+                raise ValueError(self.wanted(text)) from None
+        else:
+            value = text
+        reason = self.problem(value)
+        if reason is not None:
+            raise ValueError(reason)
+        return value
+
+
+def _show(bound: float | None) -> str:
+    if bound is None:
+        return "..."
+    return str(int(bound)) if float(bound).is_integer() and abs(bound) < 1e15 else repr(bound)
+
+
+class ArgType:
+    """argparse's `type=` for a Setting: parses and checks; argparse prefixes the flag to the message."""
+
+    def __init__(self, setting: Setting) -> None:
+        self.setting = setting
+        self.__name__ = setting.kind.__name__  # argparse names the type in some of its own messages
+
+    def __call__(self, text: str) -> object:
+        try:
+            return self.setting.parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def setting(default: object = None, *, factory: Callable[[], object] | None = None, **spec: object) -> object:
+    """A dataclass field declared as a Setting: `epochs: int = setting(50, kind=int, low=1, high=..., help=...)`."""
+    metadata = {"setting": Setting(**spec)}  # type: ignore[arg-type]
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def declared(cls: type) -> dict[str, Setting]:
+    """The Settings of a dataclass's fields, by field name, in declaration order."""
+    return {f.name: f.metadata["setting"] for f in dataclasses.fields(cls) if "setting" in f.metadata}
+
+
+def env_var_for(name: str) -> str:
+    """The environment variable of a train setting: `num_workers` → `GAN_JOB_NUM_WORKERS`."""
+    return ENV_PREFIX + name.upper()
+
+
+def add_flag(parser: argparse.ArgumentParser, flag: str, spec: Setting, default: object = None, **kwargs: object) -> argparse.Action:
+    """Add `flag` as `spec` declares it: parsed and checked by the Setting, help with the bounds or choices."""
+    help_ = spec.help.replace("%", "%%")  # argparse formats help with %
+    if spec.numeric:
+        help_ += f"; {spec.range_text()}"
+    if default is not None and spec.kind is not bool:
+        help_ += f" (default {default})"
+    if spec.kind is bool:
+        action = parser.add_argument(flag, action="store_true", default=default, help=help_, **kwargs)
+    else:
+        metavar = spec.metavar or ("{" + ",".join(spec.choices) + "}" if spec.choices else None)
+        action = parser.add_argument(flag, type=ArgType(spec), default=default, metavar=metavar, help=help_, **kwargs)
+    action.setting = spec  # type: ignore[attr-defined]  # for the tests that walk every flag
+    return action
+
+
+# The flags several commands share, declared once.
+SEED = Setting("seed of the noise", kind=int, low=0, high=MAX_SEED)
+EVAL_NUM = Setting("generated images per evaluation (at least 4, for k-NN with k = 3)", kind=int, low=4, high=MAX_EVAL_IMAGES)
+DATASET_NAMES = ("mnist", "fashion-mnist")
+PRECISIONS = ("auto", "fp32", "bf16")
