@@ -14,7 +14,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, overload
 
 import torch
 
@@ -33,6 +33,7 @@ class DatasetInfo:
     name: str
     torchvision_class: str  # the torchvision dataset that downloads it
     system_dirs: tuple[str, ...]  # where distributions install a copy
+    num_classes: int = 10  # classes in the label files (0..num_classes-1): a conditional model's size
 
 
 DATASETS = {
@@ -192,12 +193,34 @@ def shard_indices(num_images: int, rank: int, world_size: int, epoch: int, seed:
     return order[rank * per_rank : (rank + 1) * per_rank]
 
 
-def iterate_batches(images_u8: torch.Tensor, indices: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+@overload
+def iterate_batches(images_u8: torch.Tensor, indices: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]: ...
+
+
+@overload
+def iterate_batches(
+    images_u8: torch.Tensor, indices: torch.Tensor, batch_size: int, labels: torch.Tensor
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+def iterate_batches(
+    images_u8: torch.Tensor,  # (N, 1, 28, 28) uint8, on the device the batches are wanted on
+    indices: torch.Tensor,  # this rank's image indices, in order (`shard_indices`)
+    batch_size: int,  # images per batch
+    labels: torch.Tensor | None = None,  # (N,) class of each image; None = yield the images alone
+) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of float images in [-1, 1], cut from a uint8 tensor on its own device.
 
     The last batch is smaller when the shard does not divide, as with the tutorial's
-    `Dataset.batch`.
+    `Dataset.batch`. With `labels`, each batch comes as (images, labels), the labels as int64 (what
+    `nn.Embedding` takes) on the images' device; put them there once beforehand to spare a copy.
     """
     indices = indices.to(images_u8.device)
+    if labels is None:
+        for start in range(0, indices.shape[0], batch_size):
+            yield to_unit_range(images_u8.index_select(0, indices[start : start + batch_size]))
+        return
+    labels = labels.to(images_u8.device)
     for start in range(0, indices.shape[0], batch_size):
-        yield to_unit_range(images_u8.index_select(0, indices[start : start + batch_size]))
+        batch = indices[start : start + batch_size]
+        yield to_unit_range(images_u8.index_select(0, batch)), labels.index_select(0, batch).long()

@@ -106,14 +106,35 @@ class FlattenLinear(nn.Linear):
         return super().forward(x.flatten(1))
 
 
-class Generator(nn.Module):
-    """Noise (N, noise_dim) → images (N, 1, 28, 28) in [-1, 1]."""
+def _check_labels(network: nn.Module, num_classes: int, labels: torch.Tensor | None) -> None:
+    """Fail with a sentence when labels are missing for a conditional network, or given to an unconditional one."""
+    name = type(network).__name__
+    if num_classes and labels is None:
+        raise ValueError(f"this {name} is class-conditional ({num_classes} classes): pass labels, a (N,) tensor of class indices")
+    if not num_classes and labels is not None:
+        raise ValueError(f"this {name} is unconditional (num_classes=0): it takes no labels; build it with num_classes > 0 for them")
 
-    def __init__(self, noise_dim: int = 100) -> None:
+
+class Generator(nn.Module):
+    """Noise (N, noise_dim) → images (N, 1, 28, 28) in [-1, 1]; with `num_classes` > 0, also class labels (N,).
+
+    Conditional (`num_classes` > 0): each label is embedded in `num_classes` dimensions and joined
+    to the noise before the first dense layer, as cGAN (Mirza & Osindero, 2014) joins a one-hot y
+    to z. An embedding as wide as the number of classes followed by the dense layer can give every
+    class its own first-layer offset, exactly as a one-hot input does (narrower would tie classes
+    together; wider adds nothing a linear layer can use); it is the `nn.Embedding(n_classes,
+    n_classes)` of PyTorch-GAN's cgan.py. Unconditional (0): exactly the tutorial's network.
+    """
+
+    def __init__(self, noise_dim: int = 100, num_classes: int = 0) -> None:
         super().__init__()
         self.noise_dim = noise_dim
+        self.num_classes = num_classes
+        if num_classes:
+            # Left at PyTorch's N(0, 1): per component the same scale as the noise it joins.
+            self.label_embedding = nn.Embedding(num_classes, num_classes)  # (N,) → (N, num_classes)
         self.project = nn.Sequential(
-            nn.Linear(noise_dim, 7 * 7 * 256, bias=False),  # (N, 12544)
+            nn.Linear(noise_dim + num_classes, 7 * 7 * 256, bias=False),  # (N, 12544)
             _batch_norm(nn.BatchNorm1d, 7 * 7 * 256),
             nn.LeakyReLU(LEAKY_SLOPE),
         )
@@ -130,16 +151,26 @@ class Generator(nn.Module):
         )
         self.apply(_keras_init)
 
-    def forward(self, noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        _check_labels(self, self.num_classes, labels)
+        if labels is not None:
+            noise = torch.cat([noise, self.label_embedding(labels).to(noise.dtype)], dim=1)  # (N, noise_dim + num_classes)
         features = self.project(noise).view(-1, 256, 7, 7)
         return self.upsample(features)
 
 
 class Discriminator(nn.Module):
-    """Images (N, 1, 28, 28) → one logit per image (N, 1): real > 0 > fake."""
+    """Images (N, 1, 28, 28) → one logit per image (N, 1): real > 0 > fake; with `num_classes` > 0, also labels (N,).
 
-    def __init__(self) -> None:
+    Conditional (`num_classes` > 0): a projection discriminator (Miyato & Koyama, 2018, "cGANs
+    with Projection Discriminator"), D(x, y) = ψ(φ(x)) + ⟨embed(y), φ(x)⟩, where φ(x) are the
+    flattened (N, 6272) features before the dense layer and ψ is that layer. Unconditional (0):
+    exactly the tutorial's network, with the same state_dict keys.
+    """
+
+    def __init__(self, num_classes: int = 0) -> None:
         super().__init__()
+        self.num_classes = num_classes
         self.layers = nn.Sequential(
             nn.Conv2d(1, 64, 5, stride=2, padding=2),  # (N, 64, 14, 14)
             LeakyReLUDropout(LEAKY_SLOPE, DROPOUT),
@@ -148,12 +179,24 @@ class Discriminator(nn.Module):
             LeakyReLUDropout(LEAKY_SLOPE, DROPOUT),
             nn.Identity(),
             nn.Identity(),
-            FlattenLinear(7 * 7 * 128, 1),  # (N, 6272) → (N, 1)
+            FlattenLinear(7 * 7 * 128, 1),  # (N, 6272) → (N, 1): ψ
         )
         self.apply(_keras_init)
+        if num_classes:
+            self.label_projection = nn.Embedding(num_classes, 7 * 7 * 128)  # (N,) → (N, 6272)
+            # Glorot-uniform, as the projection paper's code initialises it: ⟨embed(y), φ(x)⟩ then
+            # starts at the scale of ψ(φ(x)), whose weight has the same fan.
+            nn.init.xavier_uniform_(self.label_projection.weight)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.layers(images)
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        _check_labels(self, self.num_classes, labels)
+        if labels is None:
+            return self.layers(images)
+        features = self.layers[:-1](images)  # φ(x): (N, 128, 7, 7), in the input's memory format
+        # ⟨embed(y), φ(x)⟩, with the embedding viewed as (C, H, W) to match FlattenLinear's order;
+        # multiplying in 4-d spares flattening channels_last features into a copy.
+        projection = (features * self.label_projection(labels).view(features.shape)).sum(dim=(1, 2, 3))  # (N,)
+        return self.layers[-1](features) + projection.unsqueeze(1)  # (N, 1)
 
 
 def count_trainable_parameters(model: nn.Module) -> int:

@@ -23,10 +23,14 @@ def _png(figure: plt.Figure) -> bytes:
     return buffer.getvalue()
 
 
-def image_grid_png(images: torch.Tensor, title: str | None = None) -> bytes:
-    """A square grid of images in [-1, 1] (N, 1, 28, 28), drawn as the tutorial draws its 4x4."""
+def image_grid_png(images: torch.Tensor, title: str | None = None, columns: int | None = None) -> bytes:
+    """A grid of images in [-1, 1] (N, 1, 28, 28), row by row, drawn as the tutorial draws its 4x4.
+
+    `columns` None makes it square (4x4 for 16 images); a per-class grid passes its images per
+    class, so that each class gets its own row.
+    """
     images = images.detach().float().cpu()
-    columns = math.ceil(math.sqrt(images.shape[0]))
+    columns = columns or math.ceil(math.sqrt(images.shape[0]))
     rows = math.ceil(images.shape[0] / columns)
     figure = plt.figure(figsize=(columns, rows))
     for i, image in enumerate(images):

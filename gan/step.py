@@ -20,18 +20,31 @@ def train_step(
     real_images: torch.Tensor,  # (N, 1, 28, 28) in [-1, 1], on the networks' device
     noise: torch.Tensor,  # (M, noise_dim)
     amp_dtype: torch.dtype | None = None,  # autocast dtype (torch.bfloat16); None = float32 throughout
+    labels: torch.Tensor | None = None,  # (N,) int64 classes of real_images, on their device; None = unconditional networks
 ) -> dict[str, torch.Tensor]:
     """Update G and D once, as the tutorial's `train_step` with its two GradientTapes does.
 
     Works on plain or DDP-wrapped networks. Returns 0-d tensors (`loss_d`, `loss_g`,
     `d_real_prob`, `d_fake_prob`) so that the caller decides when to wait on the device.
+    With `labels` (class-conditional networks), D scores each real image with its label and each
+    fake image with the label G made it for.
     """
+    # The classes to generate: drawn uniformly, independently of the real batch, as the projection
+    # paper's and BigGAN's training code draw them. G is then trained on every class equally
+    # whatever a shard's batches happen to hold, and the noise count M need not equal N. (The real
+    # batch's labels would also be unbiased on a balanced set, but tie G's classes to D's batch.)
+    real_kwargs: dict[str, torch.Tensor] = {}  # empty: unconditional networks are called exactly as before
+    fake_kwargs: dict[str, torch.Tensor] = {}
+    if labels is not None:
+        fake_labels = torch.randint(_num_classes(generator), (noise.shape[0],), device=noise.device)  # (M,)
+        real_kwargs, fake_kwargs = {"labels": labels}, {"labels": fake_labels}
+
     # Forward: G makes a batch, D scores it and the real one, in two passes as the tutorial does.
     autocast = torch.autocast(real_images.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     with autocast:
-        fake_images = generator(noise)
-        real_logits = discriminator(real_images).float()
-        fake_logits = discriminator(fake_images).float()
+        fake_images = generator(noise, **fake_kwargs)
+        real_logits = discriminator(real_images, **real_kwargs).float()
+        fake_logits = discriminator(fake_images, **fake_kwargs).float()
     loss_d, loss_g, (d_real_grad, d_fake_grad), g_over_d = _losses_and_logit_gradients(real_logits, fake_logits)
 
     optimizer_g.zero_grad(set_to_none=True)
@@ -44,7 +57,8 @@ def train_step(
         inputs=[*discriminator.parameters(), fake_images],
         retain_graph=True,
     )
-    # Both losses reach the fake images through the same D and the same per-image logit, so
+    # Both losses reach the fake images through the same D and the same per-image logit (with the
+    # same label, when conditional: the projection term is part of that logit), so
     # d loss_g / d image = (d loss_g / d logit) / (d loss_d / d logit) × d loss_d / d image, image by
     # image. That spares a second backward pass through D; G's own backward follows as usual.
     fake_grad = fake_images.grad * g_over_d.view(-1, *[1] * (fake_images.dim() - 1)).to(fake_images.grad.dtype)
@@ -60,6 +74,13 @@ def train_step(
             "d_real_prob": torch.sigmoid(real_logits).mean(),
             "d_fake_prob": torch.sigmoid(fake_logits).mean(),
         }
+
+
+def _num_classes(generator: nn.Module) -> int:
+    """G's number of classes, through a DDP (`.module`) or `torch.compile` (`._orig_mod`) wrapper."""
+    while not hasattr(generator, "num_classes"):
+        generator = getattr(generator, "module", None) or generator._orig_mod
+    return generator.num_classes
 
 
 MIN_FAKE_LOGIT = -40.0  # D's loss gradient of a fake logit is floored at its value there, sigmoid(-40) / N

@@ -1,5 +1,8 @@
 """The networks match the tutorial's Keras models."""
 
+import tarfile
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +13,90 @@ from gan.models import Discriminator, FlattenLinear, Generator, LeakyReLUDropout
 def test_trainable_parameter_counts_equal_the_tutorials_keras_models():
     assert count_trainable_parameters(Generator(noise_dim=100)) == 2_305_472
     assert count_trainable_parameters(Discriminator()) == 212_865
+    # num_classes=0 is the default, and is the same network.
+    assert count_trainable_parameters(Generator(noise_dim=100, num_classes=0)) == 2_305_472
+    assert count_trainable_parameters(Discriminator(num_classes=0)) == 212_865
+
+
+def test_unconditional_generator_keeps_its_state_dict_keys_and_shapes():
+    shapes = {key: tuple(value.shape) for key, value in Generator(noise_dim=100, num_classes=0).state_dict().items()}
+    assert shapes["project.0.weight"] == (12544, 100)
+    assert not any("label" in key for key in shapes)
+    assert list(shapes) == [
+        "project.0.weight", "project.1.weight", "project.1.bias", "project.1.running_mean", "project.1.running_var",
+        "project.1.num_batches_tracked", "upsample.0.weight", "upsample.1.weight", "upsample.1.bias",
+        "upsample.1.running_mean", "upsample.1.running_var", "upsample.1.num_batches_tracked", "upsample.3.weight",
+        "upsample.4.weight", "upsample.4.bias", "upsample.4.running_mean", "upsample.4.running_var",
+        "upsample.4.num_batches_tracked", "upsample.6.weight",
+    ]  # fmt: skip
+
+
+def test_a_checkpoint_written_before_conditioning_loads_strictly_into_the_unconditional_networks(tmp_path):
+    # The committed fixture run (tests/fixtures/README.md) was written by older code, with --noise-dim 1.
+    with tarfile.open(Path(__file__).parent / "fixtures" / "run-format2-stable.tar.xz") as archive:
+        archive.extractall(tmp_path, filter="data")
+    (state_file,) = tmp_path.glob("stable/checkpoint_*/state.pt")
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    Generator(noise_dim=1).load_state_dict(state["generator"], strict=True)
+    Generator(noise_dim=1, num_classes=0).load_state_dict(state["ema_generator"], strict=True)
+    Discriminator(num_classes=0).load_state_dict(state["discriminator"], strict=True)
+
+
+def test_conditional_networks_add_a_label_embedding_to_g_and_a_projection_to_d():
+    extra_g = count_trainable_parameters(Generator(100, num_classes=10)) - 2_305_472
+    extra_d = count_trainable_parameters(Discriminator(num_classes=10)) - 212_865
+    assert extra_g == 10 * 10 + 10 * 12544 == 125_540  # the embedding, and its 10 columns in the first dense layer
+    assert extra_d == 10 * 6272 == 62_720  # one 6272-vector per class
+    assert set(Discriminator(num_classes=10).state_dict()) - set(Discriminator().state_dict()) == {"label_projection.weight"}
+    assert set(Generator(100, num_classes=10).state_dict()) - set(Generator(100).state_dict()) == {"label_embedding.weight"}
+
+
+def test_conditional_networks_keep_the_shapes_of_images_and_logits():
+    labels = torch.tensor([0, 3, 9, 3, 1])
+    images = Generator(16, num_classes=10)(torch.randn(5, 16), labels)
+    assert images.shape == (5, 1, 28, 28) and images.min() >= -1 and images.max() <= 1
+    logits = Discriminator(num_classes=10)(images, labels)
+    assert logits.shape == (5, 1) and torch.isfinite(logits).all()
+
+
+def test_conditional_generator_output_depends_on_the_label():
+    generator = Generator(16, num_classes=10).eval()
+    noise = torch.randn(1, 16).repeat(10, 1)  # the same noise for every class
+    images = generator(noise, torch.arange(10))
+    differences = (images[1:] - images[:1]).abs().flatten(1).amax(dim=1)
+    assert (differences > 1e-3).all()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_projection_discriminator_adds_the_inner_product_of_the_label_embedding_and_the_features(channels_last):
+    discriminator = Discriminator(num_classes=10).eval().double()  # eval: no dropout, so both paths see the same features
+    images = torch.rand(6, 1, 28, 28, dtype=torch.float64) * 2 - 1
+    labels = torch.tensor([0, 1, 2, 7, 8, 9])
+    features = discriminator.layers[:-1](images).flatten(1)  # φ(x): (N, 6272) in (C, H, W) order
+    expected = discriminator.layers[-1](features) + (discriminator.label_projection(labels) * features).sum(1, keepdim=True)
+    if channels_last:
+        discriminator, images = discriminator.to(memory_format=torch.channels_last), images.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(discriminator(images, labels), expected)
+
+
+def test_projection_discriminator_logit_depends_on_the_label():
+    discriminator = Discriminator(num_classes=10).eval()
+    images = (torch.rand(1, 1, 28, 28) * 2 - 1).repeat(10, 1, 1, 1)
+    logits = discriminator(images, torch.arange(10)).squeeze(1)
+    assert len(set(logits.tolist())) == 10  # a different logit for each class of the same image
+
+
+def _network(kind: str, num_classes: int) -> torch.nn.Module:
+    return Generator(16, num_classes=num_classes) if kind == "generator" else Discriminator(num_classes=num_classes)
+
+
+@pytest.mark.parametrize("network", ["generator", "discriminator"])
+def test_conditional_network_given_no_labels_and_unconditional_one_given_labels_say_so(network):
+    inputs = torch.randn(2, 16) if network == "generator" else torch.rand(2, 1, 28, 28)
+    with pytest.raises(ValueError, match="class-conditional .10 classes.: pass labels"):
+        _network(network, 10)(inputs)
+    with pytest.raises(ValueError, match="unconditional .num_classes=0.: it takes no labels"):
+        _network(network, 0)(inputs, torch.tensor([1, 2]))
 
 
 def test_generator_maps_noise_to_28x28_images_in_tanh_range():

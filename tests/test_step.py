@@ -118,3 +118,74 @@ def test_generator_ema_warms_up_so_early_updates_follow_the_live_weights():
     first = next(ema.module.parameters())
     live = next(generator.parameters())
     torch.testing.assert_close(first, live - 0.1)
+
+
+def _conditional_setup(seed=0):
+    torch.manual_seed(seed)
+    generator, discriminator = Generator(noise_dim=8, num_classes=10), Discriminator(num_classes=10)
+    return generator, discriminator, torch.rand(6, 1, 28, 28) * 2 - 1, torch.tensor([0, 1, 2, 3, 4, 9]), torch.randn(6, 8)
+
+
+def test_conditional_step_updates_every_parameter_of_both_networks():
+    # Every parameter moves, embeddings included: none is unused, as DDP requires by default.
+    generator, discriminator, real, labels, noise = _conditional_setup()
+    named = [*generator.named_parameters(prefix="g"), *discriminator.named_parameters(prefix="d")]
+    before = {name: p.detach().clone() for name, p in named}
+    stats = train_step(generator, discriminator, make_optimizer(generator), make_optimizer(discriminator), real, noise, None, labels)
+    after = dict(named)
+    assert "g.label_embedding.weight" in after and "d.label_projection.weight" in after
+    assert [name for name, old in before.items() if torch.equal(old, after[name])] == []
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in stats.values())
+
+
+def test_conditional_step_moves_each_network_by_the_gradient_of_its_own_loss_only():
+    # The fake images are made for labels drawn uniformly at random, and D scores each with its label.
+    generator, discriminator, real, labels, noise = _conditional_setup()
+    g_ref, d_ref = copy.deepcopy(generator), copy.deepcopy(discriminator)
+
+    torch.manual_seed(123)  # the same fake labels and dropout masks in both computations
+    fake_labels = torch.randint(10, (noise.shape[0],))
+    fake = g_ref(noise, fake_labels)
+    real_logits, fake_logits = d_ref(real, labels), d_ref(fake, fake_labels)
+    grads_g = torch.autograd.grad(generator_loss(fake_logits), list(g_ref.parameters()), retain_graph=True)
+    grads_d = torch.autograd.grad(discriminator_loss(real_logits, fake_logits), list(d_ref.parameters()))
+
+    before_g = [p.detach().clone() for p in generator.parameters()]
+    before_d = [p.detach().clone() for p in discriminator.parameters()]
+    torch.manual_seed(123)
+    sgd_g, sgd_d = torch.optim.SGD(generator.parameters(), lr=1.0), torch.optim.SGD(discriminator.parameters(), lr=1.0)
+    train_step(generator, discriminator, sgd_g, sgd_d, real, noise, labels=labels)
+    for old, new, grad in zip(before_g, generator.parameters(), grads_g):
+        torch.testing.assert_close(old - new.detach(), grad, rtol=1e-4, atol=1e-6)
+    for old, new, grad in zip(before_d, discriminator.parameters(), grads_d):
+        torch.testing.assert_close(old - new.detach(), grad, rtol=1e-4, atol=1e-6)
+
+
+def test_conditional_step_draws_fake_labels_for_as_many_images_as_noise_vectors():
+    generator, discriminator, real, labels, _ = _conditional_setup()
+    noise = torch.randn(4, 8)  # fewer fakes than real images, as the last batch of a shard may have
+    stats = train_step(generator, discriminator, make_optimizer(generator), make_optimizer(discriminator), real, noise, labels=labels)
+    assert torch.isfinite(stats["loss_g"])
+
+
+def test_conditional_bf16_autocast_step_gives_finite_float32_losses():
+    generator, discriminator, real, labels, noise = _conditional_setup()
+    optimizer_g, optimizer_d = make_optimizer(generator), make_optimizer(discriminator)
+    stats = train_step(generator, discriminator, optimizer_g, optimizer_d, real, noise, torch.bfloat16, labels)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in stats.values())
+
+
+def test_step_with_labels_unwraps_a_wrapped_generator_for_its_number_of_classes():
+    # DDP keeps the network in `.module`; the fake labels' range is read through it.
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    generator, discriminator, real, labels, noise = _conditional_setup()
+    wrapped_g, wrapped_d = Wrapper(generator), Wrapper(discriminator)
+    stats = train_step(wrapped_g, wrapped_d, make_optimizer(generator), make_optimizer(discriminator), real, noise, labels=labels)
+    assert torch.isfinite(stats["loss_d"])
