@@ -1,16 +1,11 @@
 """The divergence and collapse guards, alone and in the training loop."""
 
-import json
 import math
 
 import pytest
-import torch
 
-from job.config import TrainConfig
-from job.runtime.guards import CollapseGuard, DivergenceGuard
-from job.runtime.local_session import LocalSession
-from job.storage.location import resolve_location
-from job.runtime.loop import run_worker
+from job.runtime.guards import MAX_ROLLBACKS, CollapseGuard, DivergenceGuard, Guards
+from tests.conftest import metrics_rows, train_one_process
 
 HEALTHY = {"epoch": 1, "loss_d": 1.2, "loss_g": 0.9, "d_real_prob": 0.6, "d_fake_prob": 0.4}
 
@@ -50,13 +45,26 @@ def test_slowly_rising_or_noisy_coverage_is_not_collapse():
         assert guard.check(epoch, modes) is None
 
 
+def test_guards_roll_back_at_most_max_rollbacks_times_then_stop_and_note_each_rollback_in_the_next_row():
+    guards = Guards(on_divergence="rollback", on_collapse="warn")
+    nan_stats = {"loss_d": math.nan, "loss_g": 0.9, "d_real_prob": 0.6, "d_fake_prob": 0.4}
+    for rollback in range(1, MAX_ROLLBACKS + 1):
+        row = {"epoch": 2}
+        assert guards.judge(row, nan_stats).action == "rollback" and guards.rollbacks == rollback
+        assert row["guard"]["action"] == "rollback" and not guards.trusted
+        guards.rolled_back(to_epoch=1)
+        healthy_row = {**HEALTHY, "epoch": 2}
+        assert guards.judge(healthy_row, {}) is None and guards.trusted
+        assert healthy_row["after_rollback"] == {"cause": row["guard"]["cause"], "diverged_at_epoch": 2, "resumed_from_epoch": 1}
+    row = {"epoch": 3}
+    verdict = guards.judge(row, nan_stats)
+    assert verdict.action == "stop" and verdict.cause.endswith(f"after {MAX_ROLLBACKS} rollbacks")
+    assert row["guard"]["action"] == "stop" and row["stopped"] == verdict.cause
+
+
 def _run(tmp_path, data_dir, **overrides):
-    values = dict(data="fashion-mnist", data_dir=str(data_dir), epochs=3, batch_size=32, storage=str(tmp_path / "runs"),
-                  run_name="guarded", cpus_per_worker=1, eval_every=0)  # fmt: skip
-    config = TrainConfig(**{**values, **overrides})
-    run = resolve_location(config.storage).child(config.run_name)
-    run_worker(config, LocalSession(run, torch.device("cpu"), config.keep_checkpoints))
-    return [json.loads(line) for line in open(run.path + "/artifacts/metrics.jsonl")]
+    """The metrics rows of a 3-epoch run (3 steps an epoch on the tiny data) in this process."""
+    return metrics_rows(train_one_process(tmp_path / "runs", data_dir, "guarded", **{"epochs": 3, **overrides}))
 
 
 @pytest.fixture
@@ -123,8 +131,9 @@ def test_collapse_with_stop_ends_the_run_after_patience(tmp_path, tiny_data_dir,
 def test_collapse_with_warn_is_recorded_and_training_goes_on(tmp_path, tiny_data_dir, coverage_collapses_after_epoch_2):
     rows = _run(tmp_path, tiny_data_dir, epochs=5, eval_every=1)  # warn is the default
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
-    guard = rows[3]["guard"]
-    assert (guard["guard"], guard["action"]) == ("collapse", "warn") and "coverage" in guard["cause"]
+    cause = "class coverage 1 at epoch 4 is below 0.5 x the recent best 9 for 2 evaluations"  # from the planted 9, 9, 2, 1
+    assert rows[3]["guard"] == {"guard": "collapse", "cause": cause, "action": "warn"}
+    assert not any("guard" in r for r in rows[:3] + rows[4:])
 
 
 def test_collapse_with_rollback_returns_to_the_last_checkpoint(tmp_path, tiny_data_dir, coverage_collapses_after_epoch_2):

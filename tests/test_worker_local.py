@@ -1,31 +1,29 @@
 """The per-worker loop in one process (no Ray): artifacts, checkpoints, resume, generate."""
 
+import hashlib
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from job.storage.checkpoint import STATE_FILE, CheckpointError, checkpoint_folders, read_checkpoint
 from job.cli import main
-from job.config import TrainConfig
 from job.errors import UsageError
-from job.runtime.local_session import LocalSession
+from job.storage.checkpoint import STATE_FILE, CheckpointError, checkpoint_folders, read_checkpoint
 from job.storage.location import resolve_location
-from job.runtime.loop import run_worker
+from tests.conftest import metrics_rows, train_one_process
 
 
-def _train(tmp_path, data_dir, **overrides):
-    values = dict(data="fashion-mnist", data_dir=str(data_dir), epochs=2, batch_size=32, storage=str(tmp_path / "runs"), run_name="local", cpus_per_worker=1, eval_every=0)
-    config = TrainConfig(**{**values, **overrides})
-    run = resolve_location(config.storage).child(config.run_name)
-    run_worker(config, LocalSession(run, torch.device("cpu"), config.keep_checkpoints))
-    return run
+def _train(tmp_path, data_dir, run_name="local", **overrides):
+    """A run of 2 epochs (3 steps each on the tiny data) in this process; its Location."""
+    folder = train_one_process(tmp_path / "runs", data_dir, run_name, **{"epochs": 2, **overrides})
+    return resolve_location(str(folder))
 
 
 def _metrics(run):
-    return [json.loads(line) for line in (open(run.path + "/artifacts/metrics.jsonl"))]
+    return metrics_rows(Path(run.path))
 
 
 def test_a_run_writes_every_artifact_and_a_complete_checkpoint(tmp_path, tiny_data_dir):
@@ -123,3 +121,31 @@ def test_ema_weights_are_checkpointed_and_become_the_model(tmp_path, tiny_data_d
     for name, value in generator_pt.items():
         assert torch.equal(value, state["ema_generator"][name])
     assert any(not torch.equal(state["ema_generator"][n], state["generator"][n]) for n in state["generator"])
+
+
+def _state_digest(*state_dicts: dict) -> str:
+    """sha256 over the names and exact bytes of every tensor in `state_dicts`."""
+    digest = hashlib.sha256()
+    for state_dict in state_dicts:
+        for name in sorted(state_dict):
+            digest.update(name.encode())
+            digest.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_one_epoch_then_a_resumed_epoch_is_bitwise_two_epochs_in_one_go(tmp_path, tiny_data_dir):
+    """Resume restores everything the next epoch depends on: weights, optimizers, EMA, RNG, position."""
+    in_one_go = _train(tmp_path, tiny_data_dir, run_name="in-one-go", epochs=2, recipe="stable")
+    _train(tmp_path, tiny_data_dir, run_name="resumed", epochs=1, recipe="stable")
+    resumed = _train(tmp_path, tiny_data_dir, run_name="resumed", epochs=2, recipe="stable")
+
+    states = [read_checkpoint(checkpoint_folders(run)[0]) for run in (in_one_go, resumed)]
+    digests = [_state_digest(s["generator"], s["discriminator"], s["ema_generator"]) for s in states]
+    print(f"\nG+D+EMA sha256 after 2 epochs: in one go {digests[0]}, 1 + resumed 1 {digests[1]}")
+    assert metrics_rows(Path(resumed.path))[1]["resumed"]["from_epoch"] == 1  # it really resumed
+    assert states[0]["epoch"] == states[1]["epoch"] == 2 and states[0]["step"] == states[1]["step"] == 6
+    assert digests[0] == digests[1]
+    for name in ("optimizer_g", "optimizer_d"):
+        for param, moments in states[0][name]["state"].items():
+            for key, value in moments.items():
+                assert torch.equal(value, states[1][name]["state"][param][key]), (name, param, key)

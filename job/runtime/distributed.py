@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from job.console import say
 from job.errors import UsageError
 
 
@@ -33,6 +34,12 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def print0(message: str) -> None:
+    """One status line from rank 0 only (the only rank in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        say(message)
+
+
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """DDP across the ranks (gradients averaged every step); the plain model on one rank."""
     if not is_distributed():
@@ -42,6 +49,7 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DDP wrapper (or the module itself)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 

@@ -2,7 +2,9 @@
 
 Each guard looks at what the loop already measures and returns a `Verdict` (what went wrong and
 what to do) or None. The thresholds were chosen by measurement (see the README's "Quality"): a
-healthy run of the tutorial recipe stays clear of both.
+healthy run of the tutorial recipe stays clear of both. `Guards` holds the policy around them:
+the loop asks it once per epoch what now (go on, warn, roll back or stop), and it keeps the books
+of rollbacks (how many, what the next metrics row says about one, what is forgotten after one).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+
+from job.runtime.distributed import print0
 
 SATURATION = 0.99  # D wins outright: D(x) above this and D(G(z)) below 1 - this
 DIVERGENCE_PATIENCE = 2  # epochs in a row of a saturated D before it counts as divergence
@@ -97,3 +101,51 @@ class CollapseGuard:
         """After a rollback, the history belongs to epochs that are being trained again."""
         self.recent.clear()
         self.low_evaluations = 0
+
+
+class Guards:
+    """Both guards and what is done about their verdicts, including the escalation to stop."""
+
+    def __init__(self, on_divergence: str, on_collapse: str, max_rollbacks: int = MAX_ROLLBACKS) -> None:
+        self.divergence = DivergenceGuard(on_divergence)
+        self.collapse = CollapseGuard(on_collapse)
+        self.max_rollbacks = max_rollbacks
+        self.rollbacks = 0  # rollbacks so far in this attempt
+        self.verdict: Verdict | None = None  # the latest epoch's, after escalation
+        self._judged_epoch = 0
+        self._note: dict | None = None  # what the next metrics row says about a rollback before it
+
+    @property
+    def trusted(self) -> bool:
+        """Whether the latest epoch is a state to roll back to: no verdict and no doubts."""
+        return self.verdict is None and not (self.divergence.suspicious or self.collapse.suspicious)
+
+    def judge(self, row: dict, stats: dict[str, float]) -> Verdict | None:
+        """What now after the epoch of `row` (`stats`: its unrounded means): None, or warn, rollback or stop.
+
+        Notes in `row` what it found (`guard`, `stopped`) and the rollback before it (`after_rollback`).
+        """
+        if self._note:
+            row["after_rollback"], self._note = self._note, None
+        verdicts = [self.divergence.check({**row, **stats})]
+        if "quality" in row:
+            verdicts.append(self.collapse.check(row["epoch"], row["quality"]["modes_covered"]))
+        verdict = next((v for v in verdicts if v is not None), None)
+        if verdict:
+            row["guard"] = {"guard": verdict.guard, "cause": verdict.cause, "action": verdict.action}
+            print0(f"guard: {verdict.cause}; action: {verdict.action}")
+            if verdict.action == "rollback" and self.rollbacks >= self.max_rollbacks:
+                verdict = Verdict(verdict.guard, f"{verdict.cause}, after {self.max_rollbacks} rollbacks", "stop")
+                row["guard"]["action"] = "stop"
+            if verdict.action == "rollback":
+                self.rollbacks += 1
+            if verdict.action == "stop":
+                row["stopped"] = verdict.cause
+        self.verdict, self._judged_epoch = verdict, row["epoch"]
+        return verdict
+
+    def rolled_back(self, to_epoch: int) -> None:
+        """The state went back to `to_epoch`: forget what the guards saw since, and say why in the next row."""
+        self.divergence.forget()
+        self.collapse.forget()
+        self._note = {"cause": self.verdict.cause, "diverged_at_epoch": self._judged_epoch, "resumed_from_epoch": to_epoch}

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gan.sampling import sample, seeded_noise
 from job.config import TrainConfig
 from job.storage.data_source import local_data_folder
 
 EVAL_SEED = 0  # classifier and reference subsets: fixed, so runs are comparable with each other
 NOISE_SEED_OFFSET = 12_345  # the probe's noise is fixed per run and apart from the training noise
-CHUNK = 1024  # images per generator pass
 
 
 class QualityProbe:
@@ -24,18 +24,13 @@ class QualityProbe:
     def __init__(self, config: TrainConfig, device: torch.device) -> None:
         self.config = config
         self.device = device
-        self.noise = torch.randn(config.eval_num, config.noise_dim, generator=torch.Generator().manual_seed(config.seed + NOISE_SEED_OFFSET))
+        self.noise = seeded_noise(config.eval_num, config.noise_dim, config.seed + NOISE_SEED_OFFSET)
         self._evaluator = None
 
     def evaluate(self, generator: nn.Module) -> dict:
         """Metrics of `generator` (used in inference mode, then put back as it was)."""
         if self._evaluator is None:  # may train the classifier: outside no_grad
-            from gan.metrics import build_evaluator
+            from gan.metrics import build_evaluator  # why: it imports torchmetrics (seconds); --eval-every 0 never needs it
 
             self._evaluator = build_evaluator(self.config.data, local_data_folder(self.config), seed=EVAL_SEED, device=self.device)
-        was_training = generator.training
-        generator.eval()
-        with torch.no_grad():
-            images = torch.cat([generator(chunk.to(self.device)).float().cpu() for chunk in self.noise.split(CHUNK)])
-        generator.train(was_training)
-        return self._evaluator.compute(images)
+        return self._evaluator.compute(sample(generator, self.noise))

@@ -19,9 +19,9 @@ class RaySession:
     """Rank, device, checkpoints and reports from Ray Train's context."""
 
     def __init__(self, config: TrainConfig) -> None:
-        import ray
-        import ray.train
-        import ray.train.torch
+        import ray  # why: Ray is imported only where it runs, so the one-process session never pays for it
+        import ray.train  # why: as above
+        import ray.train.torch  # why: as above
 
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
@@ -35,7 +35,7 @@ class RaySession:
 
     def load_checkpoint(self) -> dict | None:
         """Ray's latest registered checkpoint, read straight from storage; an older one if it is bad."""
-        import ray.train
+        import ray.train  # why: Ray stays a lazy import (see __init__)
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
@@ -50,7 +50,8 @@ class RaySession:
         return found[1] if found else None
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
-        import ray.train
+        """Ray Train's report, with the checkpoint uploaded in the background (all ranks call it)."""
+        import ray.train  # why: Ray stays a lazy import (see __init__)
 
         if checkpoint_dir is None:
             ray.train.report(metrics)
@@ -69,7 +70,7 @@ class RaySession:
 
     def _upload(self, checkpoint, checkpoint_dir_name: str):  # (ray.train.Checkpoint, str) -> ray.train.Checkpoint
         """Ray Train's upload step, done so that a failed write fails the report (see `upload_checkpoint`)."""
-        import ray.train
+        import ray.train  # why: Ray stays a lazy import (see __init__)
 
         storage = ray.train.get_context().get_storage()
         path = storage.build_checkpoint_path_from_name(checkpoint_dir_name)

@@ -1,0 +1,162 @@
+"""The training state of one worker, and the one place that turns it into a checkpoint and back.
+
+A checkpoint is one dict with everything resume needs (as nanoGPT's): G and D weights, both
+optimizers, G's EMA, the position (epoch, step), the fixed noise, every rank's random number
+generator states, the config and a fingerprint of the data. `job.storage.checkpoint` writes and
+reads its bytes; this module builds and consumes the dict.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gan.models import Discriminator, Generator
+from gan.sampling import seeded_noise
+from gan.step import GeneratorEMA, make_optimizer
+from job.config import SHAPE_FIELDS, TrainConfig
+from job.errors import UsageError
+from job.runtime.distributed import gather_objects, parameter_digest, print0, unwrap, wrap_ddp
+from job.storage.checkpoint import FORMAT_VERSION
+
+NUM_SAMPLES = 16  # the tutorial's 4x4 grid of fixed-noise samples
+ROLLBACK_SEED_STRIDE = 7919  # a rollback reseeds by this much per rollback: not the same road again
+RESEED_EPOCH_STRIDE = 1_000_003  # another world size reseeds each rank by this much per epoch
+
+
+def check_resumable(config: TrainConfig, checkpoint: dict) -> None:
+    """Refuse a checkpoint whose shapes this configuration cannot load, naming the fields."""
+    stored = checkpoint["config"]
+    differing = [f for f in SHAPE_FIELDS if stored.get(f) != getattr(config, f)]
+    if differing:
+        details = ", ".join(f"--{f.replace('_', '-')} {stored.get(f)} (run) vs {getattr(config, f)} (now)" for f in differing)
+        raise UsageError(f"run {config.run_name!r} cannot resume with this configuration: {details}; use the run's values or a new --run-name")
+
+
+def rng_state() -> dict:
+    """This rank's random number generator states (CPU and, where present, CUDA)."""
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else torch.empty(0, dtype=torch.uint8),
+    }
+
+
+@dataclass
+class TrainingState:
+    """G, D, their optimizers, G's EMA, the position and the fixed noise of one rank of one run."""
+
+    config: TrainConfig
+    data_fingerprint: str  # of the images this attempt trains on
+    rank: int
+    world_size: int
+    device: torch.device
+    generator: nn.Module  # DDP-wrapped after `wrap_ddp` where there is more than one rank
+    discriminator: nn.Module
+    optimizer_g: torch.optim.Optimizer
+    optimizer_d: torch.optim.Optimizer
+    ema: GeneratorEMA | None
+    fixed_noise: torch.Tensor  # the sample grid's noise, the same for the whole run
+    epoch: int = 0  # last finished epoch
+    step: int = 0  # optimizer steps so far
+    last_good: dict = field(default_factory=dict, repr=False)  # what a rollback returns to
+
+    @classmethod
+    def build(cls, config: TrainConfig, data_fingerprint: str, rank: int, world_size: int, device: torch.device) -> TrainingState:
+        """Fresh networks for `config` on `device`, drawn from the global RNG (seed it first)."""
+        # channels_last: the convolution layout oneDNN and cuDNN run fastest (measured with `bench`).
+        generator = Generator(config.noise_dim).to(device, memory_format=torch.channels_last)
+        discriminator = Discriminator().to(device, memory_format=torch.channels_last)
+        return cls(
+            config=config, data_fingerprint=data_fingerprint, rank=rank, world_size=world_size, device=device,
+            generator=generator, discriminator=discriminator,
+            optimizer_g=make_optimizer(generator, config.lr, config.beta1),
+            optimizer_d=make_optimizer(discriminator, config.lr, config.beta1),
+            ema=GeneratorEMA(generator, config.ema_decay) if config.ema_decay > 0 else None,
+            fixed_noise=seeded_noise(NUM_SAMPLES, config.noise_dim, config.seed),
+        )  # fmt: skip
+
+    @property
+    def sampler(self) -> nn.Module:
+        """The generator that makes samples and the final model: the EMA where there is one."""
+        return self.ema.module if self.ema else unwrap(self.generator)
+
+    def wrap_ddp(self) -> None:
+        """Wrap G and D in DDP (gradients averaged every step), and take this state as the last good one."""
+        self.generator = wrap_ddp(self.generator, self.device)
+        self.discriminator = wrap_ddp(self.discriminator, self.device)
+        self.keep_as_last_good()
+
+    def resume(self, checkpoint: dict) -> dict:
+        """Continue from `checkpoint` (after checking it fits); returns what its first metrics row says of it."""
+        check_resumable(self.config, checkpoint)
+        self._load(checkpoint)
+        self._restore_rng(checkpoint["rng"])
+        if checkpoint["data_fingerprint"] != self.data_fingerprint:
+            print0(f"warning: run {self.config.run_name} was trained on other data ({checkpoint['data_fingerprint']}); continuing on {self.data_fingerprint}")
+        print0(f"resuming run {self.config.run_name} at epoch {self.epoch + 1} (step {self.step}) on {self.world_size} worker(s)")
+        return {"from_epoch": self.epoch, "from_step": self.step, "world_size_before": checkpoint["rng"].get("world_size")}
+
+    def checkpoint(self) -> dict:
+        """The checkpoint of this state. Every rank calls it: it gathers each rank's RNG states."""
+        rng_states = gather_objects(rng_state())
+        return {
+            "format_version": FORMAT_VERSION,
+            **self._weights_and_position(),
+            "rng": {"world_size": self.world_size, "states": rng_states},
+            "config": self.config.to_dict(),
+            "data_fingerprint": self.data_fingerprint,
+        }
+
+    def keep_as_last_good(self) -> None:
+        """Remember this state (a private copy) as the one a rollback returns to."""
+        self.last_good = copy.deepcopy(self._weights_and_position())
+
+    def roll_back(self, rollbacks: int) -> None:
+        """Return to the last good state, with random streams of their own for the `rollbacks`-th retry."""
+        self._load(copy.deepcopy(self.last_good))
+        torch.manual_seed(self.config.seed + self.rank + ROLLBACK_SEED_STRIDE * rollbacks)  # not the same road again
+        print0(f"rolled back to epoch {self.epoch} (step {self.step})")
+
+    def parameter_digest(self) -> str:
+        """A hash of G's and D's parameters: equal on all ranks when DDP keeps them in sync."""
+        return parameter_digest(self.generator, self.discriminator)
+
+    def _weights_and_position(self) -> dict:
+        state = {
+            "generator": unwrap(self.generator).state_dict(),
+            "discriminator": unwrap(self.discriminator).state_dict(),
+            "optimizer_g": self.optimizer_g.state_dict(),
+            "optimizer_d": self.optimizer_d.state_dict(),
+            "fixed_noise": self.fixed_noise,
+            "epoch": self.epoch,
+            "step": self.step,
+        }
+        if self.ema:
+            state["ema_generator"] = self.ema.module.state_dict()
+            state["ema_updates"] = self.ema.updates
+        return state
+
+    def _load(self, state: dict) -> None:
+        unwrap(self.generator).load_state_dict(state["generator"])
+        unwrap(self.discriminator).load_state_dict(state["discriminator"])
+        self.optimizer_g.load_state_dict(state["optimizer_g"])
+        self.optimizer_d.load_state_dict(state["optimizer_d"])
+        if self.ema:  # a run that turns the EMA on later starts it from the current G
+            self.ema.module.load_state_dict(state.get("ema_generator") or state["generator"])
+            self.ema.updates = int(state.get("ema_updates", 0))
+        self.fixed_noise = state["fixed_noise"]
+        self.epoch, self.step = state["epoch"], state["step"]
+
+    def _restore_rng(self, saved: dict) -> None:
+        """Continue each rank's random stream; with another world size, reseed per rank and epoch."""
+        states = saved.get("states")
+        if saved.get("world_size") == self.world_size and states:
+            torch.set_rng_state(states[self.rank]["cpu"])
+            if states[self.rank]["cuda"].numel() and self.device.type == "cuda":
+                torch.cuda.set_rng_state(states[self.rank]["cuda"], self.device)
+            return
+        torch.manual_seed(self.config.seed + self.rank + RESEED_EPOCH_STRIDE * (self.epoch + 1))
+        print0(f"note: the checkpoint was written by {saved.get('world_size')} workers; random streams reseeded")
