@@ -73,7 +73,7 @@ class Setting:
         if not self.numeric:
             return None
         wrong_kind = isinstance(value, bool) or not isinstance(value, (int, float)) or (self.kind is int and not isinstance(value, int))
-        if wrong_kind or not math.isfinite(value):
+        if wrong_kind or (isinstance(value, float) and not math.isfinite(value)):  # an int is always finite, and may not fit a float
             return self.wanted(value)
         too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
@@ -81,7 +81,8 @@ class Setting:
 
     def wanted(self, got: object) -> str:
         """The message for a value outside the declaration: what is allowed, what came, the fix."""
-        return f"must be {self.range_text()}, got {got!r}; use a value in that range"
+        shown = repr(got) if len(repr(got)) <= 40 else repr(got)[:20] + "..." + repr(got)[-8:]  # a pasted 400-digit number stays readable
+        return f"must be {self.range_text()}, got {shown}; use a value in that range"
 
     def check(self, flag: str, value: object) -> None:
         """Refuse a value that is not allowed, naming `flag`."""

@@ -9,9 +9,11 @@ passes, strict xfail turns that into a failure, and the mark must be removed.
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import math
 import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -22,19 +24,16 @@ from hypothesis import strategies as st
 
 from gan.data import IDX_FILES
 from gan.idx import IdxFormatError, decode_idx, encode_idx, write_idx
-from job.storage.checkpoint import DIGEST_FILE, STATE_FILE, checkpoint_folders
-from job.cli import build_parser, env_var_for, main
-from job.config import DATASET_NAMES, TrainConfig
+from job.cli import NOT_FROM_ENVIRONMENT, build_parser, main
+from job.config import SETTINGS, TrainConfig
 from job.errors import UsageError
-from job.runtime.local_session import LocalSession
+from job.settings import DATASET_NAMES, ArgType, Setting, env_var_for
+from job.storage.checkpoint import DIGEST_FILE, STATE_FILE, checkpoint_folders
 from job.storage.location import resolve_location
-from job.runtime.loop import run_worker
-from tests.conftest import write_tiny_dataset
+from tests.conftest import train_one_process, write_tiny_dataset
 from tests.faultproxy import tree_state
 
 FIX_HINTS = ("use ", "pass ", "write ", "choose", "create", "see --help", "add ", "delete", "check ", "must be", "download", "one of", "drop ")
-
-
 
 
 @pytest.fixture(autouse=True)
@@ -69,81 +68,140 @@ def refused(argv: list[str], named: str, capsys, fix: bool = True, warnings: boo
 def tiny_run(tmp_path_factory) -> Path:
     """A real run folder made by the training loop (one process, no Ray): 1 epoch of tiny data."""
     root = tmp_path_factory.mktemp("bad-input")
-    data = write_tiny_dataset(root / "data")
-    config = TrainConfig(
-        data="fashion-mnist", data_dir=str(data), epochs=1, batch_size=32, storage=str(root / "runs"), run_name="tiny", cpus_per_worker=1,
-    )  # fmt: skip
-    run = resolve_location(config.storage).child(config.run_name)
-    run_worker(config, LocalSession(run, torch.device("cpu"), config.keep_checkpoints))
-    return Path(run.path)
+    return train_one_process(root / "runs", write_tiny_dataset(root / "data"), "tiny")
 
 
-# Numbers: every numeric flag of every command -----------------------------------------------
+# Numbers and choices: every declared flag of every command, swept ------------------------------
 
 
-def _numeric_flags() -> list[tuple[str, str, type]]:
-    commands = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001 (argparse has no public walk)
-    return [
-        (command, action.option_strings[0], action.type)
-        for command in ("train", "generate", "bench")
-        for action in commands[command]._actions  # noqa: SLF001
-        if action.type in (int, float)
-    ]
+def command_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every (sub)command's parser by its command line: `train`, ..., `data push`."""
+    found, pending = {}, [("", build_parser())]
+    while pending:
+        prefix, parser = pending.pop()
+        groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]  # noqa: SLF001 (argparse has no public walk)
+        pending += [(f"{prefix} {name}".strip(), sub) for group in groups for name, sub in group.choices.items()]
+        if not groups:
+            found[prefix] = parser
+    return found
 
 
-NUMERIC_FLAGS = _numeric_flags()
-NOT_NUMBERS = {int: ["nan", "inf", "1.5", "-1" + "0" * 30], float: ["nan", "inf", "-inf", "-1e30", "1e999"]}
-NUMERIC_CASES = [
-    pytest.param(command, flag, value, id=f"{command} {flag}={value[:8]}")
-    for command, flag, type_ in NUMERIC_FLAGS
-    for value in NOT_NUMBERS[type_]
+def value_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The flags of a parser that take a value (not --help, not switches, not subcommands)."""
+    return [a for a in parser._actions if a.option_strings and a.nargs != 0 and not isinstance(a, argparse._SubParsersAction)]  # noqa: SLF001
+
+
+PARSERS = command_parsers()
+# (command, flag, setting) of every flag whose values a declaration bounds: a number or a choice.
+DECLARED = [
+    (command, action.option_strings[0], action.setting)
+    for command, parser in PARSERS.items()
+    for action in value_actions(parser)
+    if getattr(action, "setting", None) is not None and (action.setting.numeric or action.setting.choices)
 ]
 
 
-def _base_argv(command: str, tiny_run: Path, tmp_path: Path, tiny_data_dir: Path) -> list[str]:
-    if command == "train":
-        return ["train", "--data", "fashion-mnist", "--data-dir", str(tiny_data_dir), "--storage", str(tmp_path / "runs"), "--run-name", "r"]
-    if command == "generate":
-        return ["generate", "--from", str(tiny_run), "--out", str(tmp_path / "out" / "grid.png")]
-    return ["bench", "--steps", "1", "--warmup", "0", "--batch-size", "8"]  # cheap, should a bad value slip through
+def test_every_value_flag_gets_its_type_and_choices_from_a_declaration():
+    """A new flag cannot slip past the sweep: a typed or choice flag must carry a Setting, a number both bounds."""
+    undeclared = [
+        f"{command} {action.option_strings[0]}"
+        for command, parser in PARSERS.items()
+        for action in value_actions(parser)
+        if (action.type is not None or action.choices is not None) and not isinstance(getattr(action, "setting", None), Setting)
+    ]
+    assert undeclared == [], "declare these with job.settings.add_flag and a Setting"
+    for command, flag, spec in DECLARED:
+        if spec.numeric:
+            assert spec.low is not None and spec.high is not None, f"{command} {flag} needs an upper and a lower bound"
+            assert isinstance(PARSERS[command]._option_string_actions[flag].type, ArgType)  # noqa: SLF001
 
 
-def test_every_command_has_numeric_flags_to_check():
-    assert {command for command, _, _ in NUMERIC_FLAGS} == {"train", "generate", "bench"}
-    found = {(command, flag) for command, flag, _ in NUMERIC_FLAGS}
-    assert {("train", "--epochs"), ("train", "--lr"), ("generate", "--num"), ("generate", "--seed"), ("bench", "--threads")} <= found
+def test_every_declared_default_is_inside_its_own_bounds():
+    for command, parser in PARSERS.items():
+        for action in value_actions(parser):
+            spec = getattr(action, "setting", None)
+            if spec is not None and action.default is not None:
+                assert spec.problem(action.default) is None, f"{command} {action.option_strings[0]} default {action.default!r}"
+    config = TrainConfig(run_name="r", storage="/tmp/unused")
+    for name, spec in SETTINGS.items():
+        if getattr(config, name) is not None:
+            assert spec.problem(getattr(config, name)) is None, name
 
 
-@pytest.mark.parametrize("command, flag, value", NUMERIC_CASES)
-def test_a_non_finite_or_far_out_of_range_number_is_refused(command, flag, value, tiny_run, tmp_path, tiny_data_dir, capsys):
+def bad_values(spec: Setting) -> dict[str, str]:
+    """The values a user could mistype for `spec`, by what is wrong with them."""
+    if spec.choices:
+        return {"bad choice": "not-a-" + spec.choices[0], "empty": ""}
+    step = 1 if spec.kind is int else max(abs(spec.high - spec.low) * 1e-3, 1e-9)
+    values = {
+        "below min": spec.low if spec.low_open else spec.low - step,
+        "above max": spec.high if spec.high_open else spec.high + step,
+    }
+    values = {why: str(int(v)) if spec.kind is int else repr(float(v)) for why, v in values.items()}
+    values.update({"nan": "nan", "inf": "inf", "-inf": "-inf", "not a number": "two", "huge": "1" + "0" * 400})
+    if spec.kind is int:
+        values.update({"fraction": "1.5", "exponent": "1e3"})
+    return values
+
+
+def base_argv(command: str, tmp_path: Path) -> list[str]:
+    """A command line that would be valid, writing only under tmp_path/runs and tmp_path/out."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    return {
+        "train": ["train", "--data-dir", str(tmp_path / "data"), "--storage", str(runs), "--run-name", "r"],
+        "generate": ["generate", "--from", str(runs / "r"), "--out", str(out / "grid.png"), "--npy", str(out / "all.npy")],
+        "evaluate": ["evaluate", "--from", str(runs / "r")],
+        "promote": ["promote", "--run", str(runs / "r"), "--target", str(out / "LATEST")],
+        "bench": ["bench", "--steps", "1", "--warmup", "0", "--batch-size", "8"],  # cheap, should a bad value slip through
+        "data push": ["data", "push", "--data", "mnist", "--data-dir", str(tmp_path / "data"), "--to", "s3://gan-job-test/never"],
+    }[command].copy()
+
+
+SWEEP = [
+    pytest.param(command, flag, value, source, id=f"{command} {flag} {why} ({source})")
+    for command, flag, spec in DECLARED
+    for why, value in bad_values(spec).items()
+    for source in (("flag", "env") if command == "train" and spec.env else ("flag",))
+]
+
+
+@pytest.mark.parametrize("command, flag, value, source", SWEEP)
+def test_a_value_outside_its_declaration_is_refused_in_one_line(command, flag, value, source, tmp_path, monkeypatch, capsys):
     (tmp_path / "out").mkdir()
-    refused([*_base_argv(command, tiny_run, tmp_path, tiny_data_dir), f"{flag}={value}"], flag, capsys)
-    assert not (tmp_path / "runs").exists() and not list((tmp_path / "out").iterdir())
+    argv = base_argv(command, tmp_path)
+    if source == "flag":
+        argv.append(f"{flag}={value}")
+    else:
+        monkeypatch.setenv(env_var_for(flag[2:].replace("-", "_")), value)
+    line = refused(argv, flag, capsys)
+    if source == "env":
+        assert env_var_for(flag[2:].replace("-", "_")) in line
+    assert not (tmp_path / "runs").exists() and list((tmp_path / "out").iterdir()) == []
 
 
-@pytest.mark.parametrize(
-    "flag, value",
-    [("--epochs", "0"), ("--batch-size", "-1"), ("--keep-checkpoints", "0"), ("--lr", "0"), ("--lr", "-0.001"), ("--noise-dim", "-3")],
-)
-def test_a_bad_number_from_an_environment_variable_is_named(flag, value, monkeypatch, tiny_data_dir, tmp_path, capsys):
-    monkeypatch.setenv(env_var_for(flag[2:].replace("-", "_")), value)
-    refused(["train", "--data-dir", str(tiny_data_dir), "--storage", str(tmp_path / "runs"), "--run-name", "r"], flag, capsys)
-    assert not (tmp_path / "runs").exists()
+def test_the_sweep_covers_every_command_and_the_flags_that_size_memory_or_time():
+    assert {command for command, _, _ in DECLARED} == set(PARSERS)
+    found = {(command, flag) for command, flag, _ in DECLARED}
+    sizing = {
+        ("train", "--epochs"), ("train", "--batch-size"), ("train", "--eval-num"), ("train", "--noise-dim"), ("train", "--seed"),
+        ("train", "--num-workers"), ("train", "--promote-margin"), ("generate", "--num"), ("generate", "--seed"),
+        ("evaluate", "--num"), ("evaluate", "--seed"), ("promote", "--num"), ("promote", "--seed"), ("promote", "--margin"),
+        ("bench", "--steps"), ("bench", "--warmup"), ("bench", "--batch-size"), ("bench", "--threads"), ("bench", "--noise-dim"),
+    }  # fmt: skip
+    assert sizing <= found, sorted(sizing - found)
 
 
-def test_train_refuses_a_seed_torch_cannot_take(tiny_data_dir, tmp_path, capsys):
-    refused(["train", "--data-dir", str(tiny_data_dir), "--storage", str(tmp_path / "runs"), "--run-name", "r", "--seed", str(2**64)], "--seed", capsys)
+def test_promotion_flags_have_no_environment_form():
+    train = PARSERS["train"]
+    for name in NOT_FROM_ENVIRONMENT:
+        assert train._option_string_actions["--" + name.replace("_", "-")].setting.env is False  # noqa: SLF001
 
 
 @pytest.mark.parametrize("flag, value", [("--seed", str(2**64)), ("--num", str(10**12))])
-def test_generate_refuses_a_seed_or_count_it_cannot_honour(flag, value, tiny_run, tmp_path, capsys):
+def test_generate_refuses_a_seed_or_count_it_cannot_honour_before_reading_the_run(flag, value, tiny_run, tmp_path, capsys):
     out = tmp_path / "grid.png"
     refused(["generate", "--from", str(tiny_run), "--out", str(out), flag, value], flag, capsys)
     assert not out.exists()
-
-
-def test_bench_refuses_a_batch_it_cannot_allocate(capsys):
-    refused(["bench", "--steps", "1", "--warmup", "0", "--batch-size", str(10**12)], "--batch-size", capsys)
 
 
 # Datasets and data folders -----------------------------------------------------------------
@@ -288,8 +346,6 @@ def test_resuming_with_a_configuration_that_cannot_load_the_checkpoint_names_the
 
 
 def test_resuming_a_run_whose_every_checkpoint_is_damaged_is_refused_not_started_over(tiny_run, tmp_path, capsys):
-    import shutil
-
     storage = tmp_path / "runs"
     run = Path(shutil.copytree(tiny_run, storage / "tiny"))
     for folder in checkpoint_folders(resolve_location(str(run))):
@@ -394,33 +450,37 @@ def test_idx_a_damaged_gzip_stream_is_an_idx_format_error(junk):
 
 # Properties: the training configuration ----------------------------------------------------
 
-INT_FIELDS = {  # field: smallest valid value
-    "epochs": 1, "batch_size": 1, "num_workers": 1, "checkpoint_every": 1, "keep_checkpoints": 1,
-    "max_failures": 0, "noise_dim": 1, "seed": 0, "limit": 1, "cpus_per_worker": 1,
-}  # fmt: skip
 VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+COUNTS = ("epochs", "checkpoint_every", "keep_checkpoints", "max_failures", "noise_dim", "seed", "eval_every", "eval_num", "placement_timeout")
 
 
 def valid_run_name(name: str) -> bool:
     return bool(VALID_NAME.fullmatch(name)) and ".." not in name
 
 
+def within(name: str) -> st.SearchStrategy:
+    """Any value the declaration of `name` allows."""
+    spec = SETTINGS[name]
+    if spec.kind is int:
+        return st.integers(int(spec.low), int(spec.high))
+    return st.floats(spec.low, spec.high, exclude_min=spec.low_open, exclude_max=spec.high_open)
+
+
 @st.composite
 def valid_configs(draw) -> dict:
     num_workers = draw(st.integers(1, 64))
+    values = {name: draw(within(name)) for name in COUNTS}
     return dict(
+        values,
         data=draw(st.sampled_from(DATASET_NAMES)),
-        epochs=draw(st.integers(1, 10**6)),
         num_workers=num_workers,
-        batch_size=num_workers * draw(st.integers(1, 4096)),
-        limit=draw(st.none() | st.integers(num_workers, 10**7)),
-        seed=draw(st.integers(0, 2**32 - 1)),
-        checkpoint_every=draw(st.integers(1, 1000)),
-        keep_checkpoints=draw(st.integers(1, 100)),
-        max_failures=draw(st.integers(0, 100)),
-        cpus_per_worker=draw(st.none() | st.integers(1, 256)),
-        lr=draw(st.floats(1e-12, 10.0)),
-        noise_dim=draw(st.integers(1, 4096)),
+        batch_size=num_workers * draw(st.integers(1, int(SETTINGS["batch_size"].high) // num_workers)),
+        limit=draw(st.none() | st.integers(num_workers, int(SETTINGS["limit"].high))),
+        cpus_per_worker=draw(st.none() | within("cpus_per_worker")),
+        lr=draw(within("lr")),
+        beta1=draw(within("beta1")),
+        ema_decay=draw(within("ema_decay")),
+        elastic_resize_interval=draw(within("elastic_resize_interval")),
         run_name=draw(st.from_regex(VALID_NAME, fullmatch=True).filter(valid_run_name)),
         storage="/tmp/never-written",
     )
@@ -433,14 +493,20 @@ def test_config_accepts_every_valid_configuration(values):
     assert {name: getattr(config, name) for name in values} == values
 
 
-def _not_int_or_below(low: int):
-    return st.integers(max_value=low - 1) | st.booleans() | st.floats(allow_nan=True) | st.text(max_size=5)
+def outside(name: str) -> st.SearchStrategy:
+    """Values the declaration of numeric setting `name` refuses: out of range, non-finite, or not a number."""
+    spec = SETTINGS[name]
+    wrong = st.booleans() | st.text(max_size=5) | st.sampled_from([math.nan, math.inf, -math.inf])
+    if spec.kind is int:
+        return wrong | st.integers(max_value=int(spec.low) - 1) | st.integers(min_value=int(spec.high) + 1) | st.floats()
+    below = st.floats(max_value=spec.low, exclude_max=not spec.low_open)
+    above = st.floats(min_value=spec.high, exclude_min=not spec.high_open)
+    return wrong | below | above
 
 
 invalid_fields = st.one_of(
-    *[st.tuples(st.just(name), _not_int_or_below(low)) for name, low in INT_FIELDS.items()],
-    st.tuples(st.just("lr"), st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, True, "0.1"]) | st.floats(max_value=0.0)),
-    st.tuples(st.just("data"), st.text(max_size=12).filter(lambda name: name not in DATASET_NAMES)),
+    *[st.tuples(st.just(name), outside(name)) for name, spec in SETTINGS.items() if spec.numeric],
+    *[st.tuples(st.just(name), st.text(max_size=12).filter(lambda v, c=spec.choices: v not in c)) for name, spec in SETTINGS.items() if spec.choices],
     st.tuples(st.just("run_name"), st.text(max_size=140).filter(lambda n: not valid_run_name(n) and not valid_run_name(n.rstrip("\n")))),
 )
 
@@ -449,8 +515,6 @@ invalid_fields = st.one_of(
 @given(values=valid_configs(), invalid=invalid_fields)
 def test_config_refuses_any_invalid_value_naming_its_flag(values, invalid):
     name, value = invalid
-    if name in ("limit", "cpus_per_worker") and value is None:
-        return  # None is valid for these two: "all images", "the node's CPUs divided among the workers"
     with pytest.raises(UsageError, match=re.escape("--" + name.replace("_", "-"))):
         TrainConfig(**{**values, name: value})
 
@@ -484,8 +548,6 @@ def test_a_worker_range_whose_sizes_do_not_all_split_the_batch_names_them(tiny_d
 
 
 def test_a_worker_range_is_held_as_two_settings():
-    from job.cli import build_parser
-
     args = build_parser().parse_args(["train", "--num-workers", "1-4"])
     assert args.num_workers == (1, 4)
     fixed = TrainConfig(run_name="r", storage="/tmp/unused", num_workers=2)

@@ -1,6 +1,5 @@
 """The `evaluate` command: one JSON object of metrics from a run or checkpoint, with bad input refused."""
 
-import argparse
 import json
 import pickle
 import shutil
@@ -11,13 +10,10 @@ import torch
 from gan.classifier import DEFAULT_EPOCHS, cache_path, load_or_train_classifier
 from gan.data import load_split
 from gan.models import Generator
+from job.cli import main
 from job.storage.checkpoint import checkpoint_folders, load_from, write_checkpoint
-from job.config import TrainConfig
-from job.errors import UsageError
-from job.commands.evaluate import add_evaluate_arguments
-from job.runtime.local_session import LocalSession
 from job.storage.location import resolve_location
-from job.runtime.loop import run_worker
+from tests.conftest import train_one_process
 
 
 
@@ -44,30 +40,16 @@ def cached_classifier(trained_classifier_file, isolated_home):
 
 
 def evaluate_main(argv):
-    parser = argparse.ArgumentParser()
-    add_evaluate_arguments(parser)
-    args = parser.parse_args(argv)
-    return args.handler(args)
-
-
-def train_tiny_run(tmp_path, data_dir, **overrides):
-    values = {
-        "data": "fashion-mnist", "data_dir": str(data_dir), "epochs": 1, "batch_size": 32, "limit": 64,
-        "storage": str(tmp_path / "runs"), "run_name": "r1", "cpus_per_worker": 1,
-        "eval_every": 0,  # no training-time metrics, which these tests do not need (from_dict drops it if unknown)
-    }  # fmt: skip
-    config = TrainConfig.from_dict({**values, **overrides})
-    run = resolve_location(config.storage).child(config.run_name)
-    run_worker(config, LocalSession(run, torch.device("cpu")))
-    return run
+    """`gan-job evaluate ARGV` through the CLI, as a user runs it."""
+    return main(["evaluate", *map(str, argv)])
 
 
 @pytest.fixture
 def quiet_run(tmp_path, small_fashion_dir, capsys):
     """A one-epoch run on the small data; its training output is cleared from the captured streams."""
-    run = train_tiny_run(tmp_path, small_fashion_dir)
+    run = train_one_process(tmp_path / "runs", small_fashion_dir, "r1", limit=64)
     capsys.readouterr()
-    return run
+    return resolve_location(str(run))
 
 
 def test_evaluating_a_run_prints_one_json_object_and_stores_it_with_the_classifier(
@@ -120,33 +102,31 @@ def test_the_ema_generator_is_evaluated_when_the_checkpoint_has_one(tmp_path, sm
 
 
 @pytest.mark.parametrize(
-    "change, flag",
+    "extra, flag",
     [
-        ({"num": 0}, "--num"),
-        ({"source": "MISSING"}, "--from"),
-        ({"data": "cifar"}, "--data"),
-        ({"inception_weights": "MISSING.pth"}, "--inception-weights"),
-        ({"seed": -1}, "--seed"),
+        (["--num", "0"], "--num"),
+        (["--num", str(10**9)], "--num"),
+        (["--seed", "-1"], "--seed"),
+        (["--seed", str(2**64)], "--seed"),  # torch.manual_seed would raise deep inside
+        (["--data", "cifar"], "--data"),
+        (["--inception-weights", "{tmp}/MISSING.pth"], "--inception-weights"),
     ],
 )
-def test_bad_input_is_refused_naming_the_flag(tmp_path, change, flag):
-    from job.commands.evaluate import evaluate
-
-    values = {
-        "source": str(tmp_path),
-        "data": "fashion-mnist",
-        "data_dir": None,
-        "num": 10,
-        "seed": 0,
-        "inception_weights": None,
-        "s3_endpoint": None,
-    }
-    values.update({k: str(tmp_path / v) if v in ("MISSING", "MISSING.pth") else v for k, v in change.items()})
-    with pytest.raises(UsageError, match=flag):
-        evaluate(argparse.Namespace(**values))
+def test_bad_input_is_refused_naming_the_flag(tmp_path, extra, flag, capsys):
+    assert evaluate_main(["--from", tmp_path, "--data", "fashion-mnist", *[e.format(tmp=tmp_path) for e in extra]]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("gan-job") and flag in line and "Traceback" not in captured.err
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_a_pickled_inception_weights_file_is_refused_before_anything_loads_it(tmp_path):
+def test_a_missing_source_is_refused_naming_from(tmp_path, capsys):
+    assert evaluate_main(["--from", tmp_path / "MISSING"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--from" in line
+
+
+def test_a_pickled_inception_weights_file_is_refused_before_anything_loads_it(tmp_path, capsys):
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -155,6 +135,7 @@ def test_a_pickled_inception_weights_file_is_refused_before_anything_loads_it(tm
 
     weights = tmp_path / "inception.pth"
     weights.write_bytes(pickle.dumps({"fc.weight": Payload()}, protocol=2))
-    with pytest.raises(UsageError, match="--inception-weights .* not a plain state dict"):
-        evaluate_main(["--from", str(tmp_path), "--inception-weights", str(weights)])
+    assert evaluate_main(["--from", tmp_path, "--inception-weights", weights]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--inception-weights" in line and "not a plain state dict" in line
     assert not marker.exists()

@@ -1,21 +1,41 @@
 """`promote`: LATEST moves to a finished run that is no worse, atomically, and every decision is logged."""
 
-import argparse
 import json
 import os
 import shutil
 
 import pytest
 
+from gan.classifier import DEFAULT_EPOCHS, cache_path, load_or_train_classifier
+from gan.data import load_split
+from job.cli import main
 from job.storage.checkpoint import checkpoint_folders
-from job.errors import UsageError
-from job.commands.promote import add_promote_arguments, resolve_latest
-from tests import test_evaluate as shared
+from job.storage.location import resolve_location
+from job.storage.pointer import resolve_latest
+from tests.conftest import train_one_process
 
-# The small real data set, its classifier and the tiny run, shared with test_evaluate's tests.
-trained_classifier_file = shared.trained_classifier_file
-cached_classifier = shared.cached_classifier
-train_tiny_run = shared.train_tiny_run
+
+# The classifier `evaluate` trains on the small data, trained once per session. (A copy of
+# tests/test_evaluate.py's: a shared classifier-cache fixture belongs in conftest.py.)
+@pytest.fixture(scope="session")
+def trained_classifier_file(small_fashion_dir, tmp_path_factory):
+    train_set = load_split(small_fashion_dir, "train")
+    cache = tmp_path_factory.mktemp("classifier-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(cache))
+        load_or_train_classifier("fashion-mnist", train_set.images, train_set.labels, train_set.fingerprint, epochs=DEFAULT_EPOCHS)
+        path = cache_path("fashion-mnist", train_set.fingerprint, 0)
+    return path, path.relative_to(cache)
+
+
+@pytest.fixture
+def cached_classifier(trained_classifier_file, isolated_home):
+    """Put the session's classifier into this test's empty cache, where `evaluate` looks first."""
+    source, relative = trained_classifier_file
+    target = isolated_home / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, target)
+    return target
 
 NUM = "64"  # generated images per evaluation: enough for the numbers, quick on a CPU
 
@@ -23,7 +43,7 @@ NUM = "64"  # generated images per evaluation: enough for the numbers, quick on 
 @pytest.fixture(scope="session")
 def template_run(small_fashion_dir, tmp_path_factory):
     """One finished one-epoch run, trained once; tests copy it under the names they need."""
-    return train_tiny_run(tmp_path_factory.mktemp("template"), small_fashion_dir)
+    return resolve_location(str(train_one_process(tmp_path_factory.mktemp("template") / "runs", small_fashion_dir, "r1", limit=64)))
 
 
 @pytest.fixture
@@ -36,10 +56,8 @@ def storage(tmp_path, template_run, cached_classifier):
 
 
 def promote_main(*argv):
-    parser = argparse.ArgumentParser()
-    add_promote_arguments(parser)
-    args = parser.parse_args([str(a) for a in argv])
-    return args.handler(args)
+    """`gan-job promote ARGV` through the CLI, as a user runs it."""
+    return main(["promote", *map(str, argv)])
 
 
 def promote_run(storage, name, data_dir, capsys, *extra):
@@ -60,8 +78,6 @@ def set_stored_fid(storage, name, fid):
 
 
 def _location(path):
-    from job.storage.location import resolve_location
-
     return resolve_location(str(path))
 
 
@@ -174,12 +190,17 @@ def test_resolve_latest_follows_the_pointer_and_leaves_folders_as_they_are(stora
         (["--run", "{s}/a", "--target", "{s}/job"], "--target"),
         (["--run", "{s}/a", "--target", "{s}/job/LATEST", "--margin", "nan"], "--margin"),
         (["--run", "{s}/a", "--target", "{s}/job/LATEST", "--num", "0"], "--num"),
+        (["--run", "{s}/a", "--target", "{s}/job/LATEST", "--num", str(10**9)], "--num"),
+        (["--run", "{s}/a", "--target", "{s}/job/LATEST", "--seed", str(2**64)], "--seed"),  # torch.manual_seed would raise
+        (["--run", "{s}/a", "--target", "{s}/job/LATEST", "--margin", "1e9"], "--margin"),
         (["--run", "{s}/a", "--target", "{s}/a/artifacts/model.json"], "--target"),  # not a pointer
     ],
 )
-def test_bad_input_is_refused_naming_the_flag_and_writes_nothing(storage, argv, flag):
-    with pytest.raises(UsageError, match=flag):
-        promote_main(*[a.format(s=storage) for a in argv])
+def test_bad_input_is_refused_naming_the_flag_and_writes_nothing(storage, argv, flag, capsys):
+    assert promote_main(*[a.format(s=storage) for a in argv]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("gan-job") and flag in line and "Traceback" not in captured.err
     assert not (storage / "job" / "promotions.jsonl").exists() and not (storage / "a" / "artifacts" / "eval.json").exists()
 
 
@@ -222,14 +243,12 @@ def ray_train_replaced(monkeypatch):
     monkeypatch.setattr(job.commands.train, "connect_ray", lambda: None)
     monkeypatch.setattr(job.commands.train, "place", lambda config: config)
     monkeypatch.setattr(job.commands.train, "build_trainer", lambda config: Trainer())
-    monkeypatch.setattr("job.commands.evaluate.DEFAULT_NUM", int(NUM))  # promote's default image count, small here
+    monkeypatch.setattr("job.commands.promote.DEFAULT_NUM", int(NUM))  # promote's default image count, small here
     return state
 
 
 def train_main(storage, name, data_dir, *extra):
     """`gan-job train` of run `name` (the template run's configuration, so it "resumes") with `extra` flags."""
-    from job.cli import main
-
     argv = ["train", "--data", "fashion-mnist", "--data-dir", data_dir, "--epochs", "1", "--batch-size", "32", "--limit", "64",
             "--cpus-per-worker", "1", "--eval-every", "0", "--storage", storage, "--run-name", name, *extra]  # fmt: skip
     return main([str(a) for a in argv])
@@ -280,12 +299,12 @@ def test_train_exits_3_when_training_finished_but_the_promotion_failed(storage, 
 
 
 def test_train_exits_3_on_an_unexpected_promotion_failure_too(storage, small_fashion_dir, ray_train_replaced, monkeypatch, capsys):
-    import job.commands.promote
+    import job.commands.train
 
     def broken(args):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(job.commands.promote, "promote", broken)
+    monkeypatch.setattr(job.commands.train, "promote", broken)
     assert train_main(storage, "a", small_fashion_dir, "--promote-to", storage / "job" / "LATEST") == 3
     err = capsys.readouterr().err
     assert "RuntimeError: a bug" in err.splitlines()[-1] and "Traceback" in err  # a bug keeps its trace
