@@ -4,7 +4,7 @@ import gzip
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from gan.data import DataError, cache_dir, iterate_batches, load_split, resolve_data_dir, shard_indices
@@ -26,16 +26,45 @@ def test_idx_round_trip_any_shape(shape, rnd):
     assert torch.equal(decode_idx(encode_idx(values)), values)
 
 
-@given(st.binary(max_size=64))
-@settings(max_examples=200, deadline=None)
+@st.composite
+def near_idx_files(draw) -> bytes:
+    """A valid IDX file, whole or cut short, lengthened, or with one byte changed (header or data); maybe gzipped."""
+    shape = draw(st.lists(st.integers(1, 4), min_size=1, max_size=3))
+    raw = bytearray(encode_idx(torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 99))), dtype=torch.uint8)))
+    how = draw(st.sampled_from(["whole", "cut", "longer", "changed"]))
+    if how == "cut":
+        raw = raw[: draw(st.integers(0, len(raw) - 1))]
+    elif how == "longer":
+        raw += draw(st.binary(min_size=1, max_size=8))
+    elif how == "changed":
+        raw[draw(st.integers(0, len(raw) - 1))] ^= draw(st.integers(1, 255))
+    return gzip.compress(bytes(raw)) if draw(st.booleans()) else bytes(raw)
+
+
+@given(st.one_of(st.binary(max_size=64), near_idx_files()))
+@settings(max_examples=300, deadline=None)
 def test_idx_reader_rejects_garbage_with_its_own_error(raw):
+    """Random bytes and damaged IDX files: refused with IdxFormatError (saying what to do), or, when
+    accepted, an exact IDX file read whole (a changed data byte is still a valid file)."""
     try:
         values = decode_idx(raw)
     except IdxFormatError as err:  # the only acceptable failure, and it says what to do
         assert "download" in str(err)
+        event("refused")
         return
+    event("accepted")
     plain = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
-    assert encode_idx(values) == plain  # what it accepts is an exact IDX file, read whole
+    assert encode_idx(values) == plain  # what it accepts is an exact IDX file, read whole: no trailing or missing byte
+
+
+def test_idx_reader_refuses_each_kind_of_damage_it_must():
+    """The damaged files the property above may or may not draw, each refused for certain."""
+    raw = encode_idx(torch.arange(24, dtype=torch.uint8).view(2, 3, 4))
+    header = 4 + 3 * 4  # magic, then one big-endian size per dimension
+    for damaged in (raw[:-1], raw + b"\x00", raw[:header], raw[:3], b"", bytes([raw[0] ^ 1]) + raw[1:], raw[:7] + bytes([raw[7] + 1]) + raw[8:]):
+        for form in (damaged, gzip.compress(damaged)):
+            with pytest.raises(IdxFormatError, match="download"):
+                decode_idx(form)
 
 
 def test_idx_reader_names_wrong_magic_and_truncation():
