@@ -2,8 +2,9 @@
 
 Every `train` flag but `--promote-to` and `--promote-margin` can also come from an environment
 variable `GAN_JOB_<FLAG>` (for example `GAN_JOB_EPOCHS=5`), which is how manifests pass knobs; a
-flag on the command line wins. Bad input ends in one line on stderr and exit status 2, with nothing
-written.
+flag on the command line wins, and an empty variable counts as unset. The flags, their variables,
+bounds and help come from one declaration: `TrainConfig`'s fields (job/config.py, job/settings.py).
+Bad input ends in one line on stderr and exit status 2, with nothing written.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _env_default(name: str) -> object:
     """The value of a train setting's GAN_JOB_* variable, parsed by its declaration; None when unset."""
     variable, spec = env_var_for(name), SETTINGS[name]
     raw = os.environ.get(variable)
-    if raw is None:
+    if raw is None or not raw.strip():  # empty = unset: a manifest may list a knob with no value
         return None
     try:
         return spec.parse(raw)
