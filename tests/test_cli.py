@@ -198,3 +198,11 @@ def test_promotion_is_never_an_environment_knob(monkeypatch, tmp_path, tiny_data
     assert main([*argv, "--promote-to", str(tmp_path / "job" / "LATEST"), "--promote-margin", "0.05"]) == 0
     assert seen[-1].margin == 0.05
     assert "GAN_JOB_PROMOTE" not in build_parser()._subparsers._group_actions[0].choices["train"].format_help()  # noqa: SLF001
+
+
+def test_bench_prints_one_json_line_even_without_warmup(capsys):
+    import json
+
+    assert main(["bench", "--steps", "1", "--warmup", "0", "--batch-size", "8"]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(line)["steps"] == 1

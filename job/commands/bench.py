@@ -69,6 +69,8 @@ def bench(args: argparse.Namespace) -> int:
     stream = (batch for batch in batches() if batch.shape[0] == args.batch_size)
 
     def run(steps: int) -> None:
+        if steps == 0:  # --warmup 0
+            return
         for _ in range(steps):
             real = next(stream)
             noise = torch.randn(real.shape[0], args.noise_dim, device=device)
