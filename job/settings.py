@@ -70,6 +70,8 @@ class Setting:
         """Why `value` is not allowed (one phrase, to follow the flag's name), or None when it is."""
         if self.choices:
             return None if value in self.choices else f"{value!r} is not one of: {', '.join(self.choices)}; choose one of them"
+        if self.kind is bool:
+            return None if isinstance(value, bool) else f"must be true or false, got {value!r}; use true or false"
         if not self.numeric:
             return None
         wrong_kind = isinstance(value, bool) or not isinstance(value, (int, float)) or (self.kind is int and not isinstance(value, int))
@@ -173,6 +175,7 @@ def add_flag(parser: argparse.ArgumentParser, flag: str, spec: Setting, default:
 
 # The flags several commands share, declared once.
 SEED = Setting("seed of the noise", kind=int, low=0, high=MAX_SEED)
+# At least gan.metrics.MIN_IMAGES (k-NN needs k + 1 images; tests/test_evaluate.py checks the two agree).
 EVAL_NUM = Setting("generated images per evaluation (at least 4, for k-NN with k = 3)", kind=int, low=4, high=MAX_EVAL_IMAGES)
 DATASET_NAMES = ("mnist", "fashion-mnist")
 PRECISIONS = ("auto", "fp32", "bf16")

@@ -162,6 +162,7 @@ SWEEP = [
     for command, flag, spec in DECLARED
     for why, value in bad_values(spec).items()
     for source in (("flag", "env") if command == "train" and spec.env else ("flag",))
+    if not (source == "env" and value == "")  # an empty variable counts as unset, on purpose
 ]
 
 

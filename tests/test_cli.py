@@ -206,3 +206,10 @@ def test_bench_prints_one_json_line_even_without_warmup(capsys):
     assert main(["bench", "--steps", "1", "--warmup", "0", "--batch-size", "8"]) == 0
     (line,) = capsys.readouterr().out.strip().splitlines()
     assert json.loads(line)["steps"] == 1
+
+
+def test_an_empty_knob_counts_as_unset(monkeypatch):
+    monkeypatch.setenv(env_var_for("epochs"), "")
+    monkeypatch.setenv(env_var_for("lr"), " ")
+    args = build_parser().parse_args(["train"])
+    assert args.epochs is None and args.lr is None  # TrainConfig's defaults (and the recipe's) apply

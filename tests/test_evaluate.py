@@ -9,8 +9,10 @@ import torch
 
 from gan.classifier import DEFAULT_EPOCHS, cache_path, load_or_train_classifier
 from gan.data import load_split
+from gan.metrics import MIN_IMAGES
 from gan.models import Generator
 from job.cli import main
+from job.settings import EVAL_NUM
 from job.storage.checkpoint import checkpoint_folders, load_from, write_checkpoint
 from job.storage.location import resolve_location
 from tests.conftest import train_one_process
@@ -118,6 +120,10 @@ def test_bad_input_is_refused_naming_the_flag(tmp_path, extra, flag, capsys):
     (line,) = captured.err.strip().splitlines()
     assert line.startswith("gan-job") and flag in line and "Traceback" not in captured.err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_declared_minimum_image_count_is_what_the_metrics_need():
+    assert EVAL_NUM.low == MIN_IMAGES
 
 
 def test_a_missing_source_is_refused_naming_from(tmp_path, capsys):

@@ -14,7 +14,7 @@ import time
 from types import SimpleNamespace
 
 from gan.classifier import classifier_to_bytes
-from gan.metrics import MIN_IMAGES, QualityEvaluator, build_evaluator, check_state_dict_file, inception_fid
+from gan.metrics import QualityEvaluator, build_evaluator, check_state_dict_file, inception_fid
 from gan.models import Generator
 from gan.sampling import sample, seeded_noise
 from job.console import warn
@@ -27,7 +27,6 @@ from job.storage.pointer import resolve_latest
 
 DEFAULT_NUM = 10_000  # the size of the test split: FID's bias shrinks with the count
 DATA = Setting("real data to compare with (default: the run's)", choices=DATASET_NAMES)
-assert EVAL_NUM.low == MIN_IMAGES, "EVAL_NUM's declared minimum is k-NN's"  # job.settings cannot import torch
 EVAL_FILE = "eval.json"
 CLASSIFIER_FILE = "classifier.pt"
 # The fields that must agree for two evaluations' numbers to be comparable.

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import traceback
@@ -33,9 +34,9 @@ PROMOTE_TO = Setting(
     "exit status 3 if the promotion fails (no environment variable)",
     env=False, metavar="<storage>/<job>/LATEST",
 )  # fmt: skip
-PROMOTE_MARGIN = Setting(
-    "with --promote-to: promote's --margin (default 0: no worse than the current LATEST; no environment variable)",
-    kind=MARGIN.kind, low=MARGIN.low, low_open=MARGIN.low_open, high=MARGIN.high, env=False, metavar="M",
+PROMOTE_MARGIN = dataclasses.replace(  # promote's --margin, its bounds included
+    MARGIN, help="with --promote-to: promote's --margin (default 0: no worse than the current LATEST; no environment variable)",
+    env=False, metavar="M",
 )  # fmt: skip
 
 
