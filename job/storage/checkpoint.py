@@ -6,6 +6,7 @@ pickle: it is read with `torch.load(weights_only=True)`, because a checkpoint fr
 untrusted input. The digest catches what `torch.load` does not: it checks no CRC, so a damaged
 byte in a tensor loads silently as a wrong weight; and a folder without both files is one whose
 upload never finished. (Format 1 checkpoints, written before digests, still load, unverified.)
+This module handles bytes; the dict inside is built and consumed by `job.runtime.state.TrainingState`.
 """
 
 from __future__ import annotations
