@@ -7,6 +7,7 @@ the real CUDA path is checked on a lent GPU machine (see the README).
 import pytest
 import torch
 
+from job.commands.train import build_trainer
 from job.config import TrainConfig
 from job.runtime.distributed import backend_for, select_device
 from job.errors import UsageError
@@ -28,8 +29,6 @@ def test_use_gpu_without_a_visible_gpu_is_a_clear_error(monkeypatch):
 
 
 def test_trainer_asks_ray_for_one_gpu_per_worker_and_nccl(tmp_path):
-    from job.commands.train import build_trainer
-
     config = TrainConfig(use_gpu=True, num_workers=4, cpus_per_worker=3, storage=str(tmp_path), run_name="gpu")
     trainer = build_trainer(config)
     scaling = trainer.scaling_config
@@ -39,8 +38,6 @@ def test_trainer_asks_ray_for_one_gpu_per_worker_and_nccl(tmp_path):
 
 
 def test_an_elastic_run_asks_ray_train_for_min_and_max_workers(tmp_path):
-    from job.commands.train import build_trainer
-
     config = TrainConfig(num_workers=1, max_workers=4, batch_size=240, cpus_per_worker=1, elastic_resize_interval=7.5,
                          storage=str(tmp_path), run_name="elastic")  # fmt: skip
     scaling = build_trainer(config).scaling_config
@@ -49,8 +46,6 @@ def test_an_elastic_run_asks_ray_train_for_min_and_max_workers(tmp_path):
 
 
 def test_trainer_uses_gloo_and_no_gpu_on_cpu(tmp_path):
-    from job.commands.train import build_trainer
-
     trainer = build_trainer(TrainConfig(num_workers=2, cpus_per_worker=1, storage=str(tmp_path), run_name="cpu"))
     assert not trainer.scaling_config.use_gpu and trainer.backend_config.backend == "gloo"
 

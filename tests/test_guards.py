@@ -4,6 +4,8 @@ import math
 
 import pytest
 
+import gan.step
+import job.runtime.quality
 from job.runtime.guards import MAX_ROLLBACKS, CollapseGuard, DivergenceGuard, Guards
 from tests.conftest import metrics_rows, train_one_process
 
@@ -70,8 +72,6 @@ def _run(tmp_path, data_dir, **overrides):
 @pytest.fixture
 def nan_at_epoch_2(monkeypatch):
     """Plant a failure: the generator loss of every step in epoch 2 (steps 4-6) is NaN."""
-    import gan.step
-
     real_loss = gan.step.generator_loss
     calls = {"n": 0}
 
@@ -111,8 +111,6 @@ def test_a_healthy_run_trips_no_guard(tmp_path, tiny_data_dir):
 @pytest.fixture
 def coverage_collapses_after_epoch_2(monkeypatch):
     """Plant a collapse: the probe scores 9, 9 classes, then 2, 1, 1 (as a generator stuck on one class scores)."""
-    import job.runtime.quality
-
     modes = iter([9, 9, 2, 1, 1, 1, 1, 1])
 
     def planted(self, generator):

@@ -11,7 +11,9 @@ import torch
 
 from job.cli import main
 from job.errors import UsageError
-from job.storage.checkpoint import STATE_FILE, CheckpointError, checkpoint_folders, read_checkpoint
+from job.config import TrainConfig
+from job.runtime.state import TrainingState
+from job.storage.checkpoint import REQUIRED_KEYS, STATE_FILE, CheckpointError, checkpoint_folders, read_checkpoint
 from job.storage.location import resolve_location
 from tests.conftest import metrics_rows, train_one_process
 
@@ -36,7 +38,7 @@ def test_a_run_writes_every_artifact_and_a_complete_checkpoint(tmp_path, tiny_da
     assert {"epoch", "step", "loss_d", "loss_g", "d_real_prob", "d_fake_prob", "images_per_s", "epoch_time_s"} <= set(rows[0])
     state = read_checkpoint(checkpoint_folders(run)[0])
     assert state["epoch"] == 2 and state["step"] == rows[-1]["step"] == 6  # 96 images / 32 per step x 2 epochs
-    assert {"generator", "discriminator", "optimizer_g", "optimizer_d", "fixed_noise", "rng", "config", "data_fingerprint"} <= set(state)
+    assert set(state) == set(REQUIRED_KEYS)  # the keys of format 2, no more: older readers load it too
     model = json.loads((artifacts / "model.json").read_text())
     assert model["config"]["noise_dim"] == 100 and model["data"]["name"] == "fashion-mnist"
     generator_state = torch.load(artifacts / "generator.pt", weights_only=True)
@@ -117,6 +119,7 @@ def test_ema_weights_are_checkpointed_and_become_the_model(tmp_path, tiny_data_d
     run = _train(tmp_path, tiny_data_dir, epochs=1, recipe="stable")
     state = read_checkpoint(checkpoint_folders(run)[0])
     assert state["config"]["ema_decay"] == 0.999 and state["config"]["beta1"] == 0.5
+    assert set(state) == {*REQUIRED_KEYS, "ema_generator", "ema_updates"}
     generator_pt = torch.load(tmp_path / "runs" / "local" / "artifacts" / "generator.pt", weights_only=True)
     for name, value in generator_pt.items():
         assert torch.equal(value, state["ema_generator"][name])
@@ -149,3 +152,19 @@ def test_one_epoch_then_a_resumed_epoch_is_bitwise_two_epochs_in_one_go(tmp_path
         for param, moments in states[0][name]["state"].items():
             for key, value in moments.items():
                 assert torch.equal(value, states[1][name]["state"][param][key]), (name, param, key)
+
+
+def test_resume_continues_each_ranks_random_stream_and_reseeds_at_another_world_size(tmp_path, tiny_data_dir, capsys):
+    checkpoint = read_checkpoint(checkpoint_folders(_train(tmp_path, tiny_data_dir, epochs=1))[0])
+    config = TrainConfig.from_dict(checkpoint["config"])
+
+    TrainingState.build(config, checkpoint["data_fingerprint"], 0, 1, torch.device("cpu")).resume(checkpoint)
+    drawn = torch.rand(4)
+    torch.set_rng_state(checkpoint["rng"]["states"][0]["cpu"])
+    assert torch.equal(drawn, torch.rand(4))  # same world size: rank 0 goes on where it stopped
+
+    TrainingState.build(config, checkpoint["data_fingerprint"], 1, 2, torch.device("cpu")).resume(checkpoint)
+    drawn = torch.rand(4)
+    torch.manual_seed(config.seed + 1 + 1_000_003 * 2)  # rank 1, epoch 2
+    assert torch.equal(drawn, torch.rand(4))
+    assert "checkpoint was written by 1 workers; random streams reseeded" in capsys.readouterr().out
