@@ -48,6 +48,12 @@ def as_readme(value: object) -> str:
     return as_variable(value)
 
 
+def test_every_config_field_is_a_declared_setting():
+    """A new TrainConfig field without `setting(...)` would have no flag, no variable and no bounds."""
+    derived = {"max_workers"}  # the MAX of --num-workers MIN-MAX
+    assert {f.name for f in dataclasses.fields(TrainConfig)} - derived == set(SETTINGS)
+
+
 # The README's train flag table ------------------------------------------------------------------
 
 
