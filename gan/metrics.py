@@ -167,8 +167,10 @@ class QualityEvaluator:
         seed: int = 0,  # draws the real subsets
         device: torch.device | str = "cpu",  # where features and distances are computed
         test_fingerprint: str | None = None,  # of the test images, recorded by `describe`; None = unknown
+        real_test_labels: torch.Tensor | None = None,  # (N,) of real_test, for label accuracy and CAS; None = unknown
     ) -> None:
         self.classifier = classifier
+        self.real_test_labels = real_test_labels
         self.test_fingerprint = test_fingerprint
         self.device = torch.device(device)
         self.model: Classifier = classifier.model.to(self.device)
@@ -262,4 +264,6 @@ def build_evaluator(
         test_images_u8=test_set.images, test_labels=test_set.labels,
     )  # fmt: skip
     real_test, real_train = to_unit_range(test_set.images), to_unit_range(train_set.images)
-    return QualityEvaluator(classifier, real_test, real_train, seed, device, test_fingerprint=test_set.fingerprint)
+    return QualityEvaluator(
+        classifier, real_test, real_train, seed, device, test_fingerprint=test_set.fingerprint, real_test_labels=test_set.labels,
+    )  # fmt: skip

@@ -64,3 +64,14 @@ def class_grid_inputs(num_classes: int, per_class: int, noise_dim: int, seed: in
     noise = seeded_noise(per_class, noise_dim, seed).repeat(num_classes, 1)  # (num_classes * per_class, noise_dim)
     labels = torch.arange(num_classes).repeat_interleave(per_class)  # (num_classes * per_class,): 0…0, 1…1, …
     return noise, labels
+
+
+def conditional_inputs(num: int, noise_dim: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise (num, noise_dim) and labels (num,) with the classes drawn uniformly, as many of each.
+
+    What a conditional G is measured on (FID, class coverage, label accuracy, CAS): the noise is
+    `seeded_noise(num, noise_dim, seed)`, the same an unconditional G gets, and the labels are
+    `labels_split_evenly(num, range(num_classes))`, in class order (0…0, 1…1, …). The order does
+    not change a metric of the whole set; take a subset with `torch.randperm`, not a prefix.
+    """
+    return seeded_noise(num, noise_dim, seed), labels_split_evenly(num, range(num_classes))
