@@ -39,14 +39,20 @@ def train_epoch(
     amp_dtype: torch.dtype | None = None,  # autocast dtype; None = float32 throughout
     ema: GeneratorEMA | None = None,  # updated after each step; None = no EMA
     on_step: Callable[[int], None] | None = None,  # called with the steps done so far; None = silent
+    labels: torch.Tensor | None = None,  # (N,) class of each image, on the images' device; None = unconditional networks
 ) -> EpochTotals:
     """Update G and D once per batch of `indices`; returns the summed step stats without waiting on the device."""
     device = images_u8.device
     sums = torch.zeros(len(STAT_NAMES), device=device)
     steps = 0
-    for real_images in iterate_batches(images_u8, indices, batch_size):
+    # Conditional: each batch comes with its labels; unconditional: None for them all the way down.
+    if labels is not None:
+        batches = iterate_batches(images_u8, indices, batch_size, labels)
+    else:
+        batches = ((images, None) for images in iterate_batches(images_u8, indices, batch_size))
+    for real_images, real_labels in batches:
         noise = torch.randn(real_images.shape[0], noise_dim, device=device)
-        stats = train_step(generator, discriminator, optimizer_g, optimizer_d, real_images, noise, amp_dtype)
+        stats = train_step(generator, discriminator, optimizer_g, optimizer_d, real_images, noise, amp_dtype, labels=real_labels)
         if ema is not None:  # the average follows the plain module, never the DDP wrapper
             ema.update(generator.module if isinstance(generator, DistributedDataParallel) else generator)
         sums += torch.stack([stats[name] for name in STAT_NAMES])

@@ -26,6 +26,8 @@ RECIPES = {
     # EMA of G's weights; chosen by measurement (see the README's Quality numbers).
     "stable": {"batch_size": 64, "lr": 2e-4, "beta1": 0.5, "ema_decay": 0.999},
 }
+# `stable` plus the dataset's labels: G and D class-conditional (a recipe's switch turns it on).
+RECIPES["conditional"] = {**RECIPES["stable"], "conditional": True}
 RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: "$" would let "name\n" through
 
 
@@ -96,13 +98,16 @@ class TrainConfig:
         help="CPUs and torch threads per worker (default: the largest node type's CPUs / workers)")
     placement_timeout: int = setting(600, kind=int, low=1, high=MAX_SECONDS,
         help="seconds to wait for an autoscaler to start the workers' nodes before giving up (default 600)")
-    recipe: str = setting("tutorial", choices=tuple(RECIPES), help="hyperparameters: tutorial (default, the tutorial's unchanged) or stable")
+    recipe: str = setting("tutorial", choices=tuple(RECIPES),
+        help="hyperparameters: tutorial (default, the tutorial's unchanged), stable, or conditional (stable's, with --conditional)")
     lr: float | None = setting(None, kind=float, low=0, low_open=True, high=1.0,
         help="Adam learning rate of both networks (default: the recipe's; tutorial 1e-4)")
     beta1: float | None = setting(None, kind=float, low=0, high=1, high_open=True,
         help="Adam beta1 of both networks (default: the recipe's; tutorial 0.9)")
     ema_decay: float | None = setting(None, kind=float, low=0, high=1, high_open=True,
         help="decay of an EMA of G's weights used for samples and the model, 0 = off (default: the recipe's)")
+    conditional: bool = setting(False, kind=bool,
+        help="class-conditional: G and D trained on the dataset's labels, samples one row per class (on with --recipe conditional)")
     eval_every: int = setting(1, kind=int, low=0, high=MAX_EPOCHS,
         help="epochs between quality evaluations during training, 0 = never (default 1)")
     eval_num: int = setting(2000, kind=int, low=10, high=MAX_EVAL_IMAGES, help="generated images per training-time evaluation (default 2000)")
@@ -122,7 +127,8 @@ class TrainConfig:
         if self.recipe not in RECIPES:
             raise UsageError(f"--recipe {self.recipe!r} is not one of: {', '.join(RECIPES)}")
         for name, value in RECIPES[self.recipe].items():
-            if getattr(self, name) is None:
+            # A recipe fills what was not given; its switch turns a switch on (a switch has no "off" flag to win over it).
+            if getattr(self, name) is None or value is True:
                 object.__setattr__(self, name, value)  # frozen: filled once, here
         self._validate()
 
@@ -188,5 +194,6 @@ class TrainConfig:
 SETTINGS: dict[str, Setting] = declared(TrainConfig)
 UNSET_ALLOWED = frozenset(f.name for f in fields(TrainConfig) if f.default is None and f.name not in RECIPES["tutorial"])
 
-# Fields that decide the shapes in a checkpoint: resuming with other values cannot load it.
-SHAPE_FIELDS = ("noise_dim",)
+# Fields that decide the shapes in a checkpoint: resuming with other values cannot load it. A field
+# missing from an older checkpoint's config was at its declared default there (no `conditional`: off).
+SHAPE_FIELDS = ("noise_dim", "conditional")

@@ -39,6 +39,7 @@ MAX_EVAL_IMAGES = 100_000  # generated images per evaluation: images and feature
 MAX_GENERATE_IMAGES = 1_000_000  # generate's .npy alone is 3 GB at this count
 MAX_SECONDS = 86_400  # waits and intervals: a day
 MAX_MARGIN = 100.0  # promote's margin: 100 = up to 100 times worse, which already promotes anything
+MAX_CLASSES = 1000  # class indices a flag may name (ImageNet's count); a model's own count is checked once it is loaded
 
 
 @dataclass(frozen=True)

@@ -57,9 +57,10 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
         torch.set_num_threads(config.cpus_per_worker)  # Ray leaves one thread per worker otherwise
     torch.manual_seed(config.seed + session.rank)  # each rank draws its own noise and dropout masks
 
-    # Load the data once, as uint8 on the device; batches are cut from it there.
+    # Load the data once, as uint8 on the device (and a conditional run's labels with it); batches are cut from it there.
     train_set = load_split(local_data_folder(config), "train", config.limit)
     images_u8 = train_set.images.to(session.device)
+    labels = train_set.labels.to(session.device, torch.long) if config.conditional else None
     num_images = images_u8.shape[0]
 
     # Build the training state, and resume it from the latest checkpoint if there is one.
@@ -82,7 +83,7 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
         clock.start_epoch(epoch)
         indices = shard_indices(num_images, session.rank, session.world_size, epoch, config.seed, config.shard_multiple)
         totals = train_epoch(state.generator, state.discriminator, state.optimizer_g, state.optimizer_d, images_u8, indices,
-                             batch_per_rank, config.noise_dim, amp_dtype, state.ema, clock.on_step)  # fmt: skip
+                             batch_per_rank, config.noise_dim, amp_dtype, state.ema, clock.on_step, labels=labels)  # fmt: skip
         stats = dict(zip(STAT_NAMES, (mean_across_ranks(totals.sums) / totals.steps).tolist()))  # waits for the device, once per epoch
         state.epoch, state.step = epoch, state.step + totals.steps
 

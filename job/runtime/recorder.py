@@ -49,8 +49,9 @@ class Recorder:
         checkpoint_dir = None
         try:
             if self.rank == 0:
-                images = sample(state.sampler, state.fixed_noise)  # never the DDP wrapper: only rank 0 draws
-                self.artifacts.write_sample_grid(state.epoch, image_grid_png(images, title=f"epoch {state.epoch}"))
+                images = sample(state.sampler, state.fixed_noise, state.fixed_labels)  # never the DDP wrapper: only rank 0 draws
+                grid = image_grid_png(images, title=f"epoch {state.epoch}", columns=state.grid_columns)  # conditional: a row per class
+                self.artifacts.write_sample_grid(state.epoch, grid)
                 if checkpoint is not None:
                     checkpoint_start_s = time.perf_counter()
                     checkpoint_dir = Path(tempfile.mkdtemp(prefix="gan-ckpt-"))
@@ -98,7 +99,12 @@ class Recorder:
             "final_metrics": rows[-1] if rows else None,
             "param_digests": digests,  # one per rank, equal when DDP kept them in sync
             "nodes": nodes,  # the node of each rank, in rank order
-            "generator": {"class": "gan.models.Generator", "kwargs": {"noise_dim": self.config.noise_dim}, "ema": state.ema is not None},
+            "conditional": self.config.conditional,  # G takes labels (N,) of classes 0..num_classes-1 with its noise
+            "num_classes": state.num_classes,  # 0 when unconditional
+            "generator": {
+                "class": "gan.models.Generator", "kwargs": {"noise_dim": self.config.noise_dim, "num_classes": state.num_classes},
+                "ema": state.ema is not None,
+            },
         })  # fmt: skip
         if rows:
             self.artifacts.write_png("losses.png", loss_curves_png(rows))

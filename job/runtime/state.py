@@ -4,36 +4,76 @@ A checkpoint is one dict with everything resume needs (as nanoGPT's): G and D we
 optimizers, G's EMA, the position (epoch, step), the fixed noise, every rank's random number
 generator states, the config and a fingerprint of the data. `job.storage.checkpoint` writes and
 reads its bytes; this module builds and consumes the dict.
+
+Class-conditional runs: the config records `conditional` (a checkpoint without it predates the
+option: unconditional), and a conditional checkpoint also holds `num_classes`. An unconditional
+checkpoint has exactly format 2's keys, so older readers still load it. `checkpoint_num_classes`
+and `generator_from_checkpoint` are how the commands read a checkpoint's kind and its G.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from gan.data import dataset_info
 from gan.models import Discriminator, Generator
-from gan.sampling import seeded_noise
+from gan.sampling import class_grid_inputs, seeded_noise
 from gan.step import GeneratorEMA, make_optimizer
 from job.config import SHAPE_FIELDS, TrainConfig
-from job.errors import UsageError
+from job.errors import UsageError, flag_name
 from job.runtime.distributed import gather_objects, parameter_digest, print0, unwrap, wrap_ddp
 from job.storage.checkpoint import FORMAT_VERSION
 
 NUM_SAMPLES = 16  # the tutorial's 4x4 grid of fixed-noise samples
+GRID_PER_CLASS = 10  # a conditional run's grid: one row of this many per class (10x10 for 10 classes)
 ROLLBACK_SEED_STRIDE = 7919  # a rollback reseeds by this much per rollback: not the same road again
 RESEED_EPOCH_STRIDE = 1_000_003  # another world size reseeds each rank by this much per epoch
 
 
 def check_resumable(config: TrainConfig, checkpoint: dict) -> None:
     """Refuse a checkpoint whose shapes this configuration cannot load, naming the fields."""
-    stored = checkpoint["config"]
-    differing = [f for f in SHAPE_FIELDS if stored.get(f) != getattr(config, f)]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    stored = {f: checkpoint["config"].get(f, defaults[f]) for f in SHAPE_FIELDS}  # missing from an older config: its default
+    differing = [f for f in SHAPE_FIELDS if stored[f] != getattr(config, f)]
     if differing:
-        details = ", ".join(f"--{f.replace('_', '-')} {stored.get(f)} (run) vs {getattr(config, f)} (now)" for f in differing)
+        details = ", ".join(f"{flag_name(f)} {_shown(stored[f])} (run) vs {_shown(getattr(config, f))} (now)" for f in differing)
         raise UsageError(f"run {config.run_name!r} cannot resume with this configuration: {details}; use the run's values or a new --run-name")
+    classes = checkpoint_num_classes(checkpoint)
+    if classes and classes != dataset_info(config.data).num_classes:
+        raise UsageError(
+            f"run {config.run_name!r} is conditional on {classes} classes, --data {config.data} has "
+            f"{dataset_info(config.data).num_classes}; use the run's --data or a new --run-name"
+        )
+
+
+def _shown(value: object) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+
+def checkpoint_num_classes(checkpoint: dict) -> int:
+    """The classes a checkpoint's G and D are conditional on; 0 for an unconditional (or older) checkpoint."""
+    return int(checkpoint.get("num_classes", 0)) if checkpoint["config"].get("conditional") else 0
+
+
+def generator_from_checkpoint(checkpoint: dict) -> tuple[Generator, str]:
+    """The checkpoint's G in inference mode, conditional where the run was: its EMA weights where it kept
+    an EMA, else its weights; and which key that was ("ema_generator" or "generator")."""
+    key = "ema_generator" if checkpoint.get("ema_generator") is not None else "generator"
+    generator = Generator(int(checkpoint["config"]["noise_dim"]), checkpoint_num_classes(checkpoint))
+    generator.load_state_dict(checkpoint[key])
+    return generator.eval(), key
+
+
+def grid_inputs(config: TrainConfig, num_classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fixed noise (and labels) of a run's sample grid: the tutorial's 4x4, or one row per class."""
+    if not num_classes:
+        return seeded_noise(NUM_SAMPLES, config.noise_dim, config.seed), None
+    return class_grid_inputs(num_classes, GRID_PER_CLASS, config.noise_dim, config.seed)
 
 
 def rng_state() -> dict:
@@ -58,7 +98,8 @@ class TrainingState:
     optimizer_g: torch.optim.Optimizer
     optimizer_d: torch.optim.Optimizer
     ema: GeneratorEMA | None
-    fixed_noise: torch.Tensor  # the sample grid's noise, the same for the whole run
+    fixed_noise: torch.Tensor  # the sample grid's noise, the same for the whole run (stored in each checkpoint)
+    num_classes: int = 0  # classes G and D are conditional on; 0 = unconditional
     epoch: int = 0  # last finished epoch
     step: int = 0  # optimizer steps so far
     last_good: dict = field(default_factory=dict, repr=False)  # what a rollback returns to
@@ -66,22 +107,35 @@ class TrainingState:
     @classmethod
     def build(cls, config: TrainConfig, data_fingerprint: str, rank: int, world_size: int, device: torch.device) -> TrainingState:
         """Fresh networks for `config` on `device`, drawn from the global RNG (seed it first)."""
+        num_classes = dataset_info(config.data).num_classes if config.conditional else 0
         # channels_last: the convolution layout oneDNN and cuDNN run fastest (measured with `bench`).
-        generator = Generator(config.noise_dim).to(device, memory_format=torch.channels_last)
-        discriminator = Discriminator().to(device, memory_format=torch.channels_last)
+        generator = Generator(config.noise_dim, num_classes).to(device, memory_format=torch.channels_last)
+        discriminator = Discriminator(num_classes).to(device, memory_format=torch.channels_last)
         return cls(
             config=config, data_fingerprint=data_fingerprint, rank=rank, world_size=world_size, device=device,
             generator=generator, discriminator=discriminator,
             optimizer_g=make_optimizer(generator, config.lr, config.beta1),
             optimizer_d=make_optimizer(discriminator, config.lr, config.beta1),
             ema=GeneratorEMA(generator, config.ema_decay) if config.ema_decay > 0 else None,
-            fixed_noise=seeded_noise(NUM_SAMPLES, config.noise_dim, config.seed),
+            fixed_noise=grid_inputs(config, num_classes)[0], num_classes=num_classes,
         )  # fmt: skip
 
     @property
     def sampler(self) -> nn.Module:
         """The generator that makes samples and the final model: the EMA where there is one."""
         return self.ema.module if self.ema else unwrap(self.generator)
+
+    @property
+    def fixed_labels(self) -> torch.Tensor | None:
+        """The sample grid's labels: one row of each class, 0…0, 1…1, …; None for an unconditional run."""
+        if not self.num_classes:
+            return None
+        return torch.arange(self.num_classes).repeat_interleave(self.fixed_noise.shape[0] // self.num_classes)
+
+    @property
+    def grid_columns(self) -> int | None:
+        """Images per row of the sample grid: a conditional run's per class; None = square (4x4)."""
+        return self.fixed_noise.shape[0] // self.num_classes if self.num_classes else None
 
     def wrap_ddp(self) -> None:
         """Wrap G and D in DDP (gradients averaged every step), and take this state as the last good one."""
@@ -108,6 +162,7 @@ class TrainingState:
             "rng": {"world_size": self.world_size, "states": rng_states},
             "config": self.config.to_dict(),
             "data_fingerprint": self.data_fingerprint,
+            **({"num_classes": self.num_classes} if self.num_classes else {}),  # unconditional: format 2's keys exactly
         }
 
     def keep_as_last_good(self) -> None:
