@@ -11,15 +11,16 @@ into place on a local folder, so no reader ever sees half a file.
 
 Each rewrite gets a new name, `events.out.tfevents.<generation>.gan-job` (one generation more
 than the highest in the folder, so names sort in writing order and are never reused), because a
-live TensorBoard never re-reads a file it has started on (tested in tests/test_tensorboard.py):
+live TensorBoard never re-reads a file it has started on (seen with TensorBoard 2.21 and its data
+server 0.7; tests/test_tensorboard.py drives both loaders through rewrites of this design):
 - TensorBoard's data server (`--load_fast`, the default for a local logdir) keeps every file it
   has opened open and reads on where it stopped, and never opens a path it has seen again. A file
   replaced under the same name is the old, unlinked inode to it: the run stays frozen at the
   epochs it first read, for as long as TensorBoard runs.
 - The Python loader (S3 logdirs, `--load_fast=false`) keeps a byte offset per file and reopens the
   path at it. A same-name file that grew by one epoch works, but after a resume or a rollback the
-  bytes at that offset are the middle of another record: it shows the dropped epochs' old values,
-  then garbage or nothing.
+  bytes at that offset belong to other records: it keeps the dropped epochs' old values and reads
+  on from the wrong place (later epochs mixed with stale ones, or nothing).
 A new name is read from its start. The data server opens it, and its reservoir drops every point
 of a tag at or after a step it sees again; the Python loader moves on to the next name in order
 and drops every point at or after the step of a second `SessionLog.START`, which each file carries
