@@ -1,7 +1,14 @@
-"""Shared fixtures: real data, tiny IDX files, one local Ray cluster and one S3 server per session."""
+"""Shared fixtures: real data, tiny IDX files, one local Ray cluster and one S3 server per session.
+
+The S3 server's endpoint and credentials are never left in this process's environment: a test
+that asks for `s3_server` has them (AWS_*) for that test only; the clusters and the subprocesses
+that need them get them explicitly (`S3Server.env`), as a pod gets them from its Secret.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import socket
@@ -22,6 +29,7 @@ from job.runtime.loop import run_worker
 from job.storage.location import resolve_location
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -33,6 +41,17 @@ def isolated_home(tmp_path_factory, monkeypatch):
         if name.startswith("GAN_JOB_"):
             monkeypatch.delenv(name)
     return cache
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_outside_aws_settings():
+    """The caller's AWS_* settings (a profile, real keys, a CA bundle) reach no test: every test's S3 is
+    the loopback server's, given only to the tests that ask for it."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in list(os.environ):
+            if name.startswith("AWS_"):
+                patch.delenv(name)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -93,10 +112,43 @@ class S3Server:
             aws_access_key_id=access_key or self.access_key, aws_secret_access_key=secret_key or self.secret_key,
         )  # fmt: skip
 
-    def objects(self) -> dict[str, bytes]:
+    @property
+    def env(self) -> dict[str, str]:
+        """The AWS settings a client of this server needs: what a pod gets from its Secret."""
+        return {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+
+    @contextlib.contextmanager
+    def environment(self):
+        """`env` in this process's environment for the block only (for fixtures wider than a test)."""
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in self.env.items():
+                patch.setenv(name, value)
+            yield self
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """The bucket's keys under `prefix`, in order."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def read(self, key: str) -> bytes:
+        return self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+    def objects(self, prefix: str = "") -> dict[str, bytes]:
+        """Every object under `prefix`, key to bytes."""
         client = self.client()
-        keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket) for o in page.get("Contents", [])]
-        return {key: client.get_object(Bucket=self.bucket, Key=key)["Body"].read() for key in keys}
+        return {key: client.get_object(Bucket=self.bucket, Key=key)["Body"].read() for key in self.keys(prefix)}
+
+    def metrics_rows(self, run_prefix: str) -> list[dict]:
+        """The rows of a run's `artifacts/metrics.jsonl` in the bucket."""
+        return parse_jsonl(self.read(f"{run_prefix}/artifacts/metrics.jsonl"))
+
+    def upload(self, folder: Path, prefix: str) -> None:
+        """Every file under `folder` to `prefix/<its relative path>`."""
+        client = self.client()
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                client.put_object(Bucket=self.bucket, Key=f"{prefix}/{path.relative_to(folder)}", Body=path.read_bytes())
 
 
 def wait_for_port(port: int, timeout_s: float = 20.0) -> None:
@@ -111,12 +163,12 @@ def wait_for_port(port: int, timeout_s: float = 20.0) -> None:
 
 
 @pytest.fixture(scope="session")
-def s3_server():
+def s3_service():
     """moto's standalone server on a free loopback port, with an IAM user whose keys it checks.
 
-    The AWS variables are set for the whole session before Ray starts, so Ray's workers inherit
-    them as a pod would. The keys are fake ones made for this session: tests look for them in
-    every output and object.
+    Nothing goes into this process's environment: session and module fixtures pass `env` to what
+    needs it; a test asks for `s3_server`. The keys are fake ones made for this session: tests look
+    for them in every output and object.
     """
     import boto3
 
@@ -136,24 +188,41 @@ def s3_server():
         key = iam.create_access_key(UserName="gan-job")["AccessKey"]
         s3 = S3Server(url, key["AccessKeyId"], key["SecretAccessKey"], "gan-job-test")
         s3.client().create_bucket(Bucket=s3.bucket)
-        os.environ.update(
-            AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID=s3.access_key, AWS_SECRET_ACCESS_KEY=s3.secret_key, AWS_DEFAULT_REGION="us-east-1",
-        )  # fmt: skip
         yield s3
     finally:
         server.terminate()
         server.wait(timeout=10)
 
 
+@pytest.fixture
+def s3_server(s3_service, monkeypatch) -> S3Server:
+    """The session's S3 server, with its endpoint and credentials (AWS_*) in the environment for this test only."""
+    for name, value in s3_service.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_service
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server):
-    """One local Ray cluster with 2 CPUs, shared by every Ray test of the session."""
+def ray_cluster(s3_service):
+    """One local Ray cluster with 2 CPUs, shared by every Ray test of the session.
+
+    Its processes (raylet, workers) keep the environment they start with, so the S3 settings are in
+    the environment while it starts and not after: its workers have them, as pods have their
+    Secret; this process's later tests do not.
+    """
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=True)
+    with s3_service.environment():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=True)
     yield ray
     ray.shutdown()
+
+
+def job_env(*, s3: S3Server | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a `python -m job` subprocess: this process's, the checkout on PYTHONPATH,
+    the S3 settings of `s3` when given, then `extra` (RAY_ADDRESS, HOME, ...)."""
+    return {**os.environ, "PYTHONPATH": str(REPO), **(s3.env if s3 else {}), **extra}
 
 
 def train_one_process(storage: Path, data_dir: Path, run_name: str = "run", **overrides) -> Path:
@@ -199,35 +268,47 @@ def knobs_loaded_by(container: dict, objects: list[dict]) -> dict[str, str]:
     }
 
 
+@functools.cache
 def load_fake_cluster_module():
     """deploy/fake_cluster.py, the local autoscaling cluster that `deploy/run-local.sh --autoscaling` starts too."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("fake_cluster", Path(__file__).resolve().parents[1] / "deploy" / "fake_cluster.py")
+    spec = importlib.util.spec_from_file_location("fake_cluster", REPO / "deploy" / "fake_cluster.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["fake_cluster"] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
 
-@pytest.fixture(scope="session")
-def autoscaling_cluster(s3_server, fashion_mnist_dir):
+@functools.cache
+def built_overlay(overlay: str) -> tuple[dict, ...]:
+    """The objects of deploy/overlays/<overlay> (`kubectl kustomize`, as deploy/fake_cluster.py builds them), once per session."""
+    return tuple(load_fake_cluster_module().built_overlay(overlay))
+
+
+@pytest.fixture(scope="module")
+def autoscaling_cluster(s3_service, small_fashion_dir):
     """A real autoscaling multi-node Ray cluster shaped like the local overlay's standing RayCluster.
+
+    Per module (one module uses it): its head, GCS and autoscaler (updating every second) stop when
+    that module ends, instead of taking CPU from the rest of the session.
 
     A 0-CPU head and no worker nodes until the autoscaler (Ray's classic one, with the fake
     multi-node provider) starts them. Its timings are shortened so that tests see nodes come and go
     in seconds. The head carries the local overlay's knobs, as the head pod loads the ConfigMap,
-    shortened for CI and pointed at the S3 server and the Debian copy of Fashion-MNIST.
+    shortened for CI and pointed at the S3 server and a real Fashion-MNIST subset (small, so that a
+    promotion trains its classifier in seconds); the S3 settings are in the head's environment,
+    as a pod gets them from its Secret.
     """
     fake_cluster = load_fake_cluster_module()
-    objects = fake_cluster.built_overlay("local")
+    objects = list(built_overlay("local"))
     standing = next(o for o in objects if o["kind"] == "RayCluster")
     knobs = knobs_loaded_by(standing["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0], objects)
-    knobs.update(GAN_JOB_STORAGE=f"s3://{s3_server.bucket}/standing", GAN_JOB_DATA="fashion-mnist",
-                 GAN_JOB_DATA_DIR=str(fashion_mnist_dir), GAN_JOB_EPOCHS="1", GAN_JOB_LIMIT="512", GAN_JOB_EVAL_EVERY="0")  # fmt: skip
+    knobs.update(GAN_JOB_STORAGE=f"s3://{s3_service.bucket}/standing", GAN_JOB_DATA="fashion-mnist",
+                 GAN_JOB_DATA_DIR=str(small_fashion_dir), GAN_JOB_EPOCHS="1", GAN_JOB_LIMIT="512", GAN_JOB_EVAL_EVERY="0")  # fmt: skip
     timings = fake_cluster.Timings(update_interval_s=1, heartbeat_timeout_s=10, idle_timeout_s=10,
                                    health_check_period_ms=1000, health_check_failure_threshold=3)  # fmt: skip
-    cluster = fake_cluster.FakeCluster(fake_cluster.standing_shape(objects), timings, env=knobs).start()
+    cluster = fake_cluster.FakeCluster(fake_cluster.standing_shape(objects), timings, env={**knobs, **s3_service.env}).start()
     try:
         yield cluster
     finally:

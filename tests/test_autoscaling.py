@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ import pytest
 
 from job.storage.checkpoint import checkpoint_folders
 from job.storage.location import resolve_location
-from tests.conftest import load_fake_cluster_module
+from tests.conftest import built_overlay, job_env, parse_jsonl
 from tests.conftest import metrics_rows as _rows
 from tests.faultproxy import wait_until
 
@@ -46,9 +45,8 @@ def no_worker_nodes(cluster) -> None:
 
 
 def driver_env(cluster) -> dict[str, str]:
-    """A driver's environment on the head: the cluster's address and token, no knobs of the test process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GAN_JOB_")}
-    return {**env, **cluster.client_env, "PATH": f"{BIN}:{env['PATH']}"}
+    """A driver's environment on the head: the cluster's address and token (the test process has no knobs: conftest's isolated_home)."""
+    return job_env(**cluster.client_env, PATH=f"{BIN}:{job_env()['PATH']}")
 
 
 def train(cluster, *flags: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
@@ -121,12 +119,42 @@ def test_a_request_the_autoscaler_cannot_meet_in_time_gives_up_at_the_placement_
     assert not storage.exists()
 
 
+# A lost node ------------------------------------------------------------------------------------
+
+
+def test_a_worker_node_lost_mid_epoch_is_replaced_and_the_run_resumes_from_its_checkpoint(autoscaling_cluster, fashion_mnist_dir, tmp_path):
+    cluster = autoscaling_cluster
+    run = tmp_path / "runs" / "lost-node"
+    # Two epochs: the node goes half-way through the second, which then runs again from epoch 1's checkpoint.
+    flags = ("--epochs", "2", "--limit", "2048", "--num-workers", "2", "--cpus-per-worker", "1", "--batch-size", "256")
+    with background_train(cluster, fashion_mnist_dir, tmp_path / "runs", "lost-node", *flags) as driver:
+        # Epoch 1 done and checkpointed: epoch 2 is under way. Kill a node half-way through it.
+        first = wait_until(lambda: _rows(run) and checkpoint_folders(resolve_location(str(run))) and _rows(run), 240, "epoch 1 checkpointed")
+        time.sleep(first[0]["epoch_time_s"] / 2)
+        victim = cluster.worker_nodes()[0]
+        killed = cluster.kill_node(victim)
+        killed_in_epoch = len(_rows(run)) + 1
+        print(f"lost node: killed {killed} processes of node {victim[-5:]} in epoch {killed_in_epoch}, "
+              f"{first[0]['epoch_time_s'] / 2:.1f} s after epoch 1 ended")
+        assert killed > 0
+        output, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 0, output[-4000:]
+    rows = _rows(run)
+    assert killed_in_epoch == 2, f"the node went in epoch {killed_in_epoch}, not mid-run"
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert [row["step"] for row in rows] == [LOST_NODE_STEPS_PER_EPOCH * epoch for epoch in (1, 2)]
+    assert "resuming run lost-node at epoch 2" in output
+    nodes = json.loads((run / "artifacts" / "model.json").read_text())["nodes"]
+    print(f"lost node: epochs {[r['epoch'] for r in rows]}, steps {[r['step'] for r in rows]}, finished on nodes {[n[-5:] for n in nodes]}")
+    assert victim not in nodes and len(set(nodes)) == 2, (victim, nodes)
+
+
 # Scheduled retraining end to end ----------------------------------------------------------------
 
 
 def retrain_script() -> tuple[str, list[str]]:
     """The retraining CronJob's command and script, from the built local overlay."""
-    cronjob = next(o for o in load_fake_cluster_module().built_overlay("local") if o["kind"] == "CronJob")
+    cronjob = next(o for o in built_overlay("local") if o["kind"] == "CronJob")
     container = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     return container["args"][0], container["command"]
 
@@ -148,16 +176,18 @@ class NodeWatch(threading.Thread):
             time.sleep(0.5)
 
 
-def test_the_retraining_cronjob_trains_on_nodes_the_autoscaler_starts_and_they_go_when_idle(autoscaling_cluster, s3_server):
+def test_the_retraining_cronjob_trains_on_nodes_the_autoscaler_starts_and_they_go_when_idle(autoscaling_cluster, s3_service):
     cluster = autoscaling_cluster
     no_worker_nodes(cluster)
     script, command = retrain_script()
     assert command == ["bash", "-c"]
     firing = f"gan-retrain-{int(time.time()) // 60}"
-    # The pod's environment: the firing's name, the standing cluster's job API and its token.
-    env = {**os.environ, "FIRING": firing, "RAY_API_SERVER_ADDRESS": cluster.dashboard_address, "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": cluster.token, "HOME": str(cluster.temp / "submitter-home"), "PATH": f"{BIN}:{os.environ['PATH']}"}  # fmt: skip
+    # The pod's environment: the firing's name, the standing cluster's job API and its token; no S3
+    # settings (s3_service leaves none in this process): the job's driver finds them on the head.
+    env = job_env(FIRING=firing, RAY_API_SERVER_ADDRESS=cluster.dashboard_address, RAY_AUTH_MODE="token",
+                  RAY_AUTH_TOKEN=cluster.token, HOME=str(cluster.temp / "submitter-home"), PATH=f"{BIN}:{job_env()['PATH']}")  # fmt: skip
     env.pop("RAY_ADDRESS", None)
+    assert not [name for name in env if name.startswith("AWS_")]
     watch = NodeWatch(cluster)
     submitted = time.time()
     watch.start()
@@ -169,11 +199,11 @@ def test_the_retraining_cronjob_trains_on_nodes_the_autoscaler_starts_and_they_g
     assert done.returncode == 0, output[-4000:]
     assert watch.most == 2, f"saw at most {watch.most} worker nodes"
 
-    objects = s3_server.objects()
+    objects = s3_service.objects()
     run = f"standing/{firing}"
     assert any(k.startswith(f"{run}/checkpoint_") and k.endswith("/state.pt") for k in objects), sorted(objects)[:20]
     model = json.loads(objects[f"{run}/artifacts/model.json"])
-    first_row = json.loads(objects[f"{run}/artifacts/metrics.jsonl"].splitlines()[0])
+    first_row = parse_jsonl(objects[f"{run}/artifacts/metrics.jsonl"])[0]
     print(f"retraining: first worker node after {watch.first_seen_s:.1f} s, first step {first_row['first_step_at'] - submitted:.1f} s "
           f"after submission, ranks on nodes {model['nodes']}")
     assert len(model["nodes"]) == 2 and len(set(model["nodes"])) == 2, model["nodes"]  # one rank per node
@@ -182,35 +212,6 @@ def test_the_retraining_cronjob_trains_on_nodes_the_autoscaler_starts_and_they_g
     finished = time.monotonic()
     no_worker_nodes(cluster)
     print(f"retraining: worker nodes gone {time.monotonic() - finished:.1f} s after the job ended")
-
-
-# A lost node ------------------------------------------------------------------------------------
-
-
-def test_a_worker_node_lost_mid_epoch_is_replaced_and_the_run_resumes_from_its_checkpoint(autoscaling_cluster, fashion_mnist_dir, tmp_path):
-    cluster = autoscaling_cluster
-    run = tmp_path / "runs" / "lost-node"
-    flags = ("--epochs", "3", "--limit", "2048", "--num-workers", "2", "--cpus-per-worker", "1", "--batch-size", "256")
-    with background_train(cluster, fashion_mnist_dir, tmp_path / "runs", "lost-node", *flags) as driver:
-        # Epoch 1 done and checkpointed: epoch 2 is under way. Kill a node half-way through it.
-        first = wait_until(lambda: _rows(run) and checkpoint_folders(resolve_location(str(run))) and _rows(run), 240, "epoch 1 checkpointed")
-        time.sleep(first[0]["epoch_time_s"] / 2)
-        victim = cluster.worker_nodes()[0]
-        killed = cluster.kill_node(victim)
-        killed_in_epoch = len(_rows(run)) + 1
-        print(f"lost node: killed {killed} processes of node {victim[-5:]} in epoch {killed_in_epoch}, "
-              f"{first[0]['epoch_time_s'] / 2:.1f} s after epoch 1 ended")
-        assert killed > 0
-        output, _ = driver.communicate(timeout=300)
-    assert driver.returncode == 0, output[-4000:]
-    rows = _rows(run)
-    assert killed_in_epoch == 2, f"the node went in epoch {killed_in_epoch}, not mid-run"
-    assert [row["epoch"] for row in rows] == [1, 2, 3]
-    assert [row["step"] for row in rows] == [LOST_NODE_STEPS_PER_EPOCH * epoch for epoch in (1, 2, 3)]
-    assert "resuming run lost-node at epoch 2" in output
-    nodes = json.loads((run / "artifacts" / "model.json").read_text())["nodes"]
-    print(f"lost node: epochs {[r['epoch'] for r in rows]}, steps {[r['step'] for r in rows]}, finished on nodes {[n[-5:] for n in nodes]}")
-    assert victim not in nodes and len(set(nodes)) == 2, (victim, nodes)
 
 
 # Elastic workers --------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.conftest import built_overlay
+
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 # The KubeRay CRD YAMLs: the folder the variable names (read here, relative to the working
@@ -78,18 +80,10 @@ CHECKOV_ACCEPTED = {
 # Building and reading the manifests.
 
 
-@functools.cache
-def build(overlay: str) -> tuple[dict, ...]:
-    """The objects of one overlay, built once per session."""
-    result = subprocess.run([tool("kubectl"), "kustomize", str(DEPLOY / "overlays" / overlay)], check=False, capture_output=True, text=True)
-    assert result.returncode == 0, f"kubectl kustomize deploy/overlays/{overlay} failed:\n{result.stderr}"
-    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
-
-
 @pytest.fixture(scope="module", params=OVERLAYS)
 def objects(request) -> list[dict]:
     """A private copy of one overlay's objects (tests may not see each other's changes)."""
-    return copy.deepcopy(list(build(request.param)))
+    return copy.deepcopy(list(built_overlay(request.param)))
 
 
 @functools.cache
@@ -380,7 +374,7 @@ def kubernetes_errors(obj: dict) -> list[str]:
 def test_each_overlay_builds_into_ray_objects():
     assert {"local", "cluster"} <= set(OVERLAYS)
     for overlay in OVERLAYS:
-        kinds = {obj["kind"] for obj in build(overlay)}
+        kinds = {obj["kind"] for obj in built_overlay(overlay)}
         assert {"RayJob", "RayCluster"} <= kinds, f"{overlay}: {kinds}"
 
 
@@ -395,7 +389,7 @@ def test_kuberay_objects_match_the_crd_schemas_strictly(objects):
 
 @pytest.mark.usefixtures("crds")
 def test_crd_validation_rejects_an_unknown_field():
-    rayjob = copy.deepcopy(named(list(build("local")), "RayJob")[0])
+    rayjob = copy.deepcopy(named(list(built_overlay("local")), "RayJob")[0])
     rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
     assert any("imagePullPolicyy" in error for error in crd_errors(rayjob))
 
@@ -409,7 +403,7 @@ def test_kubernetes_objects_match_the_kubernetes_schemas_strictly(objects):
 
 
 def test_kubernetes_validation_rejects_an_unknown_field():
-    cronjob = copy.deepcopy(named(list(build("local")), "CronJob")[0])
+    cronjob = copy.deepcopy(named(list(built_overlay("local")), "CronJob")[0])
     cronjob["spec"]["concurrency"] = "Forbid"
     assert kubernetes_errors(cronjob)
 
@@ -496,7 +490,7 @@ def test_gan_job_images_are_the_gpu_variant_exactly_in_the_ray_containers_of_gpu
 
 @pytest.mark.parametrize("overlay", [name for name in OVERLAYS if name.startswith("cluster")])
 def test_cluster_overlays_keep_submitters_on_the_cpu_image_and_ray_containers_on_the_cuda_one(overlay):
-    objects = list(build(overlay))
+    objects = list(built_overlay(overlay))
     ray_images = {container["image"] for _, container in ray_containers(objects)}
     submitter_images = {where: container["image"] for where, container in submitter_containers(objects)}
     assert len(ray_images) == 1 and gan_job_variant(next(iter(ray_images))) == "gpu", ray_images
@@ -798,7 +792,7 @@ def test_checkov_accepts_the_manifests_and_the_dockerfile(tmp_path):
     scan = tmp_path / "scan"
     scan.mkdir()
     for overlay in OVERLAYS:
-        (scan / f"{overlay}.yaml").write_text(yaml.safe_dump_all(build(overlay)))
+        (scan / f"{overlay}.yaml").write_text(yaml.safe_dump_all(built_overlay(overlay)))
     for path in DEPLOY.rglob("*.example.yaml"):
         shutil.copy(path, scan / path.name)
     shutil.copy(REPO / "Dockerfile", scan / "Dockerfile")
@@ -848,7 +842,7 @@ def test_the_image_is_built_from_the_package_alone():
 def test_shell_scripts_pass_shellcheck(tmp_path):
     scripts = [DEPLOY / "run-local.sh"]
     for overlay in OVERLAYS:
-        for cronjob in named(list(build(overlay)), "CronJob"):
+        for cronjob in named(list(built_overlay(overlay)), "CronJob"):
             scripts.append(tmp_path / f"{overlay}-cronjob.sh")
             scripts[-1].write_text("#!/usr/bin/env bash\n" + cronjob_script(cronjob))
     result = subprocess.run([tool("shellcheck"), *map(str, scripts)], check=False, capture_output=True, text=True)
@@ -866,7 +860,7 @@ def gpu_limits(objects: list[dict]) -> list[tuple[str, str | None, str | None]]:
 
 
 def test_the_local_overlay_is_a_short_cpu_run_against_minio():
-    objects = list(build("local"))
+    objects = list(built_overlay("local"))
     assert all(requests is None and limits is None for _, requests, limits in gpu_limits(objects))
     values = knobs(objects)
     assert int(values["GAN_JOB_EPOCHS"]) <= 5 and "GAN_JOB_LIMIT" in values, "a short run"
@@ -882,7 +876,7 @@ def test_the_local_overlay_is_a_short_cpu_run_against_minio():
 
 @pytest.mark.parametrize("overlay", [name for name in OVERLAYS if name.startswith("cluster")])
 def test_cluster_overlays_run_full_epochs_on_gpu_workers_against_external_s3(overlay):
-    objects = list(build(overlay))
+    objects = list(built_overlay(overlay))
     for role, requests, limits in gpu_limits(objects):
         if role == "worker":
             assert requests == limits and int(limits) >= 1, "GPUs requested and limited alike"

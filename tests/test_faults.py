@@ -10,7 +10,6 @@ with every epoch recorded once, or a clear error with nothing damaged.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -28,12 +27,12 @@ import torch
 from job.storage.checkpoint import DIGEST_FILE, STATE_FILE, checkpoint_folders, read_checkpoint
 from job.cli import main
 from job.storage.location import resolve_location
+from tests.conftest import job_env
 from tests.conftest import metrics_rows as _rows
 from tests.faultproxy import FaultProxy, ray_actor_pids, ray_worker_log_lines, train_worker_pids, wait_until
 
 pytestmark = pytest.mark.ray
 
-REPO = Path(__file__).resolve().parents[1]
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the checkpoints it registered
 # 2 workers x 2,048 images, 128 per rank per step: 16 steps an epoch, long enough to be hit mid-way.
 TWO_WORKERS = ["--num-workers", "2", "--limit", "4096"]
@@ -173,7 +172,7 @@ def test_a_killed_driver_rerun_with_the_same_command_resumes_and_repeats_nothing
     run = tmp_path / "runs" / run_name
     # One worker, 2,048 images: 8 steps an epoch.
     argv = _train_argv(fashion_mnist_dir, str(tmp_path / "runs"), run_name, 3, "--limit", "2048", "--cpus-per-worker", "1")
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    env = job_env(RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     command = [sys.executable, "-m", "job", *argv]
     earlier_actors = set(ray_actor_pids("RayTrainWorker", "TrainController"))  # finished runs' may linger
     with open(tmp_path / "first.log", "wb") as log:
@@ -233,8 +232,7 @@ def test_an_s3_outage_during_a_checkpoint_upload_is_retried_and_no_partial_check
     assert proxy.refused_connections + len(proxy.dropped) > 1, trace
     # Each epoch once, with the right step count.
     objects = s3_server.objects()
-    rows = [json.loads(line) for line in objects[f"{prefix}/artifacts/metrics.jsonl"].decode().splitlines()]
-    _assert_each_epoch_once(rows, 3, 4)  # 1,024 images, one worker, batch 256
+    _assert_each_epoch_once(s3_server.metrics_rows(prefix), 3, 4)  # 1,024 images, one worker, batch 256
     # Every checkpoint Ray Train registered is whole (none is deleted: --keep-checkpoints 10) ...
     registered = set(re.findall(r"checkpoint_[0-9][0-9_.-]*[0-9]", objects[f"{prefix}/{SNAPSHOT}"].decode()))
     run = resolve_location(f"s3://{s3_server.bucket}/{prefix}", s3_server.url)

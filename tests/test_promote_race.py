@@ -17,19 +17,16 @@ import threading
 import uuid
 
 import pytest
-import torch
 
 import job.storage.pointer
 import job.commands.promote
 from job.storage.checkpoint import checkpoint_folders
-from job.config import TrainConfig
 from job.errors import UsageError
 from job.commands.evaluate import add_evaluate_arguments, prepare_evaluator
-from job.runtime.local_session import LocalSession
 from job.storage.pointer import PreconditionFailed, Store
 from job.commands.promote import add_promote_arguments
 from job.storage.location import resolve_location
-from job.runtime.loop import run_worker
+from tests.conftest import parse_jsonl, train_one_process
 
 NUM = "64"  # generated images per evaluation: enough for the numbers, quick on a CPU
 GOOD, BAD, WORST = 10.0, 20.0, 30.0  # fid_classifier of the runs (lower is better)
@@ -51,12 +48,8 @@ def classifier_cache(small_fashion_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def template_run(small_fashion_dir, classifier_cache, tmp_path_factory):
     """One finished one-epoch run with its stored evaluation, made once; tests copy it."""
-    config = TrainConfig.from_dict({
-        "data": "fashion-mnist", "data_dir": str(small_fashion_dir), "epochs": 1, "batch_size": 32, "limit": 64,
-        "storage": str(tmp_path_factory.mktemp("template") / "runs"), "run_name": "r1", "cpus_per_worker": 1, "eval_every": 0,
-    })  # fmt: skip
-    run = resolve_location(config.storage).child(config.run_name)
-    run_worker(config, LocalSession(run, torch.device("cpu")))
+    folder = train_one_process(tmp_path_factory.mktemp("template") / "runs", small_fashion_dir, "r1", limit=64)
+    run = resolve_location(str(folder))
     parser = argparse.ArgumentParser()
     add_evaluate_arguments(parser)
     args = parser.parse_args(["--from", run.uri, "--data-dir", str(small_fashion_dir), "--num", NUM])
@@ -91,10 +84,8 @@ def where(request, runs, tmp_path):
     if request.param == "local":
         return Place(str(runs), None)
     s3 = request.getfixturevalue("s3_server")
-    client, prefix = s3.client(), f"race-{uuid.uuid4().hex[:8]}"
-    for path in runs.rglob("*"):
-        if path.is_file():
-            client.put_object(Bucket=s3.bucket, Key=f"{prefix}/{path.relative_to(runs)}", Body=path.read_bytes())
+    prefix = f"race-{uuid.uuid4().hex[:8]}"
+    s3.upload(runs, prefix)
     place = Place(f"s3://{s3.bucket}/{prefix}", s3.url)
     for name, fid in (("good", GOOD), ("bad", BAD), ("worst", WORST)):
         set_stored_fid(place.uri(name), fid, s3.url)  # its checkpoint's S3 URI
@@ -117,7 +108,7 @@ class Place:
         return json.loads(self.read("LATEST"))
 
     def log(self):
-        return [json.loads(line) for line in self.read("promotions.jsonl").decode().splitlines()]
+        return parse_jsonl(self.read("promotions.jsonl"))
 
     def args(self, name, *extra):
         parser = argparse.ArgumentParser()
@@ -310,13 +301,11 @@ def test_an_s3_store_that_ignores_conditional_writes_is_refused_before_anything_
 
     real_client = job.storage.s3_preflight.s3_client
     monkeypatch.setattr(job.storage.s3_preflight, "s3_client", lambda *a, **k: IgnoresConditions(real_client(*a, **k)))
-    client, prefix = s3_server.client(), f"ignores-{uuid.uuid4().hex[:8]}"
-    for path in (runs / "good").rglob("*"):
-        if path.is_file():
-            client.put_object(Bucket=s3_server.bucket, Key=f"{prefix}/good/{path.relative_to(runs / 'good')}", Body=path.read_bytes())
+    prefix = f"ignores-{uuid.uuid4().hex[:8]}"
+    s3_server.upload(runs / "good", f"{prefix}/good")
 
     def keys():
-        return {o["Key"] for o in client.list_objects_v2(Bucket=s3_server.bucket, Prefix=prefix + "/").get("Contents", [])}
+        return set(s3_server.keys(prefix + "/"))
 
     before, place = keys(), Place(f"s3://{s3_server.bucket}/{prefix}", s3_server.url)
     with pytest.raises(UsageError) as refused:

@@ -1,6 +1,5 @@
 """Runs, data and checkpoints in an S3 bucket (a real S3 endpoint on loopback)."""
 
-import json
 import os
 import subprocess
 import sys
@@ -13,34 +12,44 @@ import torch
 from gan.data import iterate_batches, load_split
 from job.cli import main
 from job.storage.data_source import fetch_from_bucket
-from tests.conftest import free_port, write_tiny_dataset
+from tests.conftest import free_port, job_env, write_tiny_dataset
 
 pytestmark = [pytest.mark.s3]
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def pushed_data(s3_server, fashion_mnist_dir):
+def pushed_data(s3_service, fashion_mnist_dir):
     """Fashion-MNIST uploaded with `data push`, as a user does for an offline cluster."""
-    uri = f"s3://{s3_server.bucket}/datasets/fashion-mnist"
-    assert main(["data", "push", "--data", "fashion-mnist", "--data-dir", str(fashion_mnist_dir), "--to", uri]) == 0
+    uri = f"s3://{s3_service.bucket}/datasets/fashion-mnist"
+    with s3_service.environment():
+        assert main(["data", "push", "--data", "fashion-mnist", "--data-dir", str(fashion_mnist_dir), "--to", uri]) == 0
     return uri
 
 
 @pytest.fixture(scope="module")
-def s3_run(ray_cluster, s3_server, pushed_data):
+def s3_run(ray_cluster, s3_service, pushed_data):
     """2 workers, 2 epochs, data from and run to the bucket."""
     argv = [
         "train", "--data", "fashion-mnist", "--data-dir", pushed_data, "--limit", "1000", "--epochs", "2",
-        "--num-workers", "2", "--storage", f"s3://{s3_server.bucket}/runs", "--run-name", "s3run", "--eval-every", "0",
+        "--num-workers", "2", "--storage", f"s3://{s3_service.bucket}/runs", "--run-name", "s3run", "--eval-every", "0",
     ]  # fmt: skip
-    assert main(argv) == 0
+    with s3_service.environment():
+        assert main(argv) == 0
     return argv, "runs/s3run"
 
 
-def _metrics(s3_server, run_prefix):
-    body = s3_server.client().get_object(Bucket=s3_server.bucket, Key=f"{run_prefix}/artifacts/metrics.jsonl")["Body"].read()
-    return [json.loads(line) for line in body.decode().splitlines()]
+@pytest.mark.ray
+def test_a_test_that_does_not_ask_for_s3_sees_no_aws_settings(s3_service, ray_cluster):
+    """With the S3 server and the Ray cluster up (both for the whole session), a test that did not ask
+    for `s3_server` has no AWS_* in its environment; the cluster's workers have them, as pods have their Secret."""
+    assert "AWS_ENDPOINT_URL" not in os.environ
+    assert [name for name in os.environ if name.startswith("AWS_")] == []
+
+    @ray_cluster.remote(num_cpus=0)
+    def worker_settings() -> dict[str, str]:
+        return {name: value for name, value in os.environ.items() if name.startswith("AWS_")}
+
+    assert ray_cluster.get(worker_settings.remote(), timeout=60) == s3_service.env
 
 
 @pytest.mark.ray
@@ -50,18 +59,18 @@ def test_two_workers_two_epochs_put_checkpoints_and_metrics_in_the_bucket(s3_ser
     assert any(k.startswith(f"{prefix}/checkpoint_") and k.endswith("/state.pt") for k in keys)
     for name in ("metrics.jsonl", "samples/epoch_002.png", "generator.pt", "model.json", "losses.png"):
         assert f"{prefix}/artifacts/{name}" in keys
-    assert [row["epoch"] for row in _metrics(s3_server, prefix)] == [1, 2]
+    assert [row["epoch"] for row in s3_server.metrics_rows(prefix)] == [1, 2]
 
 
 @pytest.mark.ray
 def test_resume_from_the_bucket_alone_on_an_empty_node(s3_server, s3_run, tmp_path):
     """A fresh driver and a fresh Ray cluster with empty HOME, cache and working folder."""
     argv, prefix = s3_run
-    before = _metrics(s3_server, prefix)
+    before = s3_server.metrics_rows(prefix)
     empty_home, empty_cache, empty_cwd = (tmp_path / n for n in ("home", "cache", "cwd"))
     for folder in (empty_home, empty_cache, empty_cwd):
         folder.mkdir()
-    env = {**os.environ, "HOME": str(empty_home), "XDG_CACHE_HOME": str(empty_cache), "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO)}
+    env = job_env(s3=s3_server, HOME=str(empty_home), XDG_CACHE_HOME=str(empty_cache), RAY_ADDRESS="local")
     epochs = argv.index("--epochs") + 1
     resumed = subprocess.run(
         [sys.executable, "-m", "job", *argv[:epochs], "3", *argv[epochs + 1 :], "--cpus-per-worker", "1"],
@@ -69,7 +78,7 @@ def test_resume_from_the_bucket_alone_on_an_empty_node(s3_server, s3_run, tmp_pa
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming run s3run at epoch 3" in resumed.stdout + resumed.stderr
-    rows = _metrics(s3_server, prefix)
+    rows = s3_server.metrics_rows(prefix)
     assert [row["epoch"] for row in rows] == [1, 2, 3]
     assert rows[:2] == before and rows[2]["step"] == 12
     assert list(empty_cache.rglob("train-images-idx3-ubyte*")), "data should come from the bucket into the empty cache"

@@ -15,14 +15,11 @@ import tempfile
 import shlex
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, knobs_loaded_by
-from tests.test_deploy import build
+from tests.conftest import built_overlay, knobs_loaded_by, load_fake_cluster_module
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 REPO = Path(__file__).resolve().parents[1]
@@ -31,54 +28,49 @@ BIN = Path(sys.executable).parent
 
 def rayjob_and_knobs(overlay: str = "local") -> tuple[str, dict[str, str]]:
     """The RayJob's entrypoint and the GAN_JOB_* knobs its head loads, from the built overlay."""
-    objects = build(overlay)
+    objects = built_overlay(overlay)
     rayjob = next(o for o in objects if o["kind"] == "RayJob")
     head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     return rayjob["spec"]["entrypoint"], knobs_loaded_by(head, list(objects))
 
 
-def wait_for_http(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except Exception as err:
-            if getattr(err, "code", None):  # any HTTP answer (401 included): the server is up
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not come up") from None
-            time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
-def ray_head(s3_server, tmp_path_factory):
-    """`ray start --head` on loopback with free ports, its own temp folder and its own token."""
+def ray_head(s3_service, tmp_path_factory):
+    """`ray start --head` on loopback with free ports, its own temp folder and its own token.
+
+    The S3 settings are in the head's environment only, as a head pod gets them from its Secret:
+    `env`, what a client (the submitter) runs with, has none.
+    """
     # Short: Ray's Unix socket paths under it must stay within 107 bytes.
     temp = Path(tempfile.mkdtemp(prefix="gjr-", dir="/tmp"))
     token = secrets.token_hex(32)
-    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port", "node-manager-port",
-                                            "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                            "runtime-env-agent-port", "metrics-export-port")}  # fmt: skip
+    fake_cluster = load_fake_cluster_module()  # its port list and its wait: the same `ray start --head` on loopback
+    ports = dict(zip(fake_cluster.RAY_PORT_FLAGS, fake_cluster.free_ports(len(fake_cluster.RAY_PORT_FLAGS))))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
+    assert not [name for name in env if name.startswith("AWS_")]
     args = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats", "--num-cpus", "2",
             "--temp-dir", str(temp / "ray"), "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
             "--min-worker-port", "0", "--max-worker-port", "0"]  # fmt: skip
     for name, port in ports.items():
         args += [f"--{name}", str(port)]
     log = open(temp / "head.log", "w")
-    head = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = subprocess.Popen(args, env={**env, **s3_service.env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
-        wait_for_http(f"{address}/api/version", 120)
+        fake_cluster.wait_for_http(f"{address}/api/version", 120)
         yield {"address": address, "gcs": f"127.0.0.1:{ports['port']}", "token": token, "env": env}
     finally:
+        # As FakeCluster.stop: SIGTERM, which `ray start --block` answers by stopping the head's
+        # processes, slowly (half a minute at times); what is left after 10 s is killed.
+        leftovers = fake_cluster.descendants(head.pid)
         head.terminate()
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=10)
         except subprocess.TimeoutExpired:
             head.kill()
+            head.wait()
+        fake_cluster.kill_all(leftovers)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -94,21 +86,22 @@ def submit(ray_head: dict, entrypoint: str, env: dict[str, str], run_name: str, 
     return subprocess.run(["bash", "-c", command], env={**env, "RAYJOB_NAME": run_name}, capture_output=True, text=True, timeout=timeout_s)
 
 
-def test_rayjob_entrypoint_trains_checkpoints_to_s3_and_promotes_under_ray_job_submit(ray_head, s3_server, fashion_mnist_dir):
+def test_rayjob_entrypoint_trains_checkpoints_to_s3_and_promotes_under_ray_job_submit(ray_head, s3_service, small_fashion_dir):
     entrypoint, knobs = rayjob_and_knobs("local")
-    # The manifest's knobs, shortened for CI: fewer images, one epoch, the data from the Debian copy.
+    # The manifest's knobs, shortened for CI: fewer images, one epoch, the data a real Fashion-MNIST
+    # subset (small, so that the promotion trains its classifier in seconds).
     env = {**ray_head["env"], **knobs, "GAN_JOB_EPOCHS": "1", "GAN_JOB_LIMIT": "512", "GAN_JOB_NUM_WORKERS": "2",
-           "GAN_JOB_CPUS_PER_WORKER": "1", "GAN_JOB_DATA": "fashion-mnist", "GAN_JOB_DATA_DIR": str(fashion_mnist_dir),
-           "GAN_JOB_STORAGE": f"s3://{s3_server.bucket}/e2e", "GAN_JOB_EVAL_EVERY": "0"}  # fmt: skip
+           "GAN_JOB_CPUS_PER_WORKER": "1", "GAN_JOB_DATA": "fashion-mnist", "GAN_JOB_DATA_DIR": str(small_fashion_dir),
+           "GAN_JOB_STORAGE": f"s3://{s3_service.bucket}/e2e", "GAN_JOB_EVAL_EVERY": "0"}  # fmt: skip
     done = submit(ray_head, entrypoint, env, run_name="e2e-run")
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     assert "succeeded" in output.lower()
-    keys = set(s3_server.objects())
+    keys = set(s3_service.keys("e2e/"))
     assert any(k.startswith("e2e/e2e-run/checkpoint_") and k.endswith("/state.pt") for k in keys), sorted(keys)[:20]
     assert "e2e/e2e-run/artifacts/metrics.jsonl" in keys
     # ... and then promoted it: the first finished run becomes LATEST.
-    latest = json.loads(s3_server.objects()["e2e/gan/LATEST"])
+    latest = json.loads(s3_service.read("e2e/gan/LATEST"))
     assert latest["run"].rstrip("/").endswith("e2e/e2e-run")
 
 
