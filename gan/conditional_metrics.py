@@ -14,7 +14,11 @@ The real-data classifier of CAS is the project classifier itself (`gan.classifie
 weights give the real-data score for the cost of one test pass. The generated side trains through
 the same `train_classifier`, so the two can never differ in recipe.
 
-Cost on 2 shared CPU cores for 60,000 generated images: see `classification_accuracy_score`.
+Cost of CAS for 60,000 generated images on 2 shared CPU cores (load 6 to 16; measured with an
+untrained G, whose cost is a trained one's): 2.5 to 6 min, of which generating 110-220 s, training
+the classifier 34-126 s (one thread, 2 epochs), each test pass 5-16 s. The real side reuses the
+cached project classifier (training it, once per data set and node: 135 s at load 14). On a GPU,
+generating is nearly free and the classifier's CPU training is the cost.
 """
 
 from __future__ import annotations
@@ -152,7 +156,8 @@ def classification_accuracy_score(
     "per_class", "count_per_class" (of the test split), "num_train_images" and its seconds. The
     real side reuses `real_classifier` (trained before, usually read from the cache): its seconds
     are only the test pass. The generated side's are generating, training and testing.
-    Cost for 60,000 generated images on 2 shared CPU cores: about 2.5 min (see the report in issue 14).
+    Deterministic: the same G, seeds and data give the same numbers. Cost: see the module docstring
+    (minutes for 60,000 images on a CPU: it is opt-in in `evaluate`).
     """
     if real_classifier.seed != CAS_SEED or real_classifier.epochs != CAS_EPOCHS:
         raise ValueError(
