@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gan.sampling import sample, seeded_noise
+from gan.data import dataset_info
+from gan.sampling import labels_split_evenly, sample, seeded_noise
 from job.config import TrainConfig
 from job.storage.data_source import local_data_folder
 
@@ -25,6 +26,9 @@ class QualityProbe:
         self.config = config
         self.device = device
         self.noise = seeded_noise(config.eval_num, config.noise_dim, config.seed + NOISE_SEED_OFFSET)
+        # A conditional G makes every class, as many of each (in class order): what `evaluate` measures too.
+        classes = range(dataset_info(config.data).num_classes) if config.conditional else None
+        self.labels = labels_split_evenly(config.eval_num, classes) if classes else None
         self._evaluator = None
 
     def evaluate(self, generator: nn.Module) -> dict:
@@ -33,4 +37,4 @@ class QualityProbe:
             from gan.metrics import build_evaluator  # why: it imports torchmetrics (seconds); --eval-every 0 never needs it
 
             self._evaluator = build_evaluator(self.config.data, local_data_folder(self.config), seed=EVAL_SEED, device=self.device)
-        return self._evaluator.compute(sample(generator, self.noise))
+        return self._evaluator.compute(sample(generator, self.noise, self.labels))
