@@ -16,9 +16,10 @@ from types import SimpleNamespace
 from gan.classifier import classifier_to_bytes
 from gan.metrics import QualityEvaluator, build_evaluator, check_state_dict_file, inception_fid
 from gan.models import Generator
-from gan.sampling import sample, seeded_noise
+from gan.sampling import labels_split_evenly, sample, seeded_noise
 from job.console import warn
 from job.errors import UsageError
+from job.runtime.state import generator_from_checkpoint
 from job.settings import DATASET_NAMES, EVAL_NUM, SEED, Setting, add_flag
 from job.storage.checkpoint import STATE_FILE, load_from
 from job.storage.data_source import local_data_folder
@@ -71,11 +72,8 @@ def prepare_evaluator(data: str, data_dir: str | None, s3_endpoint: str | None) 
 
 
 def generator_for_evaluation(state: dict) -> tuple[Generator, str]:
-    """The checkpoint's EMA generator when it has one, else its generator; and which key it was."""
-    key = "ema_generator" if state.get("ema_generator") is not None else "generator"
-    generator = Generator(int(state["config"]["noise_dim"]))
-    generator.load_state_dict(state[key])
-    return generator.eval(), key
+    """The checkpoint's EMA generator when it has one, else its generator (conditional where the run was); and which key it was."""
+    return generator_from_checkpoint(state)
 
 
 def evaluate_state(
@@ -90,7 +88,9 @@ def evaluate_state(
     """Every metric of one checkpoint's generator, as one JSON-ready dict."""
     started_s = time.perf_counter()
     generator, key = generator_for_evaluation(state)
-    images = sample(generator, seeded_noise(num, generator.noise_dim, seed))
+    # A conditional G makes every class, as many of each (class order; the metrics are of the whole set).
+    labels = labels_split_evenly(num, range(generator.num_classes)) if generator.num_classes else None
+    images = sample(generator, seeded_noise(num, generator.noise_dim, seed), labels)
     return {
         "source": source,
         "epoch": int(state["epoch"]),

@@ -1,4 +1,9 @@
-"""The `generate` command: images from a checkpoint, as a PNG grid and optionally a .npy array."""
+"""The `generate` command: images from a checkpoint, as a PNG grid and optionally a .npy array.
+
+A conditional model (trained with `--conditional`) makes the classes asked for: `--label K[,K...]`,
+`--per-class` (every class), or by default every class; `--num` is split evenly over them, in the
+order listed, and the labels go next to the images (`OUT.labels.npy`).
+"""
 
 from __future__ import annotations
 
@@ -6,50 +11,129 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from gan.models import Generator
 from gan.plots import image_grid_png
-from gan.sampling import sample, seeded_noise
+from gan.sampling import labels_split_evenly, sample, seeded_noise
 from job.errors import UsageError
-from job.settings import MAX_GENERATE_IMAGES, SEED, Setting, add_flag
+from job.runtime.state import checkpoint_num_classes, generator_from_checkpoint
+from job.settings import MAX_CLASSES, MAX_GENERATE_IMAGES, SEED, Setting, add_flag
 from job.storage.checkpoint import load_from
 from job.storage.pointer import resolve_latest
 
 GRID_MAX = 64  # the grid shows at most an 8x8 of the images
-NUM = Setting("how many images", kind=int, low=1, high=MAX_GENERATE_IMAGES)
+GRID_PER_CLASS = 10  # a conditional model's grid: one row per class asked for, its first 10 images
+GRID_MAX_ROWS = 16  # more classes than this: the grid is the first GRID_MAX images, as for an unconditional model
+DEFAULT_NUM = 64  # images of an unconditional model; a conditional one makes GRID_PER_CLASS per class asked for
+NUM = Setting(
+    f"how many images (default {DEFAULT_NUM}; a conditional model: {GRID_PER_CLASS} per class asked for); "
+    "with classes, a multiple of their count, split evenly over them in order",
+    kind=int, low=1, high=MAX_GENERATE_IMAGES,
+)  # fmt: skip
+CLASS = Setting("a class index", kind=int, low=0, high=MAX_CLASSES - 1)
+
+
+def class_list(text: str) -> tuple[int, ...]:
+    """`--label`: one class index or several, comma-separated (`3` or `3,5`), each listed once."""
+    classes = tuple(CLASS.parse(part) for part in text.split(","))  # ValueError names the bad one
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"{text!r} lists a class twice; list each class once")
+    return classes  # type: ignore[return-value]
+
+
+LABEL = Setting(
+    "conditional models only: make these classes, e.g. 3 or 3,5 (--num split evenly over them, in order)",
+    kind=int, low=0, high=MAX_CLASSES - 1, reads=class_list, metavar="K[,K...]",
+)  # fmt: skip
+PER_CLASS = Setting("conditional models only: make every class, --num split evenly over them in class order", kind=bool)
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `gan-job generate` (cli.py builds the subparser and calls this)."""
     parser.add_argument("--from", dest="source", required=True, help="run folder, checkpoint folder, LATEST pointer, or s3:// of any")
-    add_flag(parser, "--num", NUM, 64)
-    parser.add_argument("--out", required=True, help="PNG grid of the first min(N, 64) images")
-    parser.add_argument("--npy", help="also save all N images as an N x 28 x 28 float32 array in [-1, 1]")
+    add_flag(parser, "--num", NUM)
+    parser.add_argument(
+        "--out", required=True,
+        help=f"PNG grid: the first min(N, {GRID_MAX}) images; a conditional model's, one row per class asked for with its first "
+        f"{GRID_PER_CLASS} (more than {GRID_MAX_ROWS} classes: as unconditional)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--npy", help="also save all N images as an N x 28 x 28 float32 array in [-1, 1]; a conditional model's labels "
+        "(N int64) go to OUT.labels.npy next to it",
+    )  # fmt: skip
+    add_flag(parser, "--label", LABEL)
+    add_flag(parser, "--per-class", PER_CLASS, False)
     add_flag(parser, "--seed", SEED, 0)
     parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
     parser.set_defaults(handler=generate)
 
 
-def generator_from_state(state: dict) -> Generator:
-    """The generator of a checkpoint, in inference mode: its EMA weights where the run kept one."""
-    generator = Generator(int(state["config"]["noise_dim"]))
-    generator.load_state_dict(state.get("ema_generator") or state["generator"])
-    return generator.eval()
+def labels_path(npy: str) -> Path:
+    """Where `--npy OUT.npy` puts the labels: OUT.labels.npy."""
+    path = Path(npy)
+    return path.with_name(path.name.removesuffix(".npy") + ".labels.npy")
+
+
+def classes_asked(args: argparse.Namespace, num_classes: int, source: str) -> tuple[int, ...] | None:
+    """The classes to make, in order: --label's, every class (--per-class, or by default), None when unconditional."""
+    if not num_classes:
+        if args.label is not None or args.per_class:
+            flag = "--label" if args.label is not None else "--per-class"
+            raise UsageError(f"{flag} needs a conditional model; {source} was trained without --conditional: drop {flag}")
+        return None
+    if args.label is None:
+        return tuple(range(num_classes))
+    outside = [k for k in args.label if k >= num_classes]
+    if outside:
+        raise UsageError(
+            f"--label {outside[0]} is not a class of this model: it makes classes 0 to {num_classes - 1}; use labels in that range"
+        )
+    return args.label
+
+
+def grid_of(images: torch.Tensor, classes: tuple[int, ...] | None) -> tuple[torch.Tensor, int | None]:
+    """The images the PNG shows and its columns (None = square): a row of each class's first images where that fits."""
+    if not classes or len(classes) > GRID_MAX_ROWS:
+        return images[:GRID_MAX], None
+    per_class = images.shape[0] // len(classes)
+    columns = min(per_class, GRID_PER_CLASS)
+    rows = images.view(len(classes), per_class, *images.shape[1:])[:, :columns]  # labels_split_evenly: class blocks in order
+    return rows.reshape(-1, *images.shape[1:]), columns
 
 
 def generate(args: argparse.Namespace) -> int:
     """`gan-job generate`: write the grid (and the .npy) of `--num` images from `--from`."""
-    NUM.check("--num", args.num)
+    # Check the input before anything is read or written.
+    if args.num is not None:
+        NUM.check("--num", args.num)
     SEED.check("--seed", args.seed)
+    if args.label is not None and args.per_class:
+        raise UsageError("--label and --per-class both name the classes; pass one of them (--per-class: all)")
     outputs = [Path(p) for p in (args.out, args.npy) if p]
     for path, flag in zip(outputs, ("--out", "--npy")):
         if not path.parent.exists():
             raise UsageError(f"{flag} {path}: folder {path.parent} does not exist; create it first")
     source, state = load_from(resolve_latest(args.source, args.s3_endpoint), args.s3_endpoint)  # LATEST → its run
-    generator = generator_from_state(state)
-    images = sample(generator, seeded_noise(args.num, generator.noise_dim, args.seed))
-    Path(args.out).write_bytes(image_grid_png(images[:GRID_MAX]))
+    classes = classes_asked(args, checkpoint_num_classes(state), source.uri)
+    num = args.num if args.num is not None else (GRID_PER_CLASS * len(classes) if classes else DEFAULT_NUM)
+    if classes and num % len(classes):
+        raise UsageError(
+            f"--num {num} does not split evenly over the {len(classes)} classes asked for; use a multiple of {len(classes)}"
+        )
+
+    # Make the images: seeded noise, and the classes split evenly in the order asked for.
+    generator, _key = generator_from_checkpoint(state)
+    labels = labels_split_evenly(num, classes) if classes else None
+    images = sample(generator, seeded_noise(num, generator.noise_dim, args.seed), labels)
+    shown, columns = grid_of(images, classes)
+    Path(args.out).write_bytes(image_grid_png(shown, columns=columns))
+    written = [args.out]
     if args.npy:
         np.save(args.npy, images[:, 0].numpy().astype(np.float32))
-    print(f"wrote {args.out}" + (f" and {args.npy}" if args.npy else "") + f" from {source.uri} (epoch {state['epoch']})")
+        written.append(args.npy)
+        if labels is not None:
+            np.save(labels_path(args.npy), labels.numpy().astype(np.int64))
+            written.append(str(labels_path(args.npy)))
+    made = f"; {num // len(classes)} of each of the classes {','.join(map(str, classes))}" if classes else ""
+    print(f"wrote {' and '.join(written)} from {source.uri} (epoch {state['epoch']}){made}")
     return 0

@@ -15,6 +15,11 @@ LATEST is a small JSON object `{"run": <uri>, "fid_classifier": ..., "promoted_a
 so a reader sees the old or the new pointer, never a mix. Every decision is printed as one JSON line
 and appended to `promotions.jsonl` next to LATEST.
 
+A conditional model (`train --conditional`) and an unconditional one are not interchangeable (a
+consumer of LATEST passes labels or not): promoting a run of the other kind than LATEST's is
+refused (exit 2, nothing written). LATEST records `conditional` and `num_classes`; for a pointer
+written before it did, its run's checkpoint says.
+
 Promotions may overlap (two retrains finishing together): both LATEST and the log are written by
 compare-and-swap (job/storage/pointer.py), and a promotion that loses the race reads them again and
 decides again against the newer LATEST, keeping its candidate's evaluation. After any overlap the
@@ -37,6 +42,7 @@ from job.commands.evaluate import (
 )  # fmt: skip
 from job.console import warn
 from job.errors import UsageError
+from job.runtime.state import checkpoint_num_classes
 from job.settings import DATASET_NAMES, EVAL_NUM, MAX_MARGIN, SEED, Setting, add_flag
 from job.storage.checkpoint import STATE_FILE, load_from
 from job.storage.location import Location, resolve_location
@@ -127,6 +133,34 @@ def current_fid_classifier(
     return result["fid_classifier"], True
 
 
+def model_kind(num_classes: int) -> str:
+    return f"conditional ({num_classes} classes)" if num_classes else "unconditional"
+
+
+def current_num_classes(current: dict, target: Location, s3_endpoint: str | None) -> int:
+    """The classes LATEST's model is conditional on (0: unconditional): as LATEST records it, else as its run's checkpoint does."""
+    if isinstance(current.get("num_classes"), int):
+        return current["num_classes"]
+    try:
+        _checkpoint, state = load_from(current["run"], s3_endpoint)
+    except UsageError as err:
+        raise UsageError(f"--target {target.uri} points at a run whose kind (conditional or not) cannot be read ({err})") from None
+    return checkpoint_num_classes(state)
+
+
+def check_same_kind(current: dict | None, num_classes: int, run: Location, target: Location, s3_endpoint: str | None) -> None:
+    """Refuse a candidate of the other kind (conditional or not, or another class count) than LATEST's model."""
+    if current is None:
+        return
+    current_classes = current_num_classes(current, target, s3_endpoint)
+    if current_classes != num_classes:
+        raise UsageError(
+            f"--run {run.uri} is {model_kind(num_classes)}, but the model --target {target.uri} points at is "
+            f"{model_kind(current_classes)} (train --conditional differs); use a target of the run's own kind, "
+            "e.g. <storage>/<job>-conditional/LATEST"
+        )
+
+
 def decided(decision: dict) -> None:
     """Called after each decision, before any of it is written: a seam where tests order overlapping promotions."""
 
@@ -174,6 +208,8 @@ def promote(args: argparse.Namespace) -> int:
         raise unreadable("--run", args.run, err) from None
     check_target(target, args.s3_endpoint)
     checkpoint, state, model, unfinished = finished_state(run, args.s3_endpoint)
+    store, num_classes = Store(args.s3_endpoint), checkpoint_num_classes(state)
+    check_same_kind(read_or_refuse(store, target).pointer, num_classes, run, target, args.s3_endpoint)  # before minutes of evaluation
 
     # Measure the candidate once; each decision below compares it with the LATEST of its read.
     evaluator, candidate = None, None
@@ -182,13 +218,14 @@ def promote(args: argparse.Namespace) -> int:
         evaluator = prepare_evaluator(data, args.data_dir, args.s3_endpoint)
         candidate = candidate_evaluation(run, checkpoint, state, evaluator, data, args.num, args.seed)
 
-    store, decision_id, measured = Store(args.s3_endpoint), uuid.uuid4().hex, {}
+    decision_id, measured = uuid.uuid4().hex, {}
     for attempt in range(1, MAX_DECISIONS + 1):
         snapshot = read_or_refuse(store, target)
         mine = snapshot.find(decision_id)
         if mine is not None:  # a write whose reply was lost had landed
             decision = mine
             break
+        check_same_kind(snapshot.pointer, num_classes, run, target, args.s3_endpoint)  # LATEST may have moved since
         decision = decide(snapshot.pointer, run, target, args, state, unfinished, candidate, evaluator, measured)
         decision.update(id=decision_id, attempt=attempt)
         if (snapshot.carried or {}).get("id"):
@@ -199,6 +236,7 @@ def promote(args: argparse.Namespace) -> int:
                 replace_pointer(store, target, snapshot, {
                     "run": run.uri, "fid_classifier": candidate["fid_classifier"], "promoted_at": decision["decided_at"],
                     "epoch": candidate["epoch"], "source": checkpoint.uri, "evaluation": protocol_of(candidate), "decision": decision,
+                    "conditional": bool(num_classes), "num_classes": num_classes,
                 })  # fmt: skip
             else:
                 append(store, target, snapshot, decision)
