@@ -154,6 +154,20 @@ def test_one_epoch_then_a_resumed_epoch_is_bitwise_two_epochs_in_one_go(tmp_path
                 assert torch.equal(value, states[1][name]["state"][param][key]), (name, param, key)
 
 
+def test_a_conditional_run_resumed_after_one_epoch_is_bitwise_two_epochs_in_one_go(tmp_path, tiny_data_dir):
+    """The labels' path (and G's drawn fake labels) resumes as exactly as the unconditional one (--recipe conditional)."""
+    in_one_go = _train(tmp_path, tiny_data_dir, run_name="in-one-go", epochs=2, recipe="conditional")
+    _train(tmp_path, tiny_data_dir, run_name="resumed", epochs=1, recipe="conditional")
+    resumed = _train(tmp_path, tiny_data_dir, run_name="resumed", epochs=2, recipe="conditional")
+
+    states = [read_checkpoint(checkpoint_folders(run)[0]) for run in (in_one_go, resumed)]
+    assert all(s["config"]["conditional"] and s["num_classes"] == 10 for s in states)
+    assert metrics_rows(Path(resumed.path))[1]["resumed"]["from_epoch"] == 1
+    digests = [_state_digest(s["generator"], s["discriminator"], s["ema_generator"]) for s in states]
+    assert digests[0] == digests[1]
+    assert torch.equal(states[0]["fixed_noise"], states[1]["fixed_noise"])
+
+
 def test_resume_continues_each_ranks_random_stream_and_reseeds_at_another_world_size(tmp_path, tiny_data_dir, capsys):
     checkpoint = read_checkpoint(checkpoint_folders(_train(tmp_path, tiny_data_dir, epochs=1))[0])
     config = TrainConfig.from_dict(checkpoint["config"])
