@@ -42,10 +42,14 @@ def class_list(text: str) -> tuple[int, ...]:
 
 
 LABEL = Setting(
-    "conditional models only: make these classes, e.g. 3 or 3,5 (--num split evenly over them, in order)",
+    "conditional models only: make these classes, e.g. 3 or 3,5 (--num split evenly over them, in order), each a class index",
     kind=int, low=0, high=MAX_CLASSES - 1, reads=class_list, metavar="K[,K...]",
 )  # fmt: skip
-PER_CLASS = Setting("conditional models only: make every class, --num split evenly over them in class order", kind=bool)
+PER_CLASS = Setting(
+    "conditional models only: make every class, --num split evenly over them in class order (what a conditional model "
+    "makes with neither --label nor --per-class, too)",
+    kind=bool,
+)  # fmt: skip
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:

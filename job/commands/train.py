@@ -210,7 +210,9 @@ def run_training(config: TrainConfig, promotion: Promotion | None = None) -> int
     print(
         f"training run {config.run_name}: {config.workers_text} worker(s) x {config.cpus_per_worker} CPU"
         + (" + 1 GPU" if config.use_gpu else "")
-        + f", {config.epochs} epochs, global batch {config.batch_size}; storage {run.uri}",
+        + f", {config.epochs} epochs, global batch {config.batch_size}"
+        + (", class-conditional" if config.conditional else "")
+        + f"; storage {run.uri}",
         flush=True,
     )
     import ray.train  # lazy: Ray stays off the start-up path of every command
