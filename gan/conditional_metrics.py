@@ -40,6 +40,7 @@ from gan.classifier import (
     predict,
     train_classifier,
 )
+from gan.data import to_uint8
 from gan.sampling import CHUNK, conditional_inputs, sample, seeded_noise
 
 CAS_IMAGES_PER_CLASS = 6_000  # 60,000 in all: the size of the real training split it is compared with
@@ -49,11 +50,6 @@ CAS_NOISE_SEED = 0  # the generated training set's noise
 
 # labels (n,) int64 → images (n, 1, 28, 28) float in [-1, 1]: what CAS needs of a generator.
 ImagesForLabels = Callable[[torch.Tensor], torch.Tensor]
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] → uint8 pixels, the inverse of `gan.data.to_unit_range` (to 1/255)."""
-    return images.add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def accuracy_by_class(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int = NUM_CLASSES) -> dict:

@@ -107,7 +107,7 @@ def download(name: str) -> Path:
     with file_lock(cache_root() / f"{name}.lock"):
         if not missing_files(target):
             return target
-        import torchvision.datasets
+        import torchvision.datasets  # why: heavy (~1 s) and only needed to download, once per node
 
         dataset_class = getattr(torchvision.datasets, info.torchvision_class)
         try:
@@ -173,6 +173,11 @@ def load_split(folder: Path, split: str = "train", limit: int | None = None) -> 
 def to_unit_range(images_u8: torch.Tensor) -> torch.Tensor:
     """uint8 pixels → float32 in [-1, 1], the range of G's tanh."""
     return images_u8.float().mul_(1 / 127.5).sub_(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] → uint8 pixels, the inverse of `to_unit_range` (to 1/255); out-of-range values clamp."""
+    return images.add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def shard_indices(num_images: int, rank: int, world_size: int, epoch: int, seed: int, multiple: int | None = None) -> torch.Tensor:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import importlib.util
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from gan.classifier import (
     DEFAULT_EPOCHS,
@@ -32,7 +32,10 @@ from gan.classifier import (
     TrainedClassifier,
     load_or_train_classifier,
 )
-from gan.data import load_split, to_unit_range
+from gan.data import load_split, to_uint8, to_unit_range
+
+if TYPE_CHECKING:  # torchmetrics is imported where a metric is built: see `_fid_metric`
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
 K_NEAREST = 3  # neighbours that define a sample's k-NN ball (the paper's default)
 MODE_SHARE = 0.02  # a class counts as covered when at least this share of the images falls in it
@@ -43,6 +46,8 @@ MIN_IMAGES = K_NEAREST + 1  # k-NN needs k other images; FID's covariance needs 
 
 
 def _fid_metric(extractor: torch.nn.Module) -> FrechetInceptionDistance:
+    from torchmetrics.image.fid import FrechetInceptionDistance  # why: heavy optional dependency, kept off the CLI's start-up path
+
     # sync_on_compute=False: only one rank computes metrics during training, and a sync would wait
     # forever for the others. reset_real_features=False keeps the real statistics across reset().
     # The extractor has `num_features`, so torchmetrics never probes it; should it, normalize=True and
@@ -129,10 +134,6 @@ def torch_fidelity_missing_reason() -> str | None:
     return None
 
 
-def _to_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
-    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
-
-
 @torch.no_grad()
 def inception_fid(generated: torch.Tensor, real: torch.Tensor, weights_path: str | Path | None) -> dict:
     """torchmetrics' Inception FID from a local weights file, or {"computed": False, "reason": ...}.
@@ -145,10 +146,12 @@ def inception_fid(generated: torch.Tensor, real: torch.Tensor, weights_path: str
     if reason is not None:
         return {"computed": False, "reason": reason}
     check_state_dict_file(weights_path)  # torch-fidelity loads it with weights_only=False: refuse pickled code first
+    from torchmetrics.image.fid import FrechetInceptionDistance  # why: heavy optional dependency, kept off the CLI's start-up path
+
     metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights_path), sync_on_compute=False)
     for images, is_real in ((real, True), (generated, False)):
         for chunk in images.split(INCEPTION_BATCH):
-            metric.update(_to_rgb_uint8(chunk), real=is_real)
+            metric.update(to_uint8(chunk).expand(-1, 3, -1, -1), real=is_real)  # Inception takes RGB
     return {"computed": True, "value": round(float(metric.compute()), 4), "num_real": int(real.shape[0])}
 
 

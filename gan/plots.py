@@ -5,21 +5,33 @@ They return bytes rather than writing files, so the caller can put them on any s
 
 from __future__ import annotations
 
+import functools
 import io
 import math
-from typing import Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Sequence
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")  # no display on workers or in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
-def _png(figure: plt.Figure) -> bytes:
+@functools.cache
+def _pyplot() -> ModuleType:
+    """matplotlib's pyplot on the Agg backend (no display on workers or in CI), loaded on first use."""
+    import matplotlib  # why: heavy optional dependency, kept off the CLI's start-up path
+
+    matplotlib.use("Agg")  # before pyplot is imported, once
+    import matplotlib.pyplot as plt  # why: as above
+
+    return plt
+
+
+def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    plt.close(figure)
+    _pyplot().close(figure)
     return buffer.getvalue()
 
 
@@ -29,6 +41,7 @@ def image_grid_png(images: torch.Tensor, title: str | None = None, columns: int 
     `columns` None makes it square (4x4 for 16 images); a per-class grid passes its images per
     class, so that each class gets its own row.
     """
+    plt = _pyplot()
     images = images.detach().float().cpu()
     columns = columns or math.ceil(math.sqrt(images.shape[0]))
     rows = math.ceil(images.shape[0] / columns)
@@ -44,6 +57,7 @@ def image_grid_png(images: torch.Tensor, title: str | None = None, columns: int 
 
 def loss_curves_png(rows: Sequence[dict]) -> bytes:
     """Per-epoch D and G losses from `metrics.jsonl` rows."""
+    plt = _pyplot()
     epochs = [row["epoch"] for row in rows]
     figure, axis = plt.subplots(figsize=(6, 4))
     axis.plot(epochs, [row["loss_d"] for row in rows], marker="o", label="discriminator")
@@ -57,6 +71,7 @@ def loss_curves_png(rows: Sequence[dict]) -> bytes:
 
 def quality_curves_png(rows: Sequence[dict]) -> bytes:
     """Training-time quality from `metrics.jsonl` rows: FID in the classifier's space and class coverage."""
+    plt = _pyplot()
     scored = [row for row in rows if "quality" in row]
     epochs = [row["epoch"] for row in scored]
     figure, (fid_axis, modes_axis) = plt.subplots(1, 2, figsize=(10, 4))

@@ -2,7 +2,8 @@
 images with the same metrics as `gan-job evaluate` (`gan.metrics.QualityEvaluator`).
 
 The evaluator (the classifier, trained once per data set and cached, and the real test features)
-is built on the first evaluation, so runs with `--eval-every 0` never pay for it.
+is built on the first evaluation, so runs with `--eval-every 0` never pay for it. (`gan.metrics`
+itself loads torchmetrics only when a metric is built, so importing it here costs nothing.)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from gan.data import dataset_info
+from gan.metrics import build_evaluator
 from gan.sampling import labels_split_evenly, sample, seeded_noise
 from job.config import TrainConfig
 from job.storage.data_source import local_data_folder
@@ -34,7 +36,5 @@ class QualityProbe:
     def evaluate(self, generator: nn.Module) -> dict:
         """Metrics of `generator` (used in inference mode, then put back as it was)."""
         if self._evaluator is None:  # may train the classifier: outside no_grad
-            from gan.metrics import build_evaluator  # why: it imports torchmetrics (seconds); --eval-every 0 never needs it
-
             self._evaluator = build_evaluator(self.config.data, local_data_folder(self.config), seed=EVAL_SEED, device=self.device)
         return self._evaluator.compute(sample(generator, self.noise, self.labels))

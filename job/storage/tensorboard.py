@@ -263,7 +263,7 @@ def _event(wall_time: float, step: int, values: list) -> Any:
 
 
 def _scalar(tag: str, value: float) -> Any:
-    from tensorboardX.proto import summary_pb2
+    from tensorboardX.proto import summary_pb2  # lazy: see the module docstring
 
     # The scalars plugin's own metadata, so TensorBoard files it under Scalars without guessing.
     metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
@@ -271,7 +271,7 @@ def _scalar(tag: str, value: float) -> Any:
 
 
 def _text(tag: str, text: str) -> Any:
-    from tensorboardX.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorboardX.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2  # lazy: see the module docstring
 
     metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
     tensor = tensor_pb2.TensorProto(
@@ -282,7 +282,7 @@ def _text(tag: str, text: str) -> Any:
 
 
 def _image(tag: str, png: bytes) -> Any:
-    from tensorboardX.proto import summary_pb2
+    from tensorboardX.proto import summary_pb2  # lazy: see the module docstring
 
     width, height, channels = _png_size(png)
     image = summary_pb2.Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png)
