@@ -15,6 +15,7 @@ import torch
 
 import gan.sampling
 import job.commands.train
+from gan.classifier import Classifier
 from gan.data import dataset_info, iterate_batches
 from gan.models import Generator
 from gan.plots import image_grid_png
@@ -242,6 +243,8 @@ class RecordingEvaluator:
     """Stands in for gan.metrics.QualityEvaluator: keeps the images it is given."""
 
     real_test = torch.zeros(1, 1, 28, 28)
+    real_test_labels = torch.zeros(1, dtype=torch.long)
+    classifier = Classifier().eval()  # untrained: label accuracy's values are not what these tests check
 
     def compute(self, images: torch.Tensor) -> dict:
         self.images = images
@@ -255,6 +258,7 @@ def test_evaluate_samples_a_conditional_checkpoint_with_every_class_alike(runs):
     evaluator = RecordingEvaluator()
     result = evaluate_state(evaluator, newest_checkpoint(runs["conditional"]), "src", "fashion-mnist", num=40, seed=0)
     assert evaluator.images.shape == (40, 1, 28, 28) and result["num_images"] == 40
+    assert result["conditional"] is True and result["label_accuracy"]["generated"]["count_per_class"] == [4] * 10
 
 
 # Bad input: one line naming the flag, exit 2, nothing written ----------------------------------

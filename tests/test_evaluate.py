@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from gan.classifier import DEFAULT_EPOCHS, cache_path, load_or_train_classifier
+import job.commands.evaluate
+from gan.classifier import DEFAULT_EPOCHS, TrainedClassifier, cache_path, load_or_train_classifier
 from gan.data import load_split
 from gan.metrics import MIN_IMAGES
 from gan.models import Generator
@@ -145,3 +146,75 @@ def test_a_pickled_inception_weights_file_is_refused_before_anything_loads_it(tm
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "--inception-weights" in line and "not a plain state dict" in line
     assert not marker.exists()
+
+
+# A conditional model: label accuracy always, CAS on request (issue 14) -------------------------
+
+
+@pytest.fixture
+def conditional_run(tmp_path, small_fashion_dir, capsys):
+    """A one-epoch class-conditional run on the small data; its training output is cleared."""
+    run = train_one_process(tmp_path / "runs", small_fashion_dir, "cond", conditional=True, limit=64)
+    capsys.readouterr()
+    return run
+
+
+def test_a_conditional_model_is_scored_on_the_labels_it_was_asked_for_next_to_the_real_test_split(
+    conditional_run, small_fashion_dir, cached_classifier, capsys
+):
+    assert evaluate_main(["--from", conditional_run, "--data-dir", small_fashion_dir, "--num", "200"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    generated, real = result["label_accuracy"]["generated"], result["label_accuracy"]["real_test"]
+    assert result["conditional"] is True and "cas" not in result  # CAS only with --cas
+    assert len(generated["per_class"]) == 10 and generated["count_per_class"] == [20] * 10  # every class alike
+    assert all(0 <= a <= 1 for a in generated["per_class"]) and 0 <= generated["overall"] <= 1
+    assert sum(real["count_per_class"]) == 500 and real["overall"] > 0.6  # the classifier on the real test split: the ceiling
+    keys = list(result)
+    assert keys.index("inception_fid") < keys.index("label_accuracy") < keys.index("conditional") < keys.index("reference")
+    assert json.loads((conditional_run / "artifacts" / "eval.json").read_text()) == result
+
+
+def test_an_unconditional_model_has_no_label_metrics(quiet_run, small_fashion_dir, cached_classifier, capsys):
+    assert evaluate_main(["--from", quiet_run.uri, "--data-dir", small_fashion_dir, "--num", "50"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert not {"label_accuracy", "conditional", "cas"} & set(result)
+
+
+def test_cas_scores_the_conditional_generator_against_the_real_test_split_with_the_evaluation_seed(
+    conditional_run, small_fashion_dir, cached_classifier, capsys, monkeypatch
+):
+    """The wiring of --cas (CAS itself, minutes at its 60,000 images, is tested in test_conditional_metrics.py)."""
+    calls = []
+
+    def cas(source, real_classifier, real_test, real_test_labels, **kwargs):
+        calls.append((source, real_classifier, real_test, real_test_labels, kwargs))
+        return {"generated": {"overall": 0.5}, "real": {"overall": 0.8}}
+
+    monkeypatch.setattr(job.commands.evaluate, "classification_accuracy_score", cas)
+    argv = ["--from", conditional_run, "--data-dir", small_fashion_dir, "--num", "100", "--seed", "7", "--cas"]
+    assert evaluate_main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["cas"] == {"generated": {"overall": 0.5}, "real": {"overall": 0.8}}
+    ((source, real_classifier, real_test, real_test_labels, kwargs),) = calls
+    assert source.num_classes == 10 and not source.training  # the checkpoint's conditional G, in inference mode
+    assert isinstance(real_classifier, TrainedClassifier) and real_classifier.seed == 0  # the project classifier: CAS's real side
+    assert real_test.shape == (500, 1, 28, 28) and real_test_labels.shape == (500,)
+    assert kwargs == {"num_classes": 10, "noise_seed": 7}  # the default 60,000 images
+    keys = list(result)
+    assert keys.index("inception_fid") < keys.index("label_accuracy") < keys.index("cas") < keys.index("reference")
+
+
+def test_cas_on_an_unconditional_model_is_refused_in_one_line_before_anything_is_built(
+    quiet_run, small_fashion_dir, capsys, monkeypatch
+):
+    def build_nothing(*args):
+        raise AssertionError("the evaluator was built for a refused --cas")
+
+    monkeypatch.setattr(job.commands.evaluate, "prepare_evaluator", build_nothing)
+    artifacts = quiet_run.child("artifacts")
+    before = sorted(artifacts.list_names())
+    assert evaluate_main(["--from", quiet_run.uri, "--data-dir", small_fashion_dir, "--cas"]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("gan-job") and "--cas" in line and "--conditional" in line and "Traceback" not in captured.err
+    assert captured.out == "" and sorted(artifacts.list_names()) == before and not artifacts.child("eval.json").exists()

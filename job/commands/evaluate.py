@@ -4,6 +4,12 @@ Metrics are computed in the feature space of a small classifier trained on the r
 (`gan.metrics`), on `--num` images from seeded noise. Evaluating a run folder (not a single
 checkpoint folder) also stores `artifacts/eval.json` and `artifacts/classifier.pt` in the run, so
 that `promote` and later readers need not evaluate again and can see which classifier was used.
+
+A conditional model makes every class alike (`labels_split_evenly`), and its result adds
+`label_accuracy`: the classifier's accuracy on those images against the labels asked for, next to
+its accuracy on the real test split (`gan.conditional_metrics`). `--cas` adds the Classification
+Accuracy Score, a classifier trained only on generated images: minutes on a CPU, so opt-in, and
+never part of `promote`.
 """
 
 from __future__ import annotations
@@ -13,13 +19,14 @@ import json
 import time
 from types import SimpleNamespace
 
-from gan.classifier import classifier_to_bytes
+from gan.classifier import NUM_CLASSES, classifier_to_bytes
+from gan.conditional_metrics import CAS_IMAGES_PER_CLASS, classification_accuracy_score, label_accuracy
 from gan.metrics import QualityEvaluator, build_evaluator, check_state_dict_file, inception_fid
 from gan.models import Generator
 from gan.sampling import labels_split_evenly, sample, seeded_noise
 from job.console import warn
 from job.errors import UsageError
-from job.runtime.state import generator_from_checkpoint
+from job.runtime.state import checkpoint_num_classes, generator_from_checkpoint
 from job.settings import DATASET_NAMES, EVAL_NUM, SEED, Setting, add_flag
 from job.storage.checkpoint import STATE_FILE, load_from
 from job.storage.data_source import local_data_folder
@@ -28,6 +35,12 @@ from job.storage.pointer import resolve_latest
 
 DEFAULT_NUM = 10_000  # the size of the test split: FID's bias shrinks with the count
 DATA = Setting("real data to compare with (default: the run's)", choices=DATASET_NAMES)
+CAS = Setting(
+    f"also score a classifier trained only on {CAS_IMAGES_PER_CLASS * NUM_CLASSES:,} generated images ({CAS_IMAGES_PER_CLASS:,} per "
+    "class) against the real test split, next to the same recipe trained on the real training images (CAS; conditional models "
+    "only; minutes on a CPU)",
+    kind=bool,
+)  # fmt: skip
 EVAL_FILE = "eval.json"
 CLASSIFIER_FILE = "classifier.pt"
 # The fields that must agree for two evaluations' numbers to be comparable.
@@ -43,6 +56,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_flag(parser, "--num", EVAL_NUM, DEFAULT_NUM)
     add_flag(parser, "--seed", SEED, 0)
+    add_flag(parser, "--cas", CAS, False)
     parser.add_argument(
         "--inception-weights", default=None, help="local Inception weights (.pth state dict) for Inception FID; never downloaded"
     )
@@ -84,14 +98,15 @@ def evaluate_state(
     num: int,  # generated images
     seed: int,  # seed of their noise
     inception_weights: str | None = None,  # local Inception weights; None = Inception FID not computed
+    cas: bool = False,  # conditional G only: also the Classification Accuracy Score (minutes on a CPU)
 ) -> dict:
-    """Every metric of one checkpoint's generator, as one JSON-ready dict."""
+    """Every metric of one checkpoint's generator, as one JSON-ready dict (a conditional G's label metrics too)."""
     started_s = time.perf_counter()
     generator, key = generator_for_evaluation(state)
     # A conditional G makes every class, as many of each (class order; the metrics are of the whole set).
     labels = labels_split_evenly(num, range(generator.num_classes)) if generator.num_classes else None
     images = sample(generator, seeded_noise(num, generator.noise_dim, seed), labels)
-    return {
+    result = {
         "source": source,
         "epoch": int(state["epoch"]),
         "data": data,
@@ -100,9 +115,19 @@ def evaluate_state(
         "generator": key,
         **evaluator.compute(images),
         "inception_fid": inception_fid(images, evaluator.real_test, inception_weights),
-        "reference": evaluator.describe(),
-        "eval_time_s": round(time.perf_counter() - started_s, 2),
     }
+    if labels is not None:
+        # Does each image show the class it was asked for? The real test split's accuracy is the ceiling.
+        result["label_accuracy"] = label_accuracy(images, labels, evaluator.classifier, evaluator.real_test, evaluator.real_test_labels)
+        result["conditional"] = True
+    if cas:  # of an unconditional G it raises ValueError; `evaluate` refuses --cas on one before anything is built
+        result["cas"] = classification_accuracy_score(
+            generator, evaluator.classifier, evaluator.real_test, evaluator.real_test_labels,
+            num_classes=generator.num_classes, noise_seed=seed,
+        )  # fmt: skip
+    result["reference"] = evaluator.describe()
+    result["eval_time_s"] = round(time.perf_counter() - started_s, 2)
+    return result
 
 
 def same_protocol(first: dict, second: dict) -> bool:
@@ -137,9 +162,11 @@ def evaluate(args: argparse.Namespace) -> int:
     if not location.exists():
         raise UsageError(f"--from {args.source} does not exist; pass a run folder, a checkpoint_* folder or a LATEST pointer")
     checkpoint, state = load_from(source_uri, args.s3_endpoint)
+    if args.cas and not checkpoint_num_classes(state):  # before the evaluator is built or anything is written
+        raise UsageError(f"--cas needs a conditional model; {checkpoint.uri} was trained without --conditional: drop --cas")
     data = args.data or state["config"]["data"]
     evaluator = prepare_evaluator(data, args.data_dir, args.s3_endpoint)
-    result = evaluate_state(evaluator, state, checkpoint.uri, data, args.num, args.seed, args.inception_weights)
+    result = evaluate_state(evaluator, state, checkpoint.uri, data, args.num, args.seed, args.inception_weights, cas=args.cas)
     if is_run_folder(location):
         store_in_run(location, result, evaluator)
     print(json.dumps(result, sort_keys=False))
