@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+import job.runtime.quality
+import job.runtime.recorder
 from job.storage import tensorboard
-from job.storage.artifacts import RunArtifacts
 from job.storage.location import resolve_location
 from job.storage.tensorboard import build_event_file, write_tensorboard
 from tests.conftest import metrics_rows, train_one_process
@@ -254,19 +255,19 @@ def test_a_live_data_server_follows_the_rewrites(tmp_path):
 
 @pytest.fixture
 def tensorboard_after_each_metrics_write(monkeypatch):
-    """What the recorder will do: rebuild the event file each time the loop writes metrics.jsonl,
-    with a live TensorBoard (Python loader) reloaded after each write. Returns that TensorBoard's views."""
+    """A live TensorBoard (Python loader) reloaded after each rewrite of the event file by the recorder
+    (after every metrics.jsonl write: each epoch, a resume, a rollback). Returns that TensorBoard's views."""
     views: list[dict] = []
-    write_metrics = RunArtifacts.write_metrics
 
-    def write_metrics_and_tensorboard(self, rows):
-        write_metrics(self, rows)
-        write_tensorboard(self.folder, rows, {"run": "real"})
-        if not views or views[-1]["logdir"] != self.folder.child("tensorboard").path:
-            views.append({"logdir": self.folder.child("tensorboard").path, "live": LiveTensorBoard(self.folder.child("tensorboard").path)})
+    def write_and_reload(artifacts, rows, config):
+        written = write_tensorboard(artifacts, rows, config)
+        logdir = artifacts.child("tensorboard").path
+        if not views or views[-1]["logdir"] != logdir:
+            views.append({"logdir": logdir, "live": LiveTensorBoard(logdir)})
         views[-1]["shown"] = views[-1]["live"].reload()
+        return written
 
-    monkeypatch.setattr(RunArtifacts, "write_metrics", write_metrics_and_tensorboard)
+    monkeypatch.setattr(job.runtime.recorder, "write_tensorboard", write_and_reload)
     return views
 
 
@@ -294,7 +295,6 @@ def test_a_real_rollback_shows_the_redone_epoch_once_with_quality(
     tmp_path, tiny_data_dir, monkeypatch, tensorboard_after_each_metrics_write
 ):
     """The collapse guard rolls epochs 3-4 back to epoch 2's checkpoint: epoch 3 is recorded, then dropped, then redone."""
-    import job.runtime.quality
 
     modes = iter([9, 9, 2, 1, 1, 1, 1, 1])
 
@@ -320,11 +320,36 @@ def test_a_real_rollback_shows_the_redone_epoch_once_with_quality(
 def test_a_real_run_with_training_time_quality_writes_every_numeric_quality_entry(tmp_path, tiny_data_dir):
     run = train_one_process(tmp_path / "runs", tiny_data_dir, "q", epochs=2, eval_every=1, eval_num=100)
     rows = metrics_rows(run)
-    write_tensorboard(resolve_location(str(run / "artifacts")), rows, {"eval_every": 1})
     found = scalars(run / "artifacts" / "tensorboard")
     numeric = {name for name, value in rows[0]["quality"].items() if isinstance(value, (int, float))}
     assert numeric and {tag for tag in found if tag.startswith("quality/")} == {f"quality/{name}" for name in numeric}
     assert all([step for step, _ in found[f"quality/{name}"]] == [1, 2] for name in numeric)
+
+
+def test_a_plain_run_leaves_event_files_with_every_epoch_once_and_its_config(tmp_path, tiny_data_dir):
+    """No patch: the recorder itself rewrites artifacts/tensorboard/ after each epoch."""
+    run = train_one_process(tmp_path / "runs", tiny_data_dir, "plain", epochs=3)
+    rows, logdir = metrics_rows(run), run / "artifacts" / "tensorboard"
+    found = scalars(logdir)
+    assert set(found) == ROW_TAGS
+    for tag, field in (("train/loss_d", "loss_d"), ("train/loss_g", "loss_g"), ("speed/images_per_s", "images_per_s")):
+        assert found[tag] == points(rows, field)
+    assert image_steps(logdir) == {"samples": [1, 2, 3]}
+    ((step, config),) = texts(logdir)["config"]
+    assert step == 0 and '"run_name": "plain"' in config
+    assert sum(holds_data(path) for path in logdir.iterdir()) == 1  # one whole file; the older ones are placeholders
+
+
+def test_a_failed_tensorboard_write_is_one_warning_and_training_goes_on(tmp_path, tiny_data_dir, monkeypatch, capsys):
+    def fail(artifacts, rows, config):
+        if rows:  # as the real one, which writes nothing without rows (the run's start)
+            raise OSError("disk full")
+
+    monkeypatch.setattr(job.runtime.recorder, "write_tensorboard", fail)
+    run = train_one_process(tmp_path / "runs", tiny_data_dir, "failing", epochs=2)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "TensorBoard" in line]
+    assert len(warnings) == 2 and all(line.startswith("warning: ") and "disk full" in line for line in warnings)
+    assert [r["epoch"] for r in metrics_rows(run)] == [1, 2] and (run / "artifacts" / "generator.pt").exists()
 
 
 @pytest.mark.s3

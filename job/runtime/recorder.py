@@ -1,6 +1,6 @@
-"""What a run leaves behind: after each epoch its sample grid, checkpoint (when due), metrics line
-and status line; at the end the model a consumer needs without Ray. Rank 0 writes; every rank
-calls each method, since checkpoints and the end gather values from all ranks.
+"""What a run leaves behind: after each epoch its sample grid, checkpoint (when due), metrics line,
+TensorBoard event file and status line; at the end the model a consumer needs without Ray. Rank 0
+writes; every rank calls each method, since checkpoints and the end gather values from all ranks.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from gan.data import ImageSet
 from gan.plots import image_grid_png, loss_curves_png, quality_curves_png
 from gan.sampling import sample
 from job.config import TrainConfig
+from job.console import warn
 from job.runtime.distributed import gather_objects, print0
 from job.runtime.state import TrainingState
 from job.storage.artifacts import RunArtifacts
 from job.storage.checkpoint import write_checkpoint
 from job.storage.location import Location
+from job.storage.tensorboard import write_tensorboard
 
 Report = Callable[[dict, Path | None], None]  # WorkerSession.report: hands over metrics and a checkpoint folder
 
@@ -36,12 +38,14 @@ class Recorder:
         self.rows: list[dict] = self.artifacts.metrics_through(resumed_epoch) if rank == 0 else []
         if rank == 0:
             self.artifacts.write_metrics(self.rows)  # drops epochs a crash left behind without a checkpoint
+            self.rewrite_tensorboard(self.rows)
 
     def forget_after(self, epoch: int) -> None:
         """Drop the rows of epochs after `epoch` (rolled back: they are trained again)."""
         self.rows = [r for r in self.rows if r["epoch"] <= epoch]
         if self.rank == 0:
             self.artifacts.write_metrics(self.rows)
+            self.rewrite_tensorboard(self.rows)
 
     def record_epoch(self, state: TrainingState, row: dict, checkpoint_due: bool) -> None:
         """Sample grid, checkpoint when due, metrics line, then the session's report (which takes the checkpoint)."""
@@ -69,9 +73,17 @@ class Recorder:
         self.report(row, checkpoint_dir)  # takes the folder over
 
     def epoch_recorded(self, rows: list[dict]) -> None:
-        """Called once per recorded epoch with every row so far: the one place for their sinks (metrics.jsonl)."""
+        """Called once per recorded epoch with every row so far: the one place for their sinks (metrics.jsonl, TensorBoard)."""
         if self.rank == 0:
             self.artifacts.write_metrics(rows)
+            self.rewrite_tensorboard(rows)  # after the grid and metrics.jsonl, which it is rebuilt from
+
+    def rewrite_tensorboard(self, rows: list[dict]) -> None:
+        """Rebuild `artifacts/tensorboard/` from every row so far (rank 0); a failure is a warning, not a failed run."""
+        try:
+            write_tensorboard(self.artifacts.folder, rows, self.config.to_dict())
+        except Exception as err:  # the next epoch rewrites the whole file
+            warn(f"could not write the TensorBoard event file in {self.artifacts.folder.uri} ({type(err).__name__}: {err})")
 
     def status_line(self, row: dict, stats: dict[str, float], epoch_time_s: float, eta_s: float) -> None:
         """The epoch's one console line (rank 0); `stats` unrounded, as the row may hold "nan"."""
