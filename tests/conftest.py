@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gan.classifier import DEFAULT_EPOCHS, cache_path, load_or_train_classifier
 from gan.data import IDX_FILES, load_split
 from gan.idx import write_idx
 from job.config import TrainConfig
@@ -313,3 +315,26 @@ def autoscaling_cluster(s3_service, small_fashion_dir):
         yield cluster
     finally:
         cluster.stop()
+
+
+# The classifier `evaluate` trains on the small data (test_evaluate, test_promote, ...).
+@pytest.fixture(scope="session")
+def trained_classifier_file(small_fashion_dir, tmp_path_factory):
+    """The classifier `evaluate` would train on the small data, trained once for the session."""
+    train_set = load_split(small_fashion_dir, "train")
+    cache = tmp_path_factory.mktemp("classifier-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(cache))
+        load_or_train_classifier("fashion-mnist", train_set.images, train_set.labels, train_set.fingerprint, epochs=DEFAULT_EPOCHS)
+        path = cache_path("fashion-mnist", train_set.fingerprint, 0)
+    return path, path.relative_to(cache)
+
+
+@pytest.fixture
+def cached_classifier(trained_classifier_file, isolated_home):
+    """Put the session's classifier into this test's empty cache, where `evaluate` looks first."""
+    source, relative = trained_classifier_file
+    target = isolated_home / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, target)
+    return target

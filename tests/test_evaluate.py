@@ -2,14 +2,12 @@
 
 import json
 import pickle
-import shutil
 
 import pytest
 import torch
 
 import job.commands.evaluate
-from gan.classifier import DEFAULT_EPOCHS, TrainedClassifier, cache_path, load_or_train_classifier
-from gan.data import load_split
+from gan.classifier import TrainedClassifier
 from gan.metrics import MIN_IMAGES
 from gan.models import Generator
 from job.cli import main
@@ -17,29 +15,6 @@ from job.settings import EVAL_NUM
 from job.storage.checkpoint import checkpoint_folders, load_from, write_checkpoint
 from job.storage.location import resolve_location
 from tests.conftest import train_one_process
-
-
-
-@pytest.fixture(scope="session")
-def trained_classifier_file(small_fashion_dir, tmp_path_factory):
-    """The classifier `evaluate` would train on the small data, trained once for the session."""
-    train_set = load_split(small_fashion_dir, "train")
-    cache = tmp_path_factory.mktemp("classifier-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("XDG_CACHE_HOME", str(cache))
-        load_or_train_classifier("fashion-mnist", train_set.images, train_set.labels, train_set.fingerprint, epochs=DEFAULT_EPOCHS)
-        path = cache_path("fashion-mnist", train_set.fingerprint, 0)
-    return path, path.relative_to(cache)
-
-
-@pytest.fixture
-def cached_classifier(trained_classifier_file, isolated_home):
-    """Put the session's classifier into this test's empty cache, where `evaluate` looks first."""
-    source, relative = trained_classifier_file
-    target = isolated_home / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(source, target)
-    return target
 
 
 def evaluate_main(argv):

@@ -6,36 +6,12 @@ import shutil
 
 import pytest
 
-from gan.classifier import DEFAULT_EPOCHS, cache_path, load_or_train_classifier
-from gan.data import load_split
 from job.cli import main
 from job.storage.checkpoint import checkpoint_folders
 from job.storage.location import resolve_location
 from job.storage.pointer import resolve_latest
 from tests.conftest import train_one_process
 
-
-# The classifier `evaluate` trains on the small data, trained once per session. (A copy of
-# tests/test_evaluate.py's: a shared classifier-cache fixture belongs in conftest.py.)
-@pytest.fixture(scope="session")
-def trained_classifier_file(small_fashion_dir, tmp_path_factory):
-    train_set = load_split(small_fashion_dir, "train")
-    cache = tmp_path_factory.mktemp("classifier-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("XDG_CACHE_HOME", str(cache))
-        load_or_train_classifier("fashion-mnist", train_set.images, train_set.labels, train_set.fingerprint, epochs=DEFAULT_EPOCHS)
-        path = cache_path("fashion-mnist", train_set.fingerprint, 0)
-    return path, path.relative_to(cache)
-
-
-@pytest.fixture
-def cached_classifier(trained_classifier_file, isolated_home):
-    """Put the session's classifier into this test's empty cache, where `evaluate` looks first."""
-    source, relative = trained_classifier_file
-    target = isolated_home / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(source, target)
-    return target
 
 NUM = "64"  # generated images per evaluation: enough for the numbers, quick on a CPU
 
