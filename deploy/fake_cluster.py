@@ -285,10 +285,28 @@ class FakeCluster:
         log.close()
         try:
             wait_for_http(f"{self.dashboard_address}/api/version", timeout_s)
+            self._wait_for_autoscaler_status(ray, timeout_s)
         except TimeoutError:
             self.stop()
             raise
         return self
+
+    def _wait_for_autoscaler_status(self, ray: str, timeout_s: float) -> None:
+        """Until the autoscaler has published its first status (what `ray status` reads).
+
+        Before that a driver cannot tell this cluster from a fixed one: a job submitted in the
+        first second would be judged against the head alone (seen once in CI).
+        """
+        env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+        env.pop("RAY_ADDRESS", None)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            done = subprocess.run([ray, "status", "--address", self.gcs_address], env=env, capture_output=True, text=True, timeout=60)
+            if done.returncode == 0 and "Autoscaler status" in done.stdout:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the autoscaler published no status within {timeout_s:g} s: {done.stderr.strip()[-300:]}")
+            time.sleep(0.5)
 
     def _write_config(self) -> Path:
         path = self.temp / "autoscaling.yaml"
