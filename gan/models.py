@@ -17,8 +17,35 @@ BN_EPS = 1e-3  # Keras default
 DROPOUT = 0.3  # the tutorial's, after each of D's convolutions
 
 
-def _batch_norm(kind: type[nn.modules.batchnorm._BatchNorm], features: int) -> nn.Module:
+def _batch_norm(kind: type[nn.modules.batchnorm._BatchNorm], features: int, num_classes: int = 0) -> nn.Module:
+    """Keras's BatchNorm; with `num_classes` > 0, its class-conditional form."""
+    if num_classes:
+        return ConditionalBatchNorm(kind, features, num_classes)
     return kind(features, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class ConditionalBatchNorm(nn.Module):
+    """BatchNorm whose gain and shift are those of each image's class (de Vries et al. 2017, Dumoulin et al. 2017).
+
+    Normalised as Keras's BatchNorm (the batch's statistics in training, the running ones in
+    inference), then scaled and shifted by the class's row of two embeddings, which start at 1 and
+    0: at initialisation every class is the plain BatchNorm. The label thus modulates every layer
+    of G while the noise keeps its own scale; joined to the noise instead, the label came to
+    dominate G's input and G made one image per class (measured: see the README).
+    """
+
+    def __init__(self, kind: type[nn.modules.batchnorm._BatchNorm], features: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = kind(features, eps=BN_EPS, momentum=BN_MOMENTUM, affine=False)
+        self.gain = nn.Embedding(num_classes, features)  # (N,) → (N, features)
+        self.shift = nn.Embedding(num_classes, features)
+        nn.init.ones_(self.gain.weight)
+        nn.init.zeros_(self.shift.weight)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        shape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)  # per channel (per feature for 2-d input)
+        normalised = self.norm(x)
+        return normalised * self.gain(labels).view(shape).to(x.dtype) + self.shift(labels).view(shape).to(x.dtype)
 
 
 def _keras_init(module: nn.Module) -> None:
@@ -118,33 +145,28 @@ def _check_labels(network: nn.Module, num_classes: int, labels: torch.Tensor | N
 class Generator(nn.Module):
     """Noise (N, noise_dim) → images (N, 1, 28, 28) in [-1, 1]; with `num_classes` > 0, also class labels (N,).
 
-    Conditional (`num_classes` > 0): each label is embedded in `num_classes` dimensions and joined
-    to the noise before the first dense layer, as cGAN (Mirza & Osindero, 2014) joins a one-hot y
-    to z. An embedding as wide as the number of classes followed by the dense layer can give every
-    class its own first-layer offset, exactly as a one-hot input does (narrower would tie classes
-    together; wider adds nothing a linear layer can use); it is the `nn.Embedding(n_classes,
-    n_classes)` of PyTorch-GAN's cgan.py. Unconditional (0): exactly the tutorial's network.
+    Conditional (`num_classes` > 0): each of the three BatchNorms is a `ConditionalBatchNorm`, as
+    the generators of SNGAN's projection-discriminator experiments (Miyato & Koyama, 2018) and
+    BigGAN condition on the class; the noise enters alone. Unconditional (0): exactly the
+    tutorial's network.
     """
 
     def __init__(self, noise_dim: int = 100, num_classes: int = 0) -> None:
         super().__init__()
         self.noise_dim = noise_dim
         self.num_classes = num_classes
-        if num_classes:
-            # Left at PyTorch's N(0, 1): per component the same scale as the noise it joins.
-            self.label_embedding = nn.Embedding(num_classes, num_classes)  # (N,) → (N, num_classes)
         self.project = nn.Sequential(
-            nn.Linear(noise_dim + num_classes, 7 * 7 * 256, bias=False),  # (N, 12544)
-            _batch_norm(nn.BatchNorm1d, 7 * 7 * 256),
+            nn.Linear(noise_dim, 7 * 7 * 256, bias=False),  # (N, 12544)
+            _batch_norm(nn.BatchNorm1d, 7 * 7 * 256, num_classes),
             nn.LeakyReLU(LEAKY_SLOPE),
         )
         # Padding 2 with kernel 5 is Keras's "same"; output_padding 1 makes stride 2 double the size.
         self.upsample = nn.Sequential(
             nn.ConvTranspose2d(256, 128, 5, stride=1, padding=2, bias=False),  # (N, 128, 7, 7)
-            _batch_norm(nn.BatchNorm2d, 128),
+            _batch_norm(nn.BatchNorm2d, 128, num_classes),
             nn.LeakyReLU(LEAKY_SLOPE),
             nn.ConvTranspose2d(128, 64, 5, stride=2, padding=2, output_padding=1, bias=False),  # (N, 64, 14, 14)
-            _batch_norm(nn.BatchNorm2d, 64),
+            _batch_norm(nn.BatchNorm2d, 64, num_classes),
             nn.LeakyReLU(LEAKY_SLOPE),
             nn.ConvTranspose2d(64, 1, 5, stride=2, padding=2, output_padding=1, bias=False),  # (N, 1, 28, 28)
             nn.Tanh(),
@@ -153,10 +175,17 @@ class Generator(nn.Module):
 
     def forward(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         _check_labels(self, self.num_classes, labels)
-        if labels is not None:
-            noise = torch.cat([noise, self.label_embedding(labels).to(noise.dtype)], dim=1)  # (N, noise_dim + num_classes)
-        features = self.project(noise).view(-1, 256, 7, 7)
-        return self.upsample(features)
+        if labels is None:
+            return self.upsample(self.project(noise).view(-1, 256, 7, 7))
+        features = _through(self.project, noise, labels).view(-1, 256, 7, 7)
+        return _through(self.upsample, features, labels)
+
+
+def _through(layers: nn.Sequential, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`layers(x)`, with the labels handed to each ConditionalBatchNorm."""
+    for layer in layers:
+        x = layer(x, labels) if isinstance(layer, ConditionalBatchNorm) else layer(x)
+    return x
 
 
 class Discriminator(nn.Module):

@@ -23,7 +23,7 @@ from gan.sampling import class_grid_inputs, labels_split_evenly, sample
 from job.cli import build_parser, main
 from job.commands.evaluate import evaluate_state
 from job.config import RECIPES, TrainConfig
-from job.storage.checkpoint import checkpoint_folders, read_checkpoint
+from job.storage.checkpoint import checkpoint_folders, read_checkpoint, write_checkpoint
 from job.storage.location import resolve_location
 from tests.conftest import metrics_rows, train_one_process, write_tiny_dataset
 from tests.faultproxy import tree_state
@@ -160,7 +160,7 @@ def test_a_conditional_run_records_its_classes_in_model_json_and_every_checkpoin
     assert model["generator"]["kwargs"] == {"noise_dim": 100, "num_classes": NUM_CLASSES}
     state = newest_checkpoint(runs["conditional"])
     assert state["config"]["conditional"] is True and state["num_classes"] == NUM_CLASSES
-    assert state["generator"]["label_embedding.weight"].shape == (NUM_CLASSES, NUM_CLASSES)
+    assert state["generator"]["project.1.gain.weight"].shape == (NUM_CLASSES, 7 * 7 * 256)  # class batch norms
     assert "label_projection.weight" in state["discriminator"]
     assert "quality" in metrics_rows(runs["conditional"])[0]  # the training-time probe samples the conditional G with labels
 
@@ -305,6 +305,30 @@ def test_resuming_with_the_other_conditional_setting_is_refused(runs, run, flags
     line = refused(argv, "--conditional", capsys)
     assert "cannot resume" in line and "new --run-name" in line
     assert tree_state(folder) == before
+
+
+@pytest.fixture
+def first_scheme_run(runs, tmp_path) -> Path:
+    """A run whose checkpoint is of the first conditional scheme: G with a label embedding joined to its noise."""
+    state = newest_checkpoint(runs["conditional"])
+    state["generator"] = {**state["generator"], "label_embedding.weight": torch.zeros(NUM_CLASSES, NUM_CLASSES)}
+    run = tmp_path / "runs" / "old"
+    write_checkpoint(run / "checkpoint_2026-11-29_12-00-00.000000", state)
+    return run
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "evaluate"])
+def test_a_checkpoint_of_the_first_conditional_scheme_is_refused_in_one_line(runs, first_scheme_run, tmp_path, command, capsys):
+    before = tree_state(first_scheme_run)
+    argv = {
+        "train": ["train", "--conditional", "--data", "fashion-mnist", "--data-dir", str(runs["data"]), "--storage",
+                  str(first_scheme_run.parent), "--run-name", "old", "--epochs", "2", "--batch-size", "32"],
+        "generate": ["generate", "--from", str(first_scheme_run), "--per-class", "--out", str(tmp_path / "grid.png")],
+        "evaluate": ["evaluate", "--from", str(first_scheme_run), "--data-dir", str(runs["data"])],
+    }[command]  # fmt: skip
+    line = refused(argv, "first conditional scheme", capsys)
+    assert "--conditional" in line and "new --run-name" in line
+    assert tree_state(first_scheme_run) == before and not (tmp_path / "grid.png").exists()
 
 
 # promote -------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gan.models import Discriminator, FlattenLinear, Generator, LeakyReLUDropout, count_trainable_parameters
+from gan.models import ConditionalBatchNorm, Discriminator, FlattenLinear, Generator, LeakyReLUDropout, count_trainable_parameters
 
 
 def test_trainable_parameter_counts_equal_the_tutorials_keras_models():
@@ -42,13 +42,16 @@ def test_a_checkpoint_written_before_conditioning_loads_strictly_into_the_uncond
     Discriminator(num_classes=0).load_state_dict(state["discriminator"], strict=True)
 
 
-def test_conditional_networks_add_a_label_embedding_to_g_and_a_projection_to_d():
+def test_conditional_networks_add_class_batch_norms_to_g_and_a_projection_to_d():
     extra_g = count_trainable_parameters(Generator(100, num_classes=10)) - 2_305_472
     extra_d = count_trainable_parameters(Discriminator(num_classes=10)) - 212_865
-    assert extra_g == 10 * 10 + 10 * 12544 == 125_540  # the embedding, and its 10 columns in the first dense layer
+    # A gain and a shift per class for each BatchNorm's 12,544 + 128 + 64 features, in place of its one pair.
+    assert extra_g == (10 - 1) * 2 * (12544 + 128 + 64) == 229_248
     assert extra_d == 10 * 6272 == 62_720  # one 6272-vector per class
     assert set(Discriminator(num_classes=10).state_dict()) - set(Discriminator().state_dict()) == {"label_projection.weight"}
-    assert set(Generator(100, num_classes=10).state_dict()) - set(Generator(100).state_dict()) == {"label_embedding.weight"}
+    conditional_g = Generator(100, num_classes=10)
+    assert [name for name, m in conditional_g.named_modules() if isinstance(m, ConditionalBatchNorm)] == ["project.1", "upsample.1", "upsample.4"]
+    assert conditional_g.project[0].in_features == 100  # the noise enters alone
 
 
 def test_conditional_networks_keep_the_shapes_of_images_and_logits():
@@ -59,8 +62,31 @@ def test_conditional_networks_keep_the_shapes_of_images_and_logits():
     assert logits.shape == (5, 1) and torch.isfinite(logits).all()
 
 
+def test_conditional_batch_norm_scales_and_shifts_each_image_by_its_class():
+    torch.manual_seed(0)
+    norm = ConditionalBatchNorm(torch.nn.BatchNorm2d, 3, num_classes=4).eval()
+    norm.norm.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    norm.norm.running_var.copy_(torch.tensor([4.0, 1.0, 0.25]))
+    torch.nn.init.normal_(norm.gain.weight)
+    torch.nn.init.normal_(norm.shift.weight)
+    x, labels = torch.randn(5, 3, 2, 2), torch.tensor([0, 3, 1, 3, 2])
+    normalised = (x - norm.norm.running_mean.view(1, 3, 1, 1)) / torch.sqrt(norm.norm.running_var.view(1, 3, 1, 1) + 1e-3)
+    expected = normalised * norm.gain.weight[labels].view(5, 3, 1, 1) + norm.shift.weight[labels].view(5, 3, 1, 1)
+    torch.testing.assert_close(norm(x, labels), expected)
+
+
+def test_a_fresh_conditional_batch_norm_is_the_plain_one_for_every_class():
+    # Gains start at 1 and shifts at 0: training starts from the tutorial's G, the classes then pull apart.
+    plain, conditional = torch.nn.BatchNorm1d(6, eps=1e-3), ConditionalBatchNorm(torch.nn.BatchNorm1d, 6, num_classes=10)
+    x = torch.randn(8, 6)
+    torch.testing.assert_close(conditional(x, torch.arange(8)), plain(x))
+
+
 def test_conditional_generator_output_depends_on_the_label():
     generator = Generator(16, num_classes=10).eval()
+    for module in generator.modules():
+        if isinstance(module, ConditionalBatchNorm):
+            torch.nn.init.normal_(module.shift.weight, std=0.1)  # as training moves them apart
     noise = torch.randn(1, 16).repeat(10, 1)  # the same noise for every class
     images = generator(noise, torch.arange(10))
     differences = (images[1:] - images[:1]).abs().flatten(1).amax(dim=1)

@@ -133,7 +133,7 @@ def test_conditional_step_updates_every_parameter_of_both_networks():
     before = {name: p.detach().clone() for name, p in named}
     stats = train_step(generator, discriminator, make_optimizer(generator), make_optimizer(discriminator), real, noise, None, labels)
     after = dict(named)
-    assert "g.label_embedding.weight" in after and "d.label_projection.weight" in after
+    assert "g.upsample.4.gain.weight" in after and "g.project.1.shift.weight" in after and "d.label_projection.weight" in after
     assert [name for name, old in before.items() if torch.equal(old, after[name])] == []
     assert all(v.dim() == 0 and torch.isfinite(v) for v in stats.values())
 

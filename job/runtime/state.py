@@ -33,6 +33,7 @@ NUM_SAMPLES = 16  # the tutorial's 4x4 grid of fixed-noise samples
 GRID_PER_CLASS = 10  # a conditional run's grid: one row of this many per class (10x10 for 10 classes)
 ROLLBACK_SEED_STRIDE = 7919  # a rollback reseeds by this much per rollback: not the same road again
 RESEED_EPOCH_STRIDE = 1_000_003  # another world size reseeds each rank by this much per epoch
+EARLIER_CONDITIONING_KEY = "label_embedding.weight"  # G's label embedding in the first conditional scheme
 
 
 def check_resumable(config: TrainConfig, checkpoint: dict) -> None:
@@ -56,8 +57,20 @@ def _shown(value: object) -> str:
 
 
 def checkpoint_num_classes(checkpoint: dict) -> int:
-    """The classes a checkpoint's G and D are conditional on; 0 for an unconditional (or older) checkpoint."""
-    return int(checkpoint.get("num_classes", 0)) if checkpoint["config"].get("conditional") else 0
+    """The classes a checkpoint's G and D are conditional on; 0 for an unconditional (or older) checkpoint.
+
+    Refuses, with one line, a conditional checkpoint of the first scheme (the label joined to G's
+    noise), which today's G cannot load: that scheme collapsed to one image per class, so such a
+    run is retrained, not converted.
+    """
+    if not checkpoint["config"].get("conditional"):
+        return 0
+    if EARLIER_CONDITIONING_KEY in checkpoint.get("generator", {}):
+        raise UsageError(
+            "this checkpoint is of the first conditional scheme (the label joined to G's noise), which made one image "
+            "per class and which this version cannot load; train the run again with --conditional under a new --run-name"
+        )
+    return int(checkpoint.get("num_classes", 0))
 
 
 def generator_from_checkpoint(checkpoint: dict) -> tuple[Generator, str]:
