@@ -2,11 +2,13 @@
 
 import copy
 
+import pytest
 import torch
 
 from gan.losses import discriminator_loss, generator_loss
 from gan.models import Discriminator, Generator
-from gan.step import make_optimizer, train_step
+import gan.step
+from gan.step import amp_dtype_for, make_optimizer, train_step
 
 
 def _setup(seed=0):
@@ -85,6 +87,15 @@ def test_bf16_autocast_step_gives_finite_float32_losses():
     stats = train_step(generator, discriminator, make_optimizer(generator), make_optimizer(discriminator), real, noise, amp_dtype=torch.bfloat16)
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in stats.values())
     assert all(p.dtype == torch.float32 for p in generator.parameters())  # weights stay float32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_on_a_cpu_that_does_bf16_natively(monkeypatch, native):
+    # On CUDA `auto` is fp32 whatever the GPU: measured faster for these launch-bound networks.
+    monkeypatch.setattr(gan.step, "bf16_is_native", lambda device: native)
+    assert amp_dtype_for("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
+    assert amp_dtype_for("auto", torch.device("cuda")) is None
+    assert amp_dtype_for("bf16", torch.device("cuda")) == torch.bfloat16 and amp_dtype_for("fp32", torch.device("cpu")) is None
 
 
 def test_generator_ema_moves_a_fraction_of_the_way_and_copies_batchnorm_statistics():
