@@ -317,7 +317,7 @@ def first_scheme_run(runs, tmp_path) -> Path:
     return run
 
 
-@pytest.mark.parametrize("command", ["train", "generate", "evaluate"])
+@pytest.mark.parametrize("command", ["train", "generate", "evaluate", "promote"])
 def test_a_checkpoint_of_the_first_conditional_scheme_is_refused_in_one_line(runs, first_scheme_run, tmp_path, command, capsys):
     before = tree_state(first_scheme_run)
     argv = {
@@ -325,10 +325,11 @@ def test_a_checkpoint_of_the_first_conditional_scheme_is_refused_in_one_line(run
                   str(first_scheme_run.parent), "--run-name", "old", "--epochs", "2", "--batch-size", "32"],
         "generate": ["generate", "--from", str(first_scheme_run), "--per-class", "--out", str(tmp_path / "grid.png")],
         "evaluate": ["evaluate", "--from", str(first_scheme_run), "--data-dir", str(runs["data"])],
+        "promote": ["promote", "--run", str(first_scheme_run), "--target", str(tmp_path / "job" / "LATEST"), "--data-dir", str(runs["data"])],
     }[command]  # fmt: skip
     line = refused(argv, "first conditional scheme", capsys)
     assert "--conditional" in line and "new --run-name" in line
-    assert tree_state(first_scheme_run) == before and not (tmp_path / "grid.png").exists()
+    assert tree_state(first_scheme_run) == before and not (tmp_path / "grid.png").exists() and not (tmp_path / "job").exists()
 
 
 # promote -------------------------------------------------------------------------------------

@@ -324,5 +324,5 @@ def test_a_file_system_that_ignores_locks_is_refused_before_anything_is_written(
         promote(place, "good", small_fashion_dir)
     message = str(refused.value)
     assert message.startswith(f"--target {place.target}: ") and "does not enforce file locks" in message and "\n" not in message
-    assert list((runs / "job").iterdir()) == []  # no LATEST, no log, no probe left behind
+    assert not (runs / "job").exists()  # no LATEST, no log, no probe, not even its folder left behind
     assert (runs / "good" / "artifacts" / "eval.json").read_bytes() == stored  # nothing evaluated

@@ -161,8 +161,11 @@ def check_enforced(target: Location, s3_endpoint: str | None = None, flag: str =
     if not target.is_local:
         check_conditional_writes(target.uri, s3_endpoint, flag)
         return
+    # Probed where LATEST's folder is, or would be made: its nearest existing folder is on the same
+    # file system, and a refused promotion then leaves no empty folder behind.
     folder = os.path.dirname(target.path)
-    os.makedirs(folder, exist_ok=True)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
     probe = os.path.join(folder, f".gan-job-lock-probe-{uuid.uuid4().hex}")
     fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o666)
     advice = "so concurrent promotions could lose one; keep LATEST on a local disk, an NFSv4 share with locking, or in a bucket"
