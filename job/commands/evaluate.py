@@ -162,7 +162,8 @@ def evaluate(args: argparse.Namespace) -> int:
     if not location.exists():
         raise UsageError(f"--from {args.source} does not exist; pass a run folder, a checkpoint_* folder or a LATEST pointer")
     checkpoint, state = load_from(source_uri, args.s3_endpoint)
-    if args.cas and not checkpoint_num_classes(state):  # before the evaluator is built or anything is written
+    num_classes = checkpoint_num_classes(state)  # refuses a checkpoint this version cannot load: before anything is built
+    if args.cas and not num_classes:
         raise UsageError(f"--cas needs a conditional model; {checkpoint.uri} was trained without --conditional: drop --cas")
     data = args.data or state["config"]["data"]
     evaluator = prepare_evaluator(data, args.data_dir, args.s3_endpoint)
