@@ -1,8 +1,8 @@
 """The deployment: the Dockerfile and deploy/ (kustomize overlays of KubeRay and Kubernetes objects).
 
 No cluster runs here. Each overlay is built once with `kubectl kustomize`; its objects are checked
-against the KubeRay CRD schemas (the folder in $KUBERAY_CRD_SCHEMAS, else ../shared/kuberay-crds;
-the CRD tests are skipped where neither has them) and the Kubernetes schemas (offline,
+against the KubeRay CRD schemas (the folder in $KUBERAY_CRD_SCHEMAS, else ../shared/kuberay-crds,
+else the copy in tests/fixtures) and the Kubernetes schemas (offline,
 kubernetes-validate), against the package (Ray version, CLI flags, knobs), and for security
 (container lockdown, checkov, hadolint, shellcheck). Entrypoints and scripts run in bash against a
 stand-in `ray` that records what would be submitted.
@@ -20,6 +20,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -34,15 +35,12 @@ from tests.conftest import built_overlay
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 # The KubeRay CRD YAMLs: the folder the variable names (read here, relative to the working
-# directory), else ../shared/kuberay-crds beside the repository, where CI has a copy of shared/.
-# `.ci/run` always sets the variable, so CI never skips the CRD tests.
+# directory), else ../shared/kuberay-crds beside the repository, else the copy in tests/fixtures
+# (KubeRay's CRDs at the commit its SOURCE file names, 36 kB packed), so these tests never skip.
 CRD_SCHEMAS_VARIABLE = "KUBERAY_CRD_SCHEMAS"
 CRD_SCHEMAS_GIVEN = os.environ.get(CRD_SCHEMAS_VARIABLE, "")
-CRDS = Path(CRD_SCHEMAS_GIVEN).expanduser().resolve() if CRD_SCHEMAS_GIVEN else REPO.parent / "shared" / "kuberay-crds"
-NO_CRDS_REASON = (
-    f"no KubeRay CRD schemas: set {CRD_SCHEMAS_VARIABLE}=/path/to/kuberay-crds (the folder with the "
-    "RayJob/RayCluster/RayCronJob CRD YAMLs) to validate the manifests against them"
-)
+SHARED_CRDS = REPO.parent / "shared" / "kuberay-crds"
+VENDORED_CRDS = REPO / "tests" / "fixtures" / "kuberay-crds.tar.xz"
 OVERLAYS = sorted(path.parent.name for path in (DEPLOY / "overlays").glob("*/kustomization.yaml"))
 # The oldest Kubernetes the manifests are written for (CronJob timeZone, the batch.kubernetes.io/job-name label).
 KUBERNETES_VERSION = "1.30.0"
@@ -316,27 +314,33 @@ def cronjob_script(cronjob: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def crds() -> Path:
-    """The folder of KubeRay CRD YAMLs; the test is skipped without one, unless one was asked for."""
-    if not sorted(CRDS.glob("*.yaml")):
-        if CRD_SCHEMAS_GIVEN:
-            problem = "has no CRD YAMLs (*.yaml)" if CRDS.is_dir() else "is not a folder"
-            pytest.fail(f"{CRD_SCHEMAS_VARIABLE}={CRD_SCHEMAS_GIVEN}: {CRDS} {problem}", pytrace=False)
-        pytest.skip(NO_CRDS_REASON)
-    return CRDS
+def crds(tmp_path_factory) -> Path:
+    """The folder of KubeRay CRD YAMLs: the one asked for, else ../shared's, else the copy in tests/fixtures unpacked."""
+    if CRD_SCHEMAS_GIVEN:
+        folder = Path(CRD_SCHEMAS_GIVEN).expanduser().resolve()
+        if not sorted(folder.glob("*.yaml")):
+            problem = "has no CRD YAMLs (*.yaml)" if folder.is_dir() else "is not a folder"
+            pytest.fail(f"{CRD_SCHEMAS_VARIABLE}={CRD_SCHEMAS_GIVEN}: {folder} {problem}", pytrace=False)
+        return folder
+    if sorted(SHARED_CRDS.glob("*.yaml")):
+        return SHARED_CRDS
+    target = tmp_path_factory.mktemp("crds")
+    with tarfile.open(VENDORED_CRDS) as archive:
+        archive.extractall(target, filter="data")
+    return target / "kuberay-crds"
 
 
 @functools.cache
-def crd_validators() -> dict[tuple[str, str], jsonschema.protocols.Validator]:
+def crd_validators(folder: Path) -> dict[tuple[str, str], jsonschema.protocols.Validator]:
     """(apiVersion, kind) -> a validator of the CRD's schema that rejects unknown fields."""
     validators = {}
-    for path in sorted(CRDS.glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         crd = yaml.load(path.read_text(), Loader=FAST_YAML_LOADER)  # 3 MB of schema: the C loader when there is one
         for version in crd["spec"]["versions"]:
             schema = strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
             key = (f"{crd['spec']['group']}/{version['name']}", crd["spec"]["names"]["kind"])
             validators[key] = jsonschema.Draft7Validator(schema)
-    assert validators, f"no CRD schemas in {CRDS}"
+    assert validators, f"no CRD schemas in {folder}"
     return validators
 
 
@@ -354,9 +358,9 @@ def strict(schema: dict) -> dict:
     return schema
 
 
-def crd_errors(obj: dict) -> list[str]:
-    validator = crd_validators().get((obj["apiVersion"], obj["kind"]))
-    assert validator, f"no CRD schema for {obj['apiVersion']} {obj['kind']} in {CRDS}"
+def crd_errors(obj: dict, crds: Path) -> list[str]:
+    validator = crd_validators(crds).get((obj["apiVersion"], obj["kind"]))
+    assert validator, f"no CRD schema for {obj['apiVersion']} {obj['kind']} in {crds}"
     return [f"{'/'.join(map(str, error.absolute_path))}: {error.message}" for error in validator.iter_errors(obj)]
 
 
@@ -378,20 +382,18 @@ def test_each_overlay_builds_into_ray_objects():
         assert {"RayJob", "RayCluster"} <= kinds, f"{overlay}: {kinds}"
 
 
-@pytest.mark.usefixtures("crds")
-def test_kuberay_objects_match_the_crd_schemas_strictly(objects):
+def test_kuberay_objects_match_the_crd_schemas_strictly(objects, crds):
     ray_objects = [obj for obj in objects if obj["apiVersion"].startswith(RAY_GROUP + "/")]
     assert ray_objects
     for obj in ray_objects:
-        errors = crd_errors(obj)
+        errors = crd_errors(obj, crds)
         assert not errors, f"{obj['kind']} {obj['metadata']['name']}:\n" + "\n".join(errors)
 
 
-@pytest.mark.usefixtures("crds")
-def test_crd_validation_rejects_an_unknown_field():
+def test_crd_validation_rejects_an_unknown_field(crds):
     rayjob = copy.deepcopy(named(list(built_overlay("local")), "RayJob")[0])
     rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
-    assert any("imagePullPolicyy" in error for error in crd_errors(rayjob))
+    assert any("imagePullPolicyy" in error for error in crd_errors(rayjob, crds))
 
 
 def test_kubernetes_objects_match_the_kubernetes_schemas_strictly(objects):
