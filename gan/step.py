@@ -11,6 +11,8 @@ from torch import nn
 
 from gan.losses import discriminator_loss, generator_loss
 
+STAT_NAMES = ("loss_d", "loss_g", "d_real_prob", "d_fake_prob")  # train_step's numbers, in the order they are summed
+
 
 def train_step(
     generator: nn.Module,
@@ -40,7 +42,10 @@ def train_step(
         real_kwargs, fake_kwargs = {"labels": labels}, {"labels": fake_labels}
 
     # Forward: G makes a batch, D scores it and the real one, in two passes as the tutorial does.
-    autocast = torch.autocast(real_images.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    # Under CUDA graph capture autocast must not cache its casts: the cache would outlive the capture.
+    device_type = real_images.device.type
+    capturing = device_type == "cuda" and torch.cuda.is_current_stream_capturing()
+    autocast = torch.autocast(device_type, dtype=amp_dtype, cache_enabled=not capturing) if amp_dtype else contextlib.nullcontext()
     with autocast:
         fake_images = generator(noise, **fake_kwargs)
         real_logits = discriminator(real_images, **real_kwargs).float()
@@ -129,12 +134,23 @@ def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16}[precision]
 
 
-def make_optimizer(model: nn.Module, lr: float = 1e-4, beta1: float = 0.9) -> torch.optim.Adam:
-    """Adam as Keras configures it (epsilon 1e-7), fused where the device supports it."""
+def make_optimizer(model: nn.Module, lr: float = 1e-4, beta1: float = 0.9, capturable: bool = False) -> torch.optim.Adam:
+    """Adam as Keras configures it (epsilon 1e-7), fused where the device supports it.
+
+    `capturable` (CUDA only): its step count and bias corrections stay on the device, so a CUDA
+    graph can replay `step()`.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     fused = device.type in ("cpu", "cuda")
-    return torch.optim.Adam(params, lr=lr, betas=(beta1, 0.999), eps=1e-7, fused=fused)
+    return torch.optim.Adam(params, lr=lr, betas=(beta1, 0.999), eps=1e-7, fused=fused, capturable=capturable)
+
+
+def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """Set `capturable` on every parameter group: `load_state_dict` restores the saved flag, which the
+    device it was saved on chose (a CPU checkpoint says False; a graphed GPU one says True, which a CPU refuses)."""
+    for group in optimizer.param_groups:
+        group["capturable"] = capturable
 
 
 class GeneratorEMA:
@@ -143,18 +159,34 @@ class GeneratorEMA:
     Averaged weights give steadier samples than the last step's; the raw G keeps training. The
     decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so that the first epochs are
     not dominated by the random initial weights.
+
+    The update count and the weight live on the device, so that `update` never waits on it and a
+    CUDA graph can replay it. The weight is computed in float64 and cast to float32 once, exactly
+    as the Python float it replaces was: the averages are bitwise those of a per-step Python weight.
     """
 
     def __init__(self, generator: nn.Module, decay: float) -> None:
         self.decay = decay
-        self.updates = 0
         self.module = copy.deepcopy(generator).eval().requires_grad_(False)
+        device = next(self.module.parameters()).device
+        self._updates = torch.zeros((), dtype=torch.int64, device=device)  # updates so far (n)
+        self._decay = torch.tensor(decay, dtype=torch.float64, device=device)
+
+    @property
+    def updates(self) -> int:
+        """Updates so far (reading it waits on the device: for checkpoints, not for every step)."""
+        return int(self._updates.item())
+
+    @updates.setter
+    def updates(self, value: int) -> None:
+        self._updates.fill_(value)  # in place: a captured graph keeps reading this tensor
 
     @torch.no_grad()
     def update(self, generator: nn.Module) -> None:
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        self.updates += 1
+        n = self._updates.double()
+        weight = (1.0 - torch.minimum(self._decay, (n + 1) / (n + 10))).float()  # 1 - decay, as one float32
+        self._updates.add_(1)
+        # lerp_ with a 0-d tensor weight: _foreach_lerp_ would read a tensor weight with .item(), a host sync.
         for averaged, live in zip(self.module.parameters(), generator.parameters()):
-            averaged.lerp_(live.detach(), 1.0 - decay)
-        for averaged, live in zip(self.module.buffers(), generator.buffers()):
-            averaged.copy_(live)
+            averaged.lerp_(live.detach(), weight)
+        torch._foreach_copy_(list(self.module.buffers()), list(generator.buffers()))

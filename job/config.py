@@ -12,8 +12,8 @@ from dataclasses import dataclass, fields
 
 from job.errors import UsageError, flag_name
 from job.settings import (
-    DATASET_NAMES, MAX_BATCH, MAX_EPOCHS, MAX_EVAL_IMAGES, MAX_LIMIT, MAX_NOISE_DIM, MAX_SECONDS, MAX_SEED, MAX_WORKERS, PRECISIONS,
-    Setting, declared, setting,
+    CUDA_GRAPHS_MODES, DATASET_NAMES, MAX_BATCH, MAX_EPOCHS, MAX_EVAL_IMAGES, MAX_LIMIT, MAX_NOISE_DIM, MAX_SECONDS, MAX_SEED,
+    MAX_WORKERS, PRECISIONS, Setting, declared, setting,
 )  # fmt: skip
 
 GUARD_ACTIONS = ("warn", "rollback", "stop")
@@ -118,6 +118,9 @@ class TrainConfig:
     noise_dim: int = setting(100, kind=int, low=1, high=MAX_NOISE_DIM, help="length of the generator's noise vector (default 100)")
     precision: str = setting("auto", choices=PRECISIONS,
         help="auto (default: bf16 autocast on a CPU that does bf16 natively, fp32 on a GPU: each measured faster), fp32 or bf16")
+    cuda_graphs: str = setting("auto", choices=CUDA_GRAPHS_MODES,
+        help="replay the whole training step as CUDA graphs on GPU workers: on (needs --use-gpu), off, or auto "
+             "(default; off until benchmarks/gpu_check.py has shown on a GPU that graphed equals eager and is faster)")
     s3_endpoint: str | None = setting(None, metavar="URL", help="S3 endpoint URL, e.g. http://minio:9000 (default: AWS_ENDPOINT_URL)")
     create_bucket: bool = setting(False, kind=bool, help="create the --storage bucket if it is missing")
 
@@ -149,6 +152,8 @@ class TrainConfig:
                 f"--batch-size {self.batch_size} does not split evenly across --num-workers {self.workers_text} "
                 f"(not for {sizes} workers); use a multiple of {math.lcm(*self.world_sizes)}"
             )
+        if self.cuda_graphs == "on" and not self.use_gpu:
+            raise UsageError("--cuda-graphs on needs CUDA GPUs: add --use-gpu, or use --cuda-graphs off")
         if self.limit is not None and self.limit < self.max_workers:
             raise UsageError(f"--limit {self.limit} leaves no image for some of the {self.max_workers} workers")
         if not RUN_NAME_PATTERN.fullmatch(self.run_name) or ".." in self.run_name:

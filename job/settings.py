@@ -180,3 +180,4 @@ SEED = Setting("seed of the noise", kind=int, low=0, high=MAX_SEED)
 EVAL_NUM = Setting("generated images per evaluation (at least 4, for k-NN with k = 3)", kind=int, low=4, high=MAX_EVAL_IMAGES)
 DATASET_NAMES = ("mnist", "fashion-mnist")
 PRECISIONS = ("auto", "fp32", "bf16")
+CUDA_GRAPHS_MODES = ("auto", "on", "off")  # gan.stepper.graphs_wanted says what each means

@@ -49,3 +49,17 @@ def test_trainer_uses_gloo_and_no_gpu_on_cpu(tmp_path):
     trainer = build_trainer(TrainConfig(num_workers=2, cpus_per_worker=1, storage=str(tmp_path), run_name="cpu"))
     assert not trainer.scaling_config.use_gpu and trainer.backend_config.backend == "gloo"
 
+
+
+def test_cuda_graphs_on_without_use_gpu_is_refused_in_one_line_naming_the_flag(tmp_path, capsys):
+    from job.cli import main
+
+    code = main(["train", "--cuda-graphs", "on", "--storage", str(tmp_path / "runs"), "--run-name", "r"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "--cuda-graphs on" in lines[0] and "--use-gpu" in lines[0], lines
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cuda_graphs_off_and_auto_need_no_gpu():
+    for mode in ("off", "auto"):
+        assert TrainConfig(cuda_graphs=mode, storage="/tmp/unused", run_name="r").cuda_graphs == mode

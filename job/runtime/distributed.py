@@ -5,6 +5,7 @@ Nothing here imports Ray: Ray Train sets up the process group; these only use it
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import torch
@@ -40,12 +41,23 @@ def print0(message: str) -> None:
         say(message)
 
 
-def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP across the ranks (gradients averaged every step); the plain model on one rank."""
-    if not is_distributed():
+def wrap_ddp(model: nn.Module, device: torch.device, stream: torch.cuda.Stream | None = None, force: bool = False) -> nn.Module:
+    """DDP across the ranks (gradients averaged every step); the plain model on one rank.
+
+    `stream`: a CUDA side stream to build DDP on, the one that later warms up and captures the
+    step as a CUDA graph (PyTorch's CUDA notes, "Usage with DistributedDataParallel").
+    `force`: wrap at world size 1 too, to check the multi-rank path on one GPU.
+    """
+    if not (force or is_distributed()):
         return model
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    on_stream = contextlib.nullcontext()
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream(device))  # the weights were made on the default stream
+        on_stream = torch.cuda.stream(stream)
+    with on_stream:
+        # Gradients as views of DDP's buckets: no gradient-sized copy into them after each backward.
+        return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

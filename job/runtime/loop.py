@@ -19,6 +19,7 @@ import torch
 from gan.data import load_split, shard_indices
 from gan.epoch import STAT_NAMES, train_epoch
 from gan.step import amp_dtype_for
+from gan.stepper import prepare_cuda
 from job.config import TrainConfig
 from job.runtime.distributed import broadcast_object, mean_across_ranks, print0
 from job.runtime.guards import Guards
@@ -56,6 +57,7 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
     if config.cpus_per_worker:
         torch.set_num_threads(config.cpus_per_worker)  # Ray leaves one thread per worker otherwise
     torch.manual_seed(config.seed + session.rank)  # each rank draws its own noise and dropout masks
+    prepare_cuda(session.device)  # cuDNN's kernel choice on each shape's first step, before any capture
 
     # Load the data once, as uint8 on the device (and a conditional run's labels with it); batches are cut from it there.
     train_set = load_split(local_data_folder(config), "train", config.limit)
@@ -68,10 +70,10 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
     checkpoint = session.load_checkpoint()
     resumed = state.resume(checkpoint) if checkpoint is not None else None  # noted in this attempt's first row
     state.wrap_ddp()
+    stepper = state.build_stepper(images_u8, labels, amp_dtype_for(config.precision, session.device))
     recorder = Recorder(config, session.run, session.rank, session.report, train_set, state.epoch)
     guards = Guards(config.on_divergence, config.on_collapse)
     quality = QualityProbe(config, session.device) if config.eval_every else None
-    amp_dtype = amp_dtype_for(config.precision, session.device)
 
     # The same global batch and steps per epoch at every world size an elastic run may take.
     batch_per_rank = config.batch_size // session.world_size
@@ -82,8 +84,7 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
         # Train one epoch on this rank's shard.
         clock.start_epoch(epoch)
         indices = shard_indices(num_images, session.rank, session.world_size, epoch, config.seed, config.shard_multiple)
-        totals = train_epoch(state.generator, state.discriminator, state.optimizer_g, state.optimizer_d, images_u8, indices,
-                             batch_per_rank, config.noise_dim, amp_dtype, state.ema, clock.on_step, labels=labels)  # fmt: skip
+        totals = train_epoch(stepper, indices, batch_per_rank, clock.on_step)
         stats = dict(zip(STAT_NAMES, (mean_across_ranks(totals.sums) / totals.steps).tolist()))  # waits for the device, once per epoch
         state.epoch, state.step = epoch, state.step + totals.steps
 

@@ -23,7 +23,8 @@ from torch import nn
 from gan.data import dataset_info
 from gan.models import Discriminator, Generator
 from gan.sampling import class_grid_inputs, seeded_noise
-from gan.step import GeneratorEMA, make_optimizer
+from gan.step import GeneratorEMA, make_optimizer, set_capturable
+from gan.stepper import DDP_WARMUP_STEPS, WARMUP_STEPS, Stepper, graphs_wanted
 from job.config import SHAPE_FIELDS, TrainConfig
 from job.errors import UsageError, flag_name
 from job.runtime.distributed import gather_objects, parameter_digest, print0, unwrap, wrap_ddp
@@ -113,6 +114,9 @@ class TrainingState:
     ema: GeneratorEMA | None
     fixed_noise: torch.Tensor  # the sample grid's noise, the same for the whole run (stored in each checkpoint)
     num_classes: int = 0  # classes G and D are conditional on; 0 = unconditional
+    cuda_graphs: bool = False  # the step is replayed as CUDA graphs (optimizers capturable)
+    side_stream: torch.cuda.Stream | None = field(default=None, repr=False)  # with cuda_graphs: DDP's, then the graphs'
+    stepper: Stepper | None = field(default=None, repr=False)  # set by `build_stepper`, after `wrap_ddp`
     epoch: int = 0  # last finished epoch
     step: int = 0  # optimizer steps so far
     last_good: dict = field(default_factory=dict, repr=False)  # what a rollback returns to
@@ -121,16 +125,17 @@ class TrainingState:
     def build(cls, config: TrainConfig, data_fingerprint: str, rank: int, world_size: int, device: torch.device) -> TrainingState:
         """Fresh networks for `config` on `device`, drawn from the global RNG (seed it first)."""
         num_classes = dataset_info(config.data).num_classes if config.conditional else 0
+        cuda_graphs = graphs_wanted(config.cuda_graphs, device)
         # channels_last: the convolution layout oneDNN and cuDNN run fastest (measured with `bench`).
         generator = Generator(config.noise_dim, num_classes).to(device, memory_format=torch.channels_last)
         discriminator = Discriminator(num_classes).to(device, memory_format=torch.channels_last)
         return cls(
             config=config, data_fingerprint=data_fingerprint, rank=rank, world_size=world_size, device=device,
             generator=generator, discriminator=discriminator,
-            optimizer_g=make_optimizer(generator, config.lr, config.beta1),
-            optimizer_d=make_optimizer(discriminator, config.lr, config.beta1),
+            optimizer_g=make_optimizer(generator, config.lr, config.beta1, cuda_graphs),
+            optimizer_d=make_optimizer(discriminator, config.lr, config.beta1, cuda_graphs),
             ema=GeneratorEMA(generator, config.ema_decay) if config.ema_decay > 0 else None,
-            fixed_noise=grid_inputs(config, num_classes)[0], num_classes=num_classes,
+            fixed_noise=grid_inputs(config, num_classes)[0], num_classes=num_classes, cuda_graphs=cuda_graphs,
         )  # fmt: skip
 
     @property
@@ -152,9 +157,19 @@ class TrainingState:
 
     def wrap_ddp(self) -> None:
         """Wrap G and D in DDP (gradients averaged every step), and take this state as the last good one."""
-        self.generator = wrap_ddp(self.generator, self.device)
-        self.discriminator = wrap_ddp(self.discriminator, self.device)
+        self.side_stream = torch.cuda.Stream(self.device) if self.cuda_graphs else None
+        self.generator = wrap_ddp(self.generator, self.device, self.side_stream)
+        self.discriminator = wrap_ddp(self.discriminator, self.device, self.side_stream)
         self.keep_as_last_good()
+
+    def build_stepper(self, images_u8: torch.Tensor, labels: torch.Tensor | None, amp_dtype: torch.dtype | None) -> Stepper:
+        """The training step over these images (after `wrap_ddp`): eager, or replayed as CUDA graphs."""
+        self.stepper = Stepper(
+            self.generator, self.discriminator, self.optimizer_g, self.optimizer_d, images_u8, self.config.noise_dim,
+            amp_dtype, self.ema, labels, cuda_graphs=self.cuda_graphs,
+            warmup_steps=WARMUP_STEPS if unwrap(self.generator) is self.generator else DDP_WARMUP_STEPS, stream=self.side_stream,
+        )  # fmt: skip
+        return self.stepper
 
     def resume(self, checkpoint: dict) -> dict:
         """Continue from `checkpoint` (after checking it fits); returns what its first metrics row says of it."""
@@ -212,6 +227,11 @@ class TrainingState:
         unwrap(self.discriminator).load_state_dict(state["discriminator"])
         self.optimizer_g.load_state_dict(state["optimizer_g"])
         self.optimizer_d.load_state_dict(state["optimizer_d"])
+        # The load restored the saved `capturable` and replaced the state tensors a captured graph holds.
+        for optimizer in (self.optimizer_g, self.optimizer_d):
+            set_capturable(optimizer, self.cuda_graphs)
+        if self.stepper is not None:
+            self.stepper.forget_graphs()
         if self.ema:  # a run that turns the EMA on later starts it from the current G
             self.ema.module.load_state_dict(state.get("ema_generator") or state["generator"])
             self.ema.updates = int(state.get("ema_updates", 0))
