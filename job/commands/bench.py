@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Callable
 
 import torch
 
-from gan.data import iterate_batches, load_split, resolve_data_dir
+from gan.data import load_split, resolve_data_dir
 from gan.models import Discriminator, Generator
-from gan.step import amp_dtype_for, make_optimizer, train_step
+from gan.step import amp_dtype_for, make_optimizer
+from gan.stepper import WARMUP_STEPS, Stepper, graphs_wanted, prepare_cuda
 from job.errors import UsageError
-from job.settings import DATASET_NAMES, MAX_BATCH, MAX_NOISE_DIM, MAX_STEPS, MAX_WARMUP, MAX_WORKERS, PRECISIONS, Setting, add_flag
+from job.settings import (
+    CUDA_GRAPHS_MODES, DATASET_NAMES, MAX_BATCH, MAX_NOISE_DIM, MAX_STEPS, MAX_WARMUP, MAX_WORKERS, PRECISIONS, Setting, add_flag,
+)  # fmt: skip
 
 STEPS = Setting("timed steps", kind=int, low=1, high=MAX_STEPS)
 WARMUP = Setting("untimed steps first", kind=int, low=0, high=MAX_WARMUP)
@@ -24,6 +28,7 @@ DATA_DIR = Setting("folder with the IDX files (with --data)")
 NOISE_DIM = Setting("noise vector length", kind=int, low=1, high=MAX_NOISE_DIM)
 LR = Setting("Adam learning rate", kind=float, low=0, low_open=True, high=1.0)
 PRECISION = Setting("as train's --precision", choices=PRECISIONS)
+CUDA_GRAPHS = Setting("as train's --cuda-graphs: the step replayed as CUDA graphs (on needs --device cuda)", choices=CUDA_GRAPHS_MODES)
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +43,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--noise-dim", NOISE_DIM, 100)
     add_flag(parser, "--lr", LR, 1e-4)
     add_flag(parser, "--precision", PRECISION, "auto")
+    add_flag(parser, "--cuda-graphs", CUDA_GRAPHS, "auto")
     parser.set_defaults(handler=bench)
 
 
@@ -45,51 +51,79 @@ def bench(args: argparse.Namespace) -> int:
     """`gan-job bench`: print one JSON object with images/s of the training step on this machine."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    if args.cuda_graphs == "on" and args.device != "cuda":
+        raise UsageError("--cuda-graphs on needs --device cuda; use --cuda-graphs off")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-
-    # The same data path as train: uint8 on the device, batches cut and scaled there.
-    if args.data:
-        images_u8 = load_split(resolve_data_dir(args.data, args.data_dir), "train").images.to(device)
-    else:
-        images_u8 = torch.randint(0, 256, (args.batch_size * 4, 1, 28, 28), dtype=torch.uint8, device=device)
-    order = torch.arange(images_u8.shape[0])
-
-    def batches():
-        while True:
-            yield from iterate_batches(images_u8, order, args.batch_size)
-
-    # The networks exactly as train builds them: channels_last, the same precision rule.
-    generator = Generator(args.noise_dim).to(device, memory_format=torch.channels_last)
-    discriminator = Discriminator().to(device, memory_format=torch.channels_last)
-    amp_dtype = amp_dtype_for(args.precision, device)
-    optimizer_g, optimizer_d = make_optimizer(generator, args.lr), make_optimizer(discriminator, args.lr)
-    stream = (batch for batch in batches() if batch.shape[0] == args.batch_size)
-
-    def run(steps: int) -> None:
-        if steps == 0:  # --warmup 0
-            return
-        for _ in range(steps):
-            real = next(stream)
-            noise = torch.randn(real.shape[0], args.noise_dim, device=device)
-            stats = train_step(generator, discriminator, optimizer_g, optimizer_d, real, noise, amp_dtype)
-        stats["loss_d"].item()  # wait for the device once, at the end
-
-    run(args.warmup)
-    start_s = time.perf_counter()
-    run(args.steps)
-    elapsed_s = time.perf_counter() - start_s
-    result = {
-        "images_per_s": round(args.steps * args.batch_size / elapsed_s, 1),
-        "step_time_ms": round(1000 * elapsed_s / args.steps, 2),
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "batch_size": args.batch_size,
-        "steps": args.steps,
-        "threads": torch.get_num_threads(),
-        "precision": "bf16" if amp_dtype == torch.bfloat16 else "fp32",
-        "torch": torch.__version__,
-    }
+    images_u8 = load_split(resolve_data_dir(args.data, args.data_dir), "train").images if args.data else None
+    result = measure(torch.device(args.device), args.batch_size, args.steps, args.warmup, args.precision, args.cuda_graphs,
+                     args.noise_dim, args.lr, images_u8)  # fmt: skip
     print(json.dumps(result))
     return 0
+
+
+def measure(
+    device: torch.device,
+    batch_size: int,  # images per step
+    steps: int,  # timed steps
+    warmup: int,  # untimed steps first; with graphs at least each shape's warm-up and capture
+    precision: str = "auto",  # as train's --precision
+    cuda_graphs: str = "off",  # as train's --cuda-graphs
+    noise_dim: int = 100,
+    lr: float = 1e-4,
+    images_u8: torch.Tensor | None = None,  # (N, 1, 28, 28) uint8 on any device; None = 4 batches of random images
+) -> dict:
+    """Time `steps` training steps as train runs them; returns bench's JSON fields."""
+    stepper, run = bench_stepper(device, batch_size, precision, cuda_graphs, noise_dim, lr, images_u8)
+    if stepper.cuda_graphs:
+        warmup = max(warmup, WARMUP_STEPS + 1)  # the capture happens before the timed steps
+    run(warmup)
+    start_s = time.perf_counter()
+    run(steps)
+    elapsed_s = time.perf_counter() - start_s
+    return {
+        "images_per_s": round(steps * batch_size / elapsed_s, 1),
+        "step_time_ms": round(1000 * elapsed_s / steps, 2),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "batch_size": batch_size,
+        "steps": steps,
+        "warmup": warmup,
+        "threads": torch.get_num_threads(),
+        "precision": "bf16" if stepper.amp_dtype == torch.bfloat16 else "fp32",
+        "cuda_graphs": stepper.cuda_graphs,
+        "torch": torch.__version__,
+    }
+
+
+def bench_stepper(
+    device: torch.device, batch_size: int, precision: str = "auto", cuda_graphs: str = "off", noise_dim: int = 100,
+    lr: float = 1e-4, images_u8: torch.Tensor | None = None, seed: int = 0,
+) -> tuple[Stepper, Callable[[int], None]]:
+    """The networks and step exactly as train builds them, and `run(steps)`, which steps through the images'
+    full batches in order and waits for the device once at its end."""
+    torch.manual_seed(seed)
+    prepare_cuda(device)
+    if images_u8 is None:
+        images_u8 = torch.randint(0, 256, (batch_size * 4, 1, 28, 28), dtype=torch.uint8)
+    images_u8 = images_u8.to(device)
+    order = torch.arange(images_u8.shape[0] - images_u8.shape[0] % batch_size, device=device)
+    if order.numel() == 0:
+        raise UsageError(f"--batch-size {batch_size} is more than the {images_u8.shape[0]} images; use a smaller batch")
+    graphed = graphs_wanted(cuda_graphs, device)
+    generator = Generator(noise_dim).to(device, memory_format=torch.channels_last)
+    discriminator = Discriminator().to(device, memory_format=torch.channels_last)
+    optimizer_g, optimizer_d = make_optimizer(generator, lr, capturable=graphed), make_optimizer(discriminator, lr, capturable=graphed)
+    stepper = Stepper(generator, discriminator, optimizer_g, optimizer_d, images_u8, noise_dim, amp_dtype_for(precision, device),
+                      cuda_graphs=graphed)  # fmt: skip
+    batches = order.split(batch_size)
+    position = 0
+
+    def run(steps: int) -> None:
+        nonlocal position
+        for _ in range(steps):
+            stepper.step(batches[position % len(batches)])
+            position += 1
+        if steps:
+            stepper.sums.sum().item()  # wait for the device once, at the end
+
+    return stepper, run
