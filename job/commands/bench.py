@@ -11,7 +11,7 @@ import torch
 
 from gan.data import load_split, resolve_data_dir
 from gan.models import Discriminator, Generator
-from gan.step import amp_dtype_for, make_optimizer
+from gan.step import GeneratorEMA, amp_dtype_for, make_optimizer
 from gan.stepper import WARMUP_STEPS, Stepper, graphs_wanted, prepare_cuda
 from job.errors import UsageError
 from job.settings import (
@@ -97,7 +97,7 @@ def measure(
 
 def bench_stepper(
     device: torch.device, batch_size: int, precision: str = "auto", cuda_graphs: str = "off", noise_dim: int = 100,
-    lr: float = 1e-4, images_u8: torch.Tensor | None = None, seed: int = 0,
+    lr: float = 1e-4, images_u8: torch.Tensor | None = None, seed: int = 0, ema_decay: float = 0.0,
 ) -> tuple[Stepper, Callable[[int], None]]:
     """The networks and step exactly as train builds them, and `run(steps)`, which steps through the images'
     full batches in order and waits for the device once at its end."""
@@ -113,7 +113,8 @@ def bench_stepper(
     generator = Generator(noise_dim).to(device, memory_format=torch.channels_last)
     discriminator = Discriminator().to(device, memory_format=torch.channels_last)
     optimizer_g, optimizer_d = make_optimizer(generator, lr, capturable=graphed), make_optimizer(discriminator, lr, capturable=graphed)
-    stepper = Stepper(generator, discriminator, optimizer_g, optimizer_d, images_u8, noise_dim, amp_dtype_for(precision, device),
+    ema = GeneratorEMA(generator, ema_decay) if ema_decay > 0 else None  # train's tutorial recipe has none
+    stepper = Stepper(generator, discriminator, optimizer_g, optimizer_d, images_u8, noise_dim, amp_dtype_for(precision, device), ema,
                       cuda_graphs=graphed)  # fmt: skip
     batches = order.split(batch_size)
     position = 0

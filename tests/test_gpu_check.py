@@ -1,0 +1,35 @@
+"""benchmarks/gpu_check.py rehearsed on a CPU (`--device cpu --quick`), so that a slot of GPU time is never
+spent on a bug in the script: every stage runs small and records its result, the Ray Train stage on the
+session's local cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.ray
+def test_the_gpu_check_runs_every_stage_on_a_cpu_and_records_each(ray_cluster, tmp_path):
+    out = tmp_path / "results.json"
+    address = ray_cluster.get_runtime_context().gcs_address
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick", "--out", str(out),
+         "--ray-address", address, "--work-dir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    results = json.loads(out.read_text())
+    stages = results["stages"]
+    assert {name: stage["status"] for name, stage in stages.items()} == {
+        "1_versions": "ok", "2_bench": "ok", "3_equivalence": "ok", "4_full_loop": "ok", "5_syncs": "ok", "6_ray_train": "ok",
+    }, {name: stage.get("error") for name, stage in stages.items()}  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert stages["3_equivalence"]["deterministic_eager_vs_eager"]["bitwise_equal"]
+    assert [row["epoch"] for row in stages["4_full_loop"]["graphs_off"]["rows"]] == [1, 2, 3]
+    ray = stages["6_ray_train"]
+    assert ray["resumed_ok"] and ray["ddp_world_size_1"]["ddp_vs_plain"]["bitwise_equal"]
+    assert ray["ddp_world_size_1"]["broadcast_object"] == {"from": "rank 0"}
