@@ -175,7 +175,8 @@ def stage_versions(check: Check) -> dict:
     if check.device.type == "cuda":
         properties = torch.cuda.get_device_properties(check.device)
         found.update(
-            gpu=properties.name, capability=f"{properties.major}.{properties.minor}", gpu_memory_gib=round(properties.total_memory / 2**30, 1),
+            gpu=properties.name, capability=f"{properties.major}.{properties.minor}",
+            gpu_memory_gib=round(properties.total_memory / 2**30, 1),
             cudnn=torch.backends.cudnn.version(), nccl=".".join(map(str, torch.cuda.nccl.version())), gpus=torch.cuda.device_count(),
         )  # fmt: skip
     for module, distribution in (("ray", "ray"), ("pydantic", "pydantic"), ("jsonschema", "jsonschema"), ("tensorboardX", "tensorboardX"),
@@ -190,7 +191,8 @@ def stage_versions(check: Check) -> dict:
         except importlib.metadata.PackageNotFoundError:
             found[f"{module}_version"] = "present, version unknown"
     try:
-        found["repo_commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        git = ["git", "-C", str(REPO), "rev-parse", "HEAD"]
+        found["repo_commit"] = subprocess.run(git, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         found["repo_commit"] = "unknown"
     return found
@@ -352,7 +354,8 @@ def stage_full_loop(check: Check) -> dict:
         run_worker(config, session)
         if cuda:
             torch.cuda.synchronize()
-        rows = [json.loads(line) for line in (check.work / "runs" / config.run_name / "artifacts" / "metrics.jsonl").read_text().splitlines()]
+        metrics = check.work / "runs" / config.run_name / "artifacts" / "metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
         walls = [round(b - a, 3) for a, b in zip([start_s, *session.reported_at], session.reported_at)]
         found[f"graphs_{graphs}"] = {
             "run_s": round(time.perf_counter() - start_s, 2),

@@ -45,7 +45,9 @@ def train_step(
     # Under CUDA graph capture autocast must not cache its casts: the cache would outlive the capture.
     device_type = real_images.device.type
     capturing = device_type == "cuda" and torch.cuda.is_current_stream_capturing()
-    autocast = torch.autocast(device_type, dtype=amp_dtype, cache_enabled=not capturing) if amp_dtype else contextlib.nullcontext()
+    autocast = contextlib.nullcontext()
+    if amp_dtype:
+        autocast = torch.autocast(device_type, dtype=amp_dtype, cache_enabled=not capturing)
     with autocast:
         fake_images = generator(noise, **fake_kwargs)
         real_logits = discriminator(real_images, **real_kwargs).float()
@@ -134,7 +136,9 @@ def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16}[precision]
 
 
-def make_optimizer(model: nn.Module, lr: float = 1e-4, beta1: float = 0.9, capturable: bool = False) -> torch.optim.Adam:
+def make_optimizer(
+    model: nn.Module, lr: float = 1e-4, beta1: float = 0.9, capturable: bool = False
+) -> torch.optim.Adam:
     """Adam as Keras configures it (epsilon 1e-7), fused where the device supports it.
 
     `capturable` (CUDA only): its step count and bias corrections stay on the device, so a CUDA

@@ -65,10 +65,10 @@ class Stepper:
         noise_dim: int,  # length of each noise vector
         amp_dtype: torch.dtype | None = None,  # autocast dtype; None = float32 throughout
         ema: GeneratorEMA | None = None,  # updated after each step; None = no EMA
-        labels: torch.Tensor | None = None,  # (N,) int64 class of each image, on the images' device; None = unconditional
+        labels: torch.Tensor | None = None,  # (N,) int64 class of each image, on its device; None = unconditional
         cuda_graphs: bool = False,  # replay each batch shape as a CUDA graph (CUDA only)
         warmup_steps: int = WARMUP_STEPS,  # eager steps of each shape before its capture
-        stream: torch.cuda.Stream | None = None,  # side stream of warm-up and capture (DDP's, if built on one); None = a new one
+        stream: torch.cuda.Stream | None = None,  # warm-up's and capture's side stream (DDP's); None = a new one
     ) -> None:
         if cuda_graphs and images_u8.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the training images on a CUDA device, not {images_u8.device}")
@@ -103,7 +103,7 @@ class Stepper:
         return sums
 
     def forget_graphs(self) -> None:
-        """Drop the captured graphs: they hold the optimizers' old state tensors. The next steps warm up and capture again."""
+        """Drop the graphs (they hold the optimizers' old state tensors): the next steps warm up and capture anew."""
         self.graphs.clear()
         self.eager_steps.clear()
 

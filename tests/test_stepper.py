@@ -62,7 +62,8 @@ def _training(conditional: bool, ema_class: type):
     torch.manual_seed(0)
     classes = 10 if conditional else 0
     generator, discriminator = Generator(NOISE_DIM, classes), Discriminator(classes)
-    return generator, discriminator, make_optimizer(generator, 2e-4, 0.5), make_optimizer(discriminator, 2e-4, 0.5), ema_class(generator, 0.999)
+    optimizers = make_optimizer(generator, 2e-4, 0.5), make_optimizer(discriminator, 2e-4, 0.5)
+    return generator, discriminator, *optimizers, ema_class(generator, 0.999)
 
 
 def _data():

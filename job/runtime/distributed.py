@@ -41,7 +41,9 @@ def print0(message: str) -> None:
         say(message)
 
 
-def wrap_ddp(model: nn.Module, device: torch.device, stream: torch.cuda.Stream | None = None, force: bool = False) -> nn.Module:
+def wrap_ddp(
+    model: nn.Module, device: torch.device, stream: torch.cuda.Stream | None = None, force: bool = False
+) -> nn.Module:
     """DDP across the ranks (gradients averaged every step); the plain model on one rank.
 
     `stream`: a CUDA side stream to build DDP on, the one that later warms up and captures the

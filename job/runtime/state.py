@@ -162,12 +162,15 @@ class TrainingState:
         self.discriminator = wrap_ddp(self.discriminator, self.device, self.side_stream)
         self.keep_as_last_good()
 
-    def build_stepper(self, images_u8: torch.Tensor, labels: torch.Tensor | None, amp_dtype: torch.dtype | None) -> Stepper:
+    def build_stepper(
+        self, images_u8: torch.Tensor, labels: torch.Tensor | None, amp_dtype: torch.dtype | None
+    ) -> Stepper:
         """The training step over these images (after `wrap_ddp`): eager, or replayed as CUDA graphs."""
         self.stepper = Stepper(
             self.generator, self.discriminator, self.optimizer_g, self.optimizer_d, images_u8, self.config.noise_dim,
             amp_dtype, self.ema, labels, cuda_graphs=self.cuda_graphs,
-            warmup_steps=WARMUP_STEPS if unwrap(self.generator) is self.generator else DDP_WARMUP_STEPS, stream=self.side_stream,
+            warmup_steps=WARMUP_STEPS if unwrap(self.generator) is self.generator else DDP_WARMUP_STEPS,
+            stream=self.side_stream,
         )  # fmt: skip
         return self.stepper
 
