@@ -4,7 +4,9 @@ Every `train` flag but `--promote-to` and `--promote-margin` can also come from 
 variable `GAN_JOB_<FLAG>` (for example `GAN_JOB_EPOCHS=5`), which is how manifests pass knobs; a
 flag on the command line wins, and an empty variable counts as unset. The flags, their variables,
 bounds and help come from one declaration: `TrainConfig`'s fields (job/config.py, job/settings.py).
-Bad input ends in one line on stderr and exit status 2, with nothing written.
+Bad input ends in one line on stderr and exit status 2, with nothing written; so does storage that
+refuses a request (credentials, permissions, a missing bucket). Storage that fails past its retries
+ends in one line and exit status 1.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Sequence
 from gan.data import DataError
 from job.commands import bench, data_push, evaluate, generate, promote, train
 from job.config import SETTINGS, TrainConfig
-from job.errors import UsageError, flag_name
+from job.errors import StorageFailed, StorageRefused, UsageError, flag_name
 from job.settings import add_flag, env_var_for
 
 # `train` flags that no environment variable sets: promoting is never a knob.
@@ -106,10 +108,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.handler(args)
-    except (UsageError, DataError) as err:
+    except (UsageError, DataError, StorageRefused) as err:
         message = " ".join(str(err).split())
         print(f"gan-job: error: {message}", file=sys.stderr)
         return 2
+    except StorageFailed as err:  # retried within its bounds, then given up
+        print(f"gan-job: error: {' '.join(str(err).split())}; {err.outcome}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a local file outside the storage layer (say, the classifier cache) that cannot be read
+        print(f"gan-job: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else 0
     except KeyboardInterrupt:

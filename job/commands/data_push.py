@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 
 from gan.data import IDX_FILES, find_idx_file, load_split, resolve_data_dir
-from job.errors import UsageError
+from job.errors import StorageFailed, UsageError
 from job.settings import DATASET_NAMES, Setting, add_flag
 from job.storage.location import is_s3, split_s3_uri
+from job.storage.retry import retried
 from job.storage.s3 import s3_client
 from job.storage.s3_preflight import check_bucket
 
@@ -32,8 +33,12 @@ def push(args: argparse.Namespace) -> int:
         load_split(folder, split)
     check_bucket(args.to, args.s3_endpoint, flag="--to")
     client = s3_client(args.s3_endpoint)
-    for file in files:
+    for done, file in enumerate(files):
         key = f"{prefix}/{file.name}".lstrip("/")
-        client.upload_file(str(file), bucket, key)
+        try:
+            retried(lambda: client.upload_file(str(file), bucket, key), f"writing s3://{bucket}/{key}")
+        except StorageFailed as err:
+            uploaded = f"{done} of the {len(files)} files were uploaded before it" if done else "no file was uploaded"
+            raise StorageFailed(str(err), outcome=f"{uploaded}; run the same command again") from None
         print(f"uploaded {file} to s3://{bucket}/{key}")
     return 0

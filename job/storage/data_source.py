@@ -1,7 +1,8 @@
 """Where a worker's data comes from: `gan.data`'s resolution order, plus a bucket prefix.
 
 A bucket copy is downloaded once per node into the user cache, under a lock, and each file is
-checked (size and IDX header) before it is used.
+checked (size and IDX header) before it is used. Listing and reading the bucket retry as every
+storage call does (`job.storage.retry`); a download that fails leaves only its own partial file.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from gan.data import IDX_FILES, DataError, cache_root, file_lock, find_idx_file, resolve_data_dir
 from gan.idx import IdxFormatError, read_idx
 from job.storage.location import is_s3, split_s3_uri
+from job.storage.retry import retried
 from job.storage.s3 import s3_client
 
 
@@ -36,7 +38,7 @@ def fetch_from_bucket(uri: str, s3_endpoint: str | None = None) -> Path:
         if all(find_idx_file(target, stem) for stem in IDX_FILES.values()):
             return target
         client = s3_client(s3_endpoint)
-        listing = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+        listing = retried(lambda: client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""), f"listing {uri}")
         sizes = {obj["Key"].rsplit("/", 1)[-1]: (obj["Key"], obj["Size"]) for obj in listing.get("Contents", [])}
         target.mkdir(parents=True, exist_ok=True)
         for stem in IDX_FILES.values():
@@ -45,7 +47,7 @@ def fetch_from_bucket(uri: str, s3_endpoint: str | None = None) -> Path:
                 raise DataError(f"--data-dir {uri} lacks {stem} (gzipped or not); upload it with `gan-job data push`")
             key, size = sizes[name]
             partial = target / f".{name}.partial"
-            client.download_file(bucket, key, str(partial))
+            retried(lambda: _download(client, bucket, key, partial), f"reading s3://{bucket}/{key}")
             if partial.stat().st_size != size:
                 partial.unlink()
                 raise DataError(f"s3://{bucket}/{key} arrived incomplete; run again")
@@ -56,3 +58,12 @@ def fetch_from_bucket(uri: str, s3_endpoint: str | None = None) -> Path:
                 raise DataError(f"s3://{bucket}/{key}: {err}") from None
             os.replace(partial, target / name)
     return target
+
+
+def _download(client, bucket: str, key: str, path: Path) -> None:  # client: a boto3 S3 client (boto3 stays lazy)
+    """One attempt at the whole object into `path` (a retry starts it again); one GET, no transfer manager,
+    whose own retries would multiply those of `job.storage.retry`."""
+    body = client.get_object(Bucket=bucket, Key=key)["Body"]
+    with open(path, "wb") as handle:
+        for chunk in body.iter_chunks(1 << 20):
+            handle.write(chunk)

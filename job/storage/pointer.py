@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from job.errors import UsageError
 from job.storage.location import Location, resolve_location
+from job.storage.retry import retried
 from job.storage.s3 import s3_client
 from job.storage.s3_preflight import check_conditional_writes
 
@@ -85,32 +86,31 @@ class Store:
         return self._client
 
     def read(self, location: Location) -> Versioned:
-        """The object and its token; `Versioned(None, None)` when there is none. Other failures are OSErrors."""
-        if location.is_local:
-            try:
-                with open(location.path, "rb") as handle:
-                    data = handle.read()
-            except FileNotFoundError:
-                return Versioned(None, None)
-            return Versioned(data, digest(data))
-        from botocore.exceptions import BotoCoreError, ClientError  # lazy: botocore loads only when S3 is used
-
-        bucket, key = _bucket_key(location)
+        """The object and its token; `Versioned(None, None)` only when there is none. A read that fails raises
+        (`job.storage.retry`): a pointer that cannot be read is never taken as "no pointer yet"."""
         try:
-            reply = self.client().get_object(Bucket=bucket, Key=key)
-            return Versioned(reply["Body"].read(), reply["ETag"])  # body and ETag of one version
-        except ClientError as err:
-            if _code(err) in ("NoSuchKey", "404"):
-                return Versioned(None, None)
-            raise OSError(f"S3 GET of {location.uri} failed ({_code(err)})") from None
-        except BotoCoreError as err:
-            raise OSError(f"S3 GET of {location.uri} failed ({type(err).__name__}: {err})") from None
+            return retried(lambda: self._read_once(location), f"reading {location.uri}", confirm_absent=location.confirm_bucket)
+        except FileNotFoundError:
+            return Versioned(None, None)
+
+    def _read_once(self, location: Location) -> Versioned:
+        if location.is_local:
+            with open(location.path, "rb") as handle:
+                data = handle.read()
+            return Versioned(data, digest(data))
+        bucket, key = _bucket_key(location)
+        reply = self.client().get_object(Bucket=bucket, Key=key)
+        return Versioned(reply["Body"].read(), reply["ETag"])  # body and ETag of one version
 
     def write(self, location: Location, data: bytes, token: str | None) -> None:
         """Replace the object whole with `data` if it still has `token` (None: if there is still none).
 
-        Raises `PreconditionFailed` when it changed since it was read; other failures are OSErrors.
+        Raises `PreconditionFailed` when it changed since it was read (also when a retried write had
+        landed: the caller reads again and finds its decision); storage failures raise as `Location`'s do.
         """
+        retried(lambda: self._write_once(location, data, token), f"writing {location.uri}")
+
+    def _write_once(self, location: Location, data: bytes, token: str | None) -> None:
         if location.is_local:
             os.makedirs(os.path.dirname(location.path), exist_ok=True)
             fd = os.open(lock_path(location), os.O_RDWR | os.O_CREAT, 0o666)
@@ -122,7 +122,7 @@ class Store:
             finally:
                 os.close(fd)  # releases the lock
             return
-        from botocore.exceptions import BotoCoreError, ClientError  # lazy: botocore loads only when S3 is used
+        from botocore.exceptions import ClientError  # lazy: botocore loads only when S3 is used
 
         bucket, key = _bucket_key(location)
         condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
@@ -134,13 +134,7 @@ class Store:
             # 404 on If-Match: the object was deleted since it was read.
             if status in (409, 412) or (token is not None and status == 404):
                 raise PreconditionFailed(location.uri) from None
-            raise OSError(f"S3 PUT of {location.uri} failed ({_code(err)})") from None
-        except BotoCoreError as err:
-            raise OSError(f"S3 PUT of {location.uri} failed ({type(err).__name__}: {err})") from None
-
-
-def _code(err) -> str:
-    return str(err.response.get("Error", {}).get("Code") or err.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+            raise
 
 
 # -- the enforcement probe ---------------------------------------------------------------------
@@ -287,12 +281,6 @@ def replace_pointer(store: Store, target: Location, snapshot: Snapshot, pointer:
 # -- reading LATEST ------------------------------------------------------------------------------
 
 
-def unreadable(flag: str, uri: str, err: OSError) -> UsageError:
-    """The one-line error for a location that storage refuses to read (credentials, endpoint, bucket)."""
-    reason = " ".join(str(err).split())[:300] or type(err).__name__
-    return UsageError(f"{flag} {uri} cannot be read ({reason}); check the location and the S3 credentials and endpoint")
-
-
 def read_pointer(location: Location, flag: str = "--target") -> dict | None:
     """The LATEST pointer at `location`, or None when there is none yet; anything else is refused."""
     if not location.exists():
@@ -305,9 +293,6 @@ def read_pointer(location: Location, flag: str = "--target") -> dict | None:
 def resolve_latest(uri: str, s3_endpoint: str | None = None) -> str:
     """The run a LATEST pointer names; any other location (a run or checkpoint folder) as it is."""
     location = resolve_location(uri, s3_endpoint, flag="--from")
-    try:
-        if not location.exists() or not location.is_file():
-            return uri
-        return read_pointer(location, flag="--from")["run"]
-    except OSError as err:
-        raise unreadable("--from", uri, err) from None
+    if not location.exists() or not location.is_file():
+        return uri
+    return read_pointer(location, flag="--from")["run"]

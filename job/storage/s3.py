@@ -3,6 +3,10 @@
 The endpoint comes from `--s3-endpoint` or `AWS_ENDPOINT_URL` and is passed to pyarrow
 explicitly, since pyarrow does not reliably read it from the environment. Credentials come from
 the standard AWS variables or the pod's identity and are never logged or stored.
+
+Retries: every client here makes one attempt per call, and `job.storage.retry` retries around
+them, bounded in attempts and seconds, so attempts never multiply. That holds for Ray Train's own
+calls too (its controller's bucket check, its checkpoint records): `job.storage.ray_filesystem`.
 """
 
 from __future__ import annotations
@@ -12,13 +16,12 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from job.errors import UsageError
+from job.storage.retry import CONNECT_TIMEOUT_S, request_timeout_s
 
 if TYPE_CHECKING:
     import pyarrow.fs  # lazy: pyarrow is heavy and only storage work needs it
 
-CONNECT_TIMEOUT_S = 5.0  # fail fast on a wrong endpoint
-REQUEST_TIMEOUT_S = 60.0  # a checkpoint part upload may take a while
-MAX_ATTEMPTS = 5  # retried with backoff for transient errors
+ONE_ATTEMPT = 1  # under job.storage.retry's loop: the clients themselves never retry
 
 
 def endpoint_url(explicit: str | None = None) -> str | None:
@@ -36,15 +39,18 @@ def region() -> str:
 
 
 def s3_filesystem(explicit_endpoint: str | None = None) -> "pyarrow.fs.S3FileSystem":
-    """A pyarrow S3 filesystem for the configured endpoint and credentials."""
+    """A pyarrow S3 filesystem for the configured endpoint and credentials, making one attempt per call.
+
+    (Its `retry_strategy` would not survive pickling into Ray's processes anyway: pyarrow leaves it out.)
+    """
     import pyarrow.fs  # lazy: pyarrow is heavy and only storage work needs it
 
     url = endpoint_url(explicit_endpoint)
     options: dict = dict(
         region=region(),
         connect_timeout=CONNECT_TIMEOUT_S,
-        request_timeout=REQUEST_TIMEOUT_S,
-        retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
+        request_timeout=request_timeout_s(),
+        retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=ONE_ATTEMPT),
     )
     if url is not None:
         parsed = urlparse(url)
@@ -52,14 +58,15 @@ def s3_filesystem(explicit_endpoint: str | None = None) -> "pyarrow.fs.S3FileSys
     return pyarrow.fs.S3FileSystem(**options)
 
 
-def s3_client(explicit_endpoint: str | None = None, max_attempts: int = MAX_ATTEMPTS, read_timeout_s: float = REQUEST_TIMEOUT_S):
-    """A boto3 S3 client (typed loosely to keep boto3 lazy) for the same endpoint, with bounded retries."""
+def s3_client(explicit_endpoint: str | None = None, max_attempts: int = ONE_ATTEMPT, read_timeout_s: float | None = None):
+    """A boto3 S3 client (typed loosely to keep boto3 lazy) for the same endpoint; one attempt a call unless told
+    otherwise, and the request timeout in force unless `read_timeout_s` is given."""
     import boto3  # lazy: boto3 loads only when S3 is used
     from botocore.config import Config  # lazy: as boto3
 
     config = Config(
         connect_timeout=CONNECT_TIMEOUT_S,
-        read_timeout=read_timeout_s,
+        read_timeout=request_timeout_s() if read_timeout_s is None else read_timeout_s,
         retries={"max_attempts": max_attempts, "mode": "standard"},
     )
     # A fresh session reads the credentials now, not once per process (boto3's default caches them).

@@ -1,18 +1,24 @@
 """Before any worker starts: reach the endpoint, find the bucket, write and delete a marker.
 
-Each way it can go wrong ends in its own one-line error within seconds (short connect timeouts,
-bounded retries). Messages name the endpoint and bucket, never a credential.
+Each way it can go wrong ends in its own one-line error: in seconds for what the user must fix
+(an endpoint where nothing answers, refused credentials, a missing bucket), after the bounded
+retries of `job.storage.retry` for what passes (throttling, server errors, resets, timeouts).
+Messages name the endpoint and bucket, never a credential.
 """
 
 from __future__ import annotations
 
 import uuid
+from typing import Callable, TypeVar
 
-from job.errors import UsageError
-from job.storage.s3 import endpoint_url, s3_client
+from job.errors import StorageFailed, UsageError
 from job.storage.location import split_s3_uri
+from job.storage.retry import retried
+from job.storage.s3 import endpoint_url, s3_client
 
-PREFLIGHT_ATTEMPTS = 2  # a wrong endpoint should fail in seconds, not after the full retry budget
+T = TypeVar("T")
+
+PREFLIGHT_READ_TIMEOUT_S = 10  # a probe is a few bytes
 
 
 def _explain(err: Exception, where: str, bucket: str, flag: str) -> UsageError:
@@ -36,27 +42,57 @@ def _explain(err: Exception, where: str, bucket: str, flag: str) -> UsageError:
     return UsageError(f"{flag}: S3 check of bucket {bucket!r} at {where} failed ({type(err).__name__})")
 
 
+def _call(operation: Callable[[], T], what: str) -> T:
+    """One preflight request: retried while it fails transiently; what the user must fix raised as the client raised it."""
+    return retried(operation, what, unreachable_is_refused=True, keep_refusals=True)
+
+
 def check_bucket(uri: str, endpoint: str | None, flag: str = "--storage", create: bool = False, write: bool = True) -> None:
-    """Raise a `UsageError` unless the bucket of `uri` is reachable (and writable when `write`)."""
+    """Raise a `UsageError` unless the bucket of `uri` is reachable (and writable when `write`); `StorageFailed`
+    when the store keeps failing past the retry bounds."""
     bucket, prefix = split_s3_uri(uri, flag)
     where = endpoint_url(endpoint) or "AWS S3"
-    client = s3_client(endpoint, max_attempts=PREFLIGHT_ATTEMPTS, read_timeout_s=10)
+    client = s3_client(endpoint, read_timeout_s=PREFLIGHT_READ_TIMEOUT_S)
     try:
-        try:
-            client.head_bucket(Bucket=bucket)
-        except Exception as err:
-            explained = _explain(err, where, bucket, flag)
-            if not (create and "does not exist" in str(explained)):
-                raise explained from None
-            client.create_bucket(Bucket=bucket)
+        if not _bucket_exists(client, bucket):
+            if not create:
+                raise _explain(_no_such_bucket(), where, bucket, flag)
+            _call(lambda: client.create_bucket(Bucket=bucket), f"creating bucket s3://{bucket}")
         if write:
             marker = f"{prefix}/.gan-job-preflight-{uuid.uuid4().hex}".lstrip("/")
-            client.put_object(Bucket=bucket, Key=marker, Body=b"")
-            client.delete_object(Bucket=bucket, Key=marker)
-    except UsageError:
+            _call(lambda: client.put_object(Bucket=bucket, Key=marker, Body=b""), f"writing s3://{bucket}/{marker}")
+            _call(lambda: client.delete_object(Bucket=bucket, Key=marker), f"deleting s3://{bucket}/{marker}")
+    except (UsageError, StorageFailed):
         raise
     except Exception as err:
         raise _explain(err, where, bucket, flag) from None
+
+
+def check_readable(uri: str, endpoint: str | None, flag: str) -> None:
+    """For a command that only reads `uri`: a wrong endpoint, refused credentials or a missing bucket fail in
+    seconds, as `train`'s preflight does, not after the retries meant for an outage. Local folders pass."""
+    if uri.startswith("s3://"):
+        check_bucket(uri, endpoint, flag=flag, write=False)
+
+
+def _bucket_exists(client, bucket: str) -> bool:  # client: a boto3 S3 client (boto3 stays lazy)
+    from botocore.exceptions import ClientError  # lazy: botocore loads only when S3 is used
+
+    try:
+        _call(lambda: client.head_bucket(Bucket=bucket), f"reading bucket s3://{bucket}")
+    except FileNotFoundError:  # HeadBucket's bare 404
+        return False
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") == "NoSuchBucket":
+            return False
+        raise
+    return True
+
+
+def _no_such_bucket() -> Exception:
+    from botocore.exceptions import ClientError  # lazy: botocore loads only when S3 is used
+
+    return ClientError({"Error": {"Code": "NoSuchBucket"}, "ResponseMetadata": {"HTTPStatusCode": 404}}, "HeadBucket")
 
 
 # An ETag no object has (real ones are hex digests), for a condition that must fail.
@@ -74,18 +110,28 @@ def check_conditional_writes(uri: str, endpoint: str | None, flag: str = "--targ
 
     bucket, key = split_s3_uri(uri, flag)
     where = endpoint_url(endpoint) or "AWS S3"
-    client = s3_client(endpoint, max_attempts=PREFLIGHT_ATTEMPTS, read_timeout_s=10)
+    client = s3_client(endpoint, read_timeout_s=PREFLIGHT_READ_TIMEOUT_S)
     probe = f"{key.rpartition('/')[0]}/.gan-job-condition-probe-{uuid.uuid4().hex}".lstrip("/")
     ignored, unsupported = [], []
+
+    def conditional_put(header: str, condition: dict) -> None:
+        try:
+            client.put_object(Bucket=bucket, Key=probe, Body=b"overwritten", **condition)
+            ignored.append(header)
+        except ClientError as err:
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 412:
+                return
+            if status not in (400, 501):  # a store that does not know the header answers 400 or 501
+                raise
+            unsupported.append(f"{header}: {err.response.get('Error', {}).get('Code') or 'error'}")
+
     try:
-        client.put_object(Bucket=bucket, Key=probe, Body=b"probe")
+        _call(lambda: client.put_object(Bucket=bucket, Key=probe, Body=b"probe"), f"writing s3://{bucket}/{probe}")
         for header, condition in (("If-Match", {"IfMatch": NEVER_AN_ETAG}), ("If-None-Match: *", {"IfNoneMatch": "*"})):
-            try:
-                client.put_object(Bucket=bucket, Key=probe, Body=b"overwritten", **condition)
-                ignored.append(header)
-            except ClientError as err:
-                if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 412:
-                    unsupported.append(f"{header}: {err.response.get('Error', {}).get('Code') or 'error'}")
+            _call(lambda: conditional_put(header, condition), f"writing s3://{bucket}/{probe}")
+    except StorageFailed:
+        raise
     except Exception as err:
         raise _explain(err, where, bucket, flag) from None
     finally:
