@@ -204,6 +204,9 @@ def s3_server(s3_service, monkeypatch) -> S3Server:
     return s3_service
 
 
+RAY_RETRY_BUDGET_S = 4.0  # the storage retry budget in the shared cluster's processes
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_service):
     """One local Ray cluster with 2 CPUs, shared by every Ray test of the session.
@@ -215,7 +218,11 @@ def ray_cluster(s3_service):
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    with s3_service.environment():
+    with s3_service.environment(), pytest.MonkeyPatch.context() as patch:
+        # Storage retries bounded at seconds, not minutes, in its processes (workers, Ray Train's controller):
+        # an outage the tests play ends the attempt quickly; the 1 s blips they play pass.
+        patch.setenv("GAN_JOB_STORAGE_RETRY_S", str(RAY_RETRY_BUDGET_S))
+        patch.setenv("GAN_JOB_STORAGE_TIMEOUT_S", "10")
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=True)
     yield ray
     ray.shutdown()

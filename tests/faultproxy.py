@@ -2,9 +2,20 @@
 
 `FaultProxy` sits between the code under test and the S3 server. It reads the HTTP requests that
 pass through it (keep-alive, fixed-length and chunked bodies), and the first request that
-`trips` matches (say, a PUT of a checkpoint's `state.pt`) cuts the connection and starts an
-outage: for `outage_s` seconds every new connection, and every new request on an open one, is
-reset. It records what it forwarded and what it dropped, so a test proves the fault happened.
+`trips` matches (say, a PUT of a checkpoint's `state.pt`) starts an outage of `outage_s` seconds.
+While it lasts, each request that `affects` matches (every request when it is None) meets the
+`fault`, as S3 and MinIO produce them:
+
+- "reset": the connection is cut with a TCP reset (and, when every request is affected, every new
+  connection too);
+- "slowdown": an HTTP 503 with S3's `SlowDown` error;
+- "internal": an HTTP 500 with S3's `InternalError`;
+- "stall": no reply for `stall_s` seconds (past the client's read timeout), then a reset;
+- "cut": the request goes to the server with half of its body, then both sides are reset (an
+  upload that dies in the middle).
+
+A short outage is a blip the client's retries outlast; a long one outlasts them. The proxy records
+what it forwarded and what it failed, so a test proves the fault happened.
 """
 
 from __future__ import annotations
@@ -17,6 +28,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+
+FAULTS = ("reset", "slowdown", "internal", "stall", "cut")
+ERRORS = {  # fault: (HTTP status, reason, S3 error code, message), as S3 and MinIO send them
+    "slowdown": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
+    "internal": (500, "Internal Server Error", "InternalError", "We encountered an internal error. Please try again."),
+}
 
 
 @dataclass(frozen=True)
@@ -74,11 +92,16 @@ class FaultProxy:
     upstream_port: int
     trips: Callable[[str, str], bool]  # (method, target) -> start the outage with this request
     outage_s: float = 1.0  # how long the endpoint stays "down" after the trip
+    fault: str = "reset"  # what a failed request meets: reset, slowdown (503), internal (500), stall or cut
+    affects: Callable[[str, str], bool] | None = None  # (method, target) -> fails while down; None = every request
+    stall_s: float = 2.0  # how long a "stall" holds a request before resetting it
     forwarded: list[Request] = field(default_factory=list)
-    dropped: list[Request] = field(default_factory=list)  # the request that tripped, then those reset while down
+    dropped: list[Request] = field(default_factory=list)  # the request that tripped, then those failed while down
     refused_connections: int = 0  # connections reset at accept while down
 
     def __post_init__(self) -> None:
+        if self.fault not in FAULTS:
+            raise ValueError(f"fault {self.fault!r} is not one of {FAULTS}")
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._tripped = False
@@ -120,7 +143,7 @@ class FaultProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            if self._is_down():
+            if self._is_down() and self.affects is None and self.fault == "reset":
                 with self._lock:
                     self.refused_connections += 1
                 _reset(client)
@@ -157,20 +180,27 @@ class FaultProxy:
             request = Request(time.monotonic(), method, target)
             with self._lock:
                 if self._is_down():
-                    drop = True
+                    drop = self.affects is None or self.affects(method, target)
                 elif not self._tripped and self.trips(method, target):
                     self._tripped, drop = True, True
                     self._down_until = request.at_s + self.outage_s
                 else:
                     drop = False
                 (self.dropped if drop else self.forwarded).append(request)
-            if drop:
-                return  # _serve resets both sides: the upload dies mid-request
-            upstream.sendall(head)
             headers = {
                 name.strip().lower(): value.strip()
                 for name, _, value in (line.partition(":") for line in head.decode("latin-1").split("\r\n")[1:] if line)
             }
+            if drop and self.fault == "cut":
+                upstream.sendall(head)
+                half = client.exactly(int(headers.get("content-length", "0") or 0) // 2)
+                upstream.sendall(half or b"")
+                time.sleep(0.1)  # the server has read the half before the reset
+                return  # _serve resets both sides: the upload dies in the middle of its body
+            if drop:
+                self._fail(client.sock, method)
+                return  # _serve resets both sides: an upload dies mid-request
+            upstream.sendall(head)
             if "chunked" in headers.get("transfer-encoding", "").lower():
                 self._forward_chunked(client, upstream)
             else:
@@ -178,6 +208,24 @@ class FaultProxy:
                 if body is None:
                     return
                 upstream.sendall(body)
+
+    def _fail(self, client: socket.socket, method: str) -> None:
+        """Play the fault on one request; the caller then resets the connection."""
+        if self.fault == "stall":
+            time.sleep(self.stall_s)
+        elif self.fault in ERRORS:
+            status, reason, code, message = ERRORS[self.fault]
+            body = b"" if method == "HEAD" else (
+                f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+                f"<RequestId>faultproxy</RequestId></Error>"
+            ).encode()
+            head = (
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n"
+                f"Connection: close\r\n\r\n"
+            ).encode()
+            client.sendall(head + body)
+            client.shutdown(socket.SHUT_WR)
+            time.sleep(0.05)  # let the reply reach the client before the reset
 
     @staticmethod
     def _forward_chunked(client: _Reader, upstream: socket.socket) -> None:

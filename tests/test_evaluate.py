@@ -193,3 +193,25 @@ def test_cas_on_an_unconditional_model_is_refused_in_one_line_before_anything_is
     (line,) = captured.err.strip().splitlines()
     assert line.startswith("gan-job") and "--cas" in line and "--conditional" in line and "Traceback" not in captured.err
     assert captured.out == "" and sorted(artifacts.list_names()) == before and not artifacts.child("eval.json").exists()
+
+
+def test_a_classifier_cache_that_cannot_be_read_fails_in_one_line_and_is_not_trained_again(
+    tmp_path, small_fashion_dir, cached_classifier, quiet_run, capsys, monkeypatch
+):
+    """Only a cache file that is not there (or is damaged) is trained again; one that fails to read (an
+    injected EIO: root reads any file here) ends the command, and the cached weights stay as they were."""
+    before = cached_classifier.read_bytes()
+    real_read_bytes = type(cached_classifier).read_bytes
+
+    def failing(path):
+        if path == cached_classifier:
+            raise OSError(5, "Input/output error", str(path))
+        return real_read_bytes(path)
+
+    monkeypatch.setattr(type(cached_classifier), "read_bytes", failing)
+    code = evaluate_main(["--from", quiet_run.uri, "--data-dir", small_fashion_dir, "--num", "16"])
+    monkeypatch.undo()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "Input/output error" in lines[0] and str(cached_classifier) in lines[0]
+    assert cached_classifier.read_bytes() == before
+    assert not (tmp_path / "runs" / "r1" / "artifacts" / "eval.json").exists()

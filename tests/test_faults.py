@@ -5,6 +5,8 @@ with every epoch recorded once, or a clear error with nothing damaged.
 - the driver SIGKILLed and the same command run again (resumes from storage);
 - the S3 endpoint going away in the middle of a checkpoint upload (retried with backoff);
 - a damaged latest checkpoint (resume falls back to the previous one, naming the bad one);
+- a read of the checkpoint that fails in the workers for a blip (retried, and the run resumes) or for
+  longer than the retry budget (the attempts fail, the driver exits 1 in one line, nothing lost);
 - a resource request the cluster can never place (exit 2 at once, not a job that waits forever).
 """
 
@@ -24,10 +26,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from job.storage.checkpoint import DIGEST_FILE, STATE_FILE, checkpoint_folders, read_checkpoint
 from job.cli import main
+from job.config import TrainConfig
+from job.runtime.local_session import LocalSession
+from job.runtime.loop import run_worker
+from job.storage.checkpoint import DIGEST_FILE, STATE_FILE, checkpoint_folders, read_checkpoint
 from job.storage.location import resolve_location
-from tests.conftest import job_env
+from tests.conftest import RAY_RETRY_BUDGET_S, job_env
 from tests.conftest import metrics_rows as _rows
 from tests.faultproxy import FaultProxy, ray_actor_pids, ray_worker_log_lines, train_worker_pids, wait_until
 
@@ -244,6 +249,82 @@ def test_an_s3_outage_during_a_checkpoint_upload_is_retried_and_no_partial_check
     assert cut_folder in registered or cut_key not in objects, trace
     if cut_folder in registered:
         assert read_checkpoint(run.child(cut_folder))["epoch"] == 1
+
+
+# A checkpoint read that fails in the workers ------------------------------------------------------
+
+STATE_READ = re.compile(r"/checkpoint_[^/?]+/state\.pt($|\?)")
+
+
+@pytest.fixture
+def one_epoch_in_the_bucket(s3_server, fashion_mnist_dir):
+    """A run of one epoch (2 steps) trained into the bucket by one process: Ray Train has no record of it."""
+    name = f"read-fault-{uuid.uuid4().hex[:6]}"
+    config = TrainConfig(data="fashion-mnist", data_dir=str(fashion_mnist_dir), epochs=1, limit=512, cpus_per_worker=1, eval_every=0,
+                         storage=f"s3://{s3_server.bucket}/read-faults", run_name=name)  # fmt: skip
+    run_worker(config, LocalSession(resolve_location(config.storage).child(name), torch.device("cpu")))
+    return f"read-faults/{name}", name
+
+
+def _the_runs_own_objects(s3_server, prefix: str) -> dict[str, bytes]:
+    """Its checkpoints and artifacts (not the records Ray Train keeps beside them)."""
+    return {k: v for k, v in s3_server.objects(f"{prefix}/").items() if "/checkpoint_2" in k or "/artifacts/" in k}
+
+
+def _state_reads_fail_from_the_workers_first(s3_server, outage_s: float) -> FaultProxy:
+    """Reads of state.pt fail for `outage_s` from the workers' first one on. The driver's preflight reads it
+    before Ray Train starts; Ray Train's controller then looks for its own records, which arms the trip."""
+    armed = []
+
+    def workers_first_read(method: str, target: str) -> bool:
+        if "checkpoint_manager_snapshot" in target or ".validate_storage_marker" in target:
+            armed.append(target)
+        return bool(armed) and method in ("GET", "HEAD") and bool(STATE_READ.search(target))
+
+    return FaultProxy(int(s3_server.url.rsplit(":", 1)[1]), workers_first_read, outage_s=outage_s,
+                      affects=lambda method, target: method in ("GET", "HEAD") and bool(STATE_READ.search(target)))  # fmt: skip
+
+
+def test_a_checkpoint_read_that_fails_in_the_workers_past_the_retries_ends_in_one_line_and_loses_nothing(
+    ray_cluster, s3_server, one_epoch_in_the_bucket, fashion_mnist_dir, capfd
+):
+    prefix, name = one_epoch_in_the_bucket
+    before = _the_runs_own_objects(s3_server, prefix)
+    proxy = _state_reads_fail_from_the_workers_first(s3_server, outage_s=120)
+    try:
+        argv = _train_argv(fashion_mnist_dir, f"s3://{s3_server.bucket}/read-faults", name, 2, "--limit", "512",
+                           "--s3-endpoint", proxy.url, "--max-failures", "1")  # fmt: skip
+        code = main(argv)
+    finally:
+        proxy.close()
+    err = capfd.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("gan-job:")]
+    assert code == 1, err[-3000:]
+    assert len(ours) == 1 and "training failed after 1 restart(s): reading s3://" in ours[0] and "state.pt failed after" in ours[0]
+    # Both attempts read, retried within the workers' budget, and gave up: none started the run over.
+    assert len(proxy.dropped) >= 4 and proxy.dropped[-1].at_s - proxy.dropped[0].at_s >= RAY_RETRY_BUDGET_S
+    assert not ray_worker_log_lines(f"run s3://{s3_server.bucket}/{prefix} has no complete checkpoint left")
+    assert _the_runs_own_objects(s3_server, prefix) == before  # every checkpoint and metrics.jsonl as they were
+
+
+def test_a_checkpoint_read_that_fails_in_the_workers_for_a_blip_is_retried_and_the_run_resumes(
+    ray_cluster, s3_server, one_epoch_in_the_bucket, fashion_mnist_dir
+):
+    prefix, name = one_epoch_in_the_bucket
+    first_checkpoint = [k for k in s3_server.keys(f"{prefix}/") if k.endswith("/state.pt")]
+    proxy = _state_reads_fail_from_the_workers_first(s3_server, outage_s=1.0)
+    try:
+        argv = _train_argv(fashion_mnist_dir, f"s3://{s3_server.bucket}/read-faults", name, 2, "--limit", "512",
+                           "--s3-endpoint", proxy.url)  # fmt: skip
+        assert main(argv) == 0
+    finally:
+        proxy.close()
+    assert proxy.dropped, "the fault never hit the workers' read"
+    # Ray Train had no record of the one-process run: the workers found its checkpoint in the run folder.
+    assert ray_worker_log_lines(f"Ray Train names no checkpoint of run s3://{s3_server.bucket}/{prefix}")
+    assert ray_worker_log_lines(f"resuming run {name} at epoch 2 (step 2)")
+    _assert_each_epoch_once(s3_server.metrics_rows(prefix), 2, 2)
+    assert set(first_checkpoint) <= set(s3_server.keys(f"{prefix}/"))  # epoch 1's checkpoint kept (--keep-checkpoints 2)
 
 
 # A request the cluster can never place ----------------------------------------------------------

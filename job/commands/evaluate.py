@@ -32,6 +32,7 @@ from job.storage.checkpoint import STATE_FILE, load_from
 from job.storage.data_source import local_data_folder
 from job.storage.location import Location, resolve_location
 from job.storage.pointer import resolve_latest
+from job.storage.s3_preflight import check_readable
 
 DEFAULT_NUM = 10_000  # the size of the test split: FID's bias shrinks with the count
 DATA = Setting("real data to compare with (default: the run's)", choices=DATASET_NAMES)
@@ -157,6 +158,9 @@ def is_run_folder(location: Location) -> bool:
 def evaluate(args: argparse.Namespace) -> int:
     """`gan-job evaluate`: print one JSON object of metrics for `--from`."""
     check_evaluation_flags(args.data, args.num, args.seed, args.inception_weights)
+    check_readable(args.source, args.s3_endpoint, "--from")
+    if args.data_dir:
+        check_readable(args.data_dir, args.s3_endpoint, "--data-dir")
     source_uri = resolve_latest(args.source, args.s3_endpoint)
     location = resolve_location(source_uri, args.s3_endpoint, flag="--from")
     if not location.exists():

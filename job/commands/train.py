@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import traceback
 from dataclasses import dataclass
@@ -14,12 +15,12 @@ from job.storage.checkpoint import latest_checkpoint_or_refuse
 from job.config import TrainConfig
 from job.storage.data_source import fetch_from_bucket
 from job.runtime.distributed import backend_for
-from job.errors import UsageError
+from job.errors import StorageRefused, UsageError
 from job.runtime.placement import PlacementTimeout, place
-from job.storage.location import Location, is_s3, resolve_location
+from job.storage.location import Location, is_s3, ray_filesystem, resolve_location
 from job.runtime.state import check_resumable
 from job.runtime.ray_session import train_loop_per_worker
-from job.commands.promote import MARGIN, check_margin, check_target, promote, promotion_args
+from job.commands.promote import MARGIN, check_margin, check_pointer_name, check_target, promote, promotion_args
 from job.settings import Setting
 from job.storage.s3 import endpoint_url
 from job.storage.s3_preflight import check_bucket
@@ -27,7 +28,6 @@ from job.storage.s3_preflight import check_bucket
 # Exit status when training finished but its promotion (`--promote-to`) failed: 0 is success (the
 # promotion made or declined), 1 a failed run, 2 bad input; 3 is free everywhere in the CLI.
 PROMOTION_FAILED = 3
-POINTER_NAME = "LATEST"
 # The promotion flags: declared here, never environment knobs (cli.NOT_FROM_ENVIRONMENT).
 PROMOTE_TO = Setting(
     "after training finished, promote the run to this pointer as `promote` does with its defaults; "
@@ -53,11 +53,7 @@ def check_promotion(promotion: Promotion, s3_endpoint: str | None) -> Location:
     check_margin(promotion.margin, flag="--promote-margin")
     if promotion.target is None:
         raise UsageError("--promote-margin needs --promote-to <storage>/<job>/LATEST; pass both, or neither")
-    if promotion.target.rsplit("/", 1)[-1] != POINTER_NAME:
-        raise UsageError(
-            f"--promote-to {promotion.target!r} does not name a pointer; pass <storage>/<job>/{POINTER_NAME}, "
-            f"e.g. <storage>/gan/{POINTER_NAME}"
-        )
+    check_pointer_name(promotion.target, flag="--promote-to")
     return resolve_location(promotion.target, s3_endpoint, flag="--promote-to")
 
 
@@ -146,6 +142,17 @@ def worker_failure(error: BaseException) -> BaseException:
     return getattr(cause, "cause", None) or cause
 
 
+ERROR_LINE = re.compile(r"^\s*(?:\w+\.)*\w*(?:Error|Exception|Failed)\w*: \S")
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def last_error_line(error: BaseException) -> str:
+    """The line of a (possibly multi-line, Ray-wrapped) error that names the exception and its message."""
+    lines = [ANSI_CODE.sub("", line).strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if ERROR_LINE.match(line)]
+    return (named or lines or [type(error).__name__])[-1]
+
+
 def build_trainer(config: TrainConfig):  # -> ray.train.torch.TorchTrainer (Ray stays a lazy import)
     """The TorchTrainer for `config`: scaling, backend, storage, checkpoint and failure policy."""
     import ray.train  # lazy: Ray stays off the start-up path of every command
@@ -168,7 +175,7 @@ def build_trainer(config: TrainConfig):  # -> ray.train.torch.TorchTrainer (Ray 
         run_config=ray.train.RunConfig(
             name=config.run_name,
             storage_path=storage.path,
-            storage_filesystem=storage.fs,
+            storage_filesystem=ray_filesystem(storage, config.s3_endpoint),  # Ray's own calls retry inside pyarrow
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
         ),
@@ -221,10 +228,16 @@ def run_training(config: TrainConfig, promotion: Promotion | None = None) -> int
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         cause = worker_failure(err)
-        if isinstance(cause, (UsageError, DataError)):
+        if isinstance(cause, (UsageError, DataError, StorageRefused)):
             raise UsageError(str(cause)) from None
-        message = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
-        print(f"gan-job: training failed after {config.max_failures} restart(s): {message}", file=sys.stderr)
+        print(f"gan-job: training failed after {config.max_failures} restart(s): {last_error_line(cause)}", file=sys.stderr)
+        return 1
+    except ray.exceptions.RayError as err:  # Ray Train's controller lost, e.g. to storage it could not reach
+        print(
+            f"gan-job: training failed: Ray Train's controller stopped ({last_error_line(err)}); the run's checkpoints and "
+            f"metrics in {run.uri} are kept: run the same command again to resume",
+            file=sys.stderr,
+        )
         return 1
     stopped = (result.metrics or {}).get("stopped")
     if stopped:  # a guard with --on-divergence/--on-collapse stop ended the run

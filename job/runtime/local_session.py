@@ -40,4 +40,4 @@ class LocalSession:
         finally:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
         for stale in checkpoint_folders(self.run)[self.keep_checkpoints :]:
-            stale.fs.delete_dir(stale.path)
+            stale.delete_folder()

@@ -10,7 +10,7 @@ import torch
 from job.storage.checkpoint import CheckpointError, latest_checkpoint_or_refuse, read_checkpoint, upload_checkpoint
 from job.config import TrainConfig
 from job.console import warn
-from job.runtime.distributed import select_device
+from job.runtime.distributed import print0, select_device
 from job.storage.location import Location, resolve_location
 from job.runtime.loop import run_worker
 
@@ -34,19 +34,30 @@ class RaySession:
         self.run = resolve_location(config.storage, config.s3_endpoint).child(config.run_name)
 
     def load_checkpoint(self) -> dict | None:
-        """Ray's latest registered checkpoint, read straight from storage; an older one if it is bad."""
+        """Ray's latest registered checkpoint, read straight from storage; else the run's newest good one.
+
+        Never a fresh start beside a run's own checkpoints: when Ray Train names none (its record was
+        unreadable, or a one-process run wrote them), the run folder is looked at all the same. A
+        storage read that fails raises (`job.storage.retry`), which fails this attempt; Ray Train then
+        restarts the group, up to `--max-failures`.
+        """
         import ray.train  # why: Ray stays a lazy import (see __init__)
 
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        try:
-            return read_checkpoint(self.run.child(posixpath.basename(checkpoint.path.rstrip("/"))))
-        except CheckpointError as err:
-            warn(f"latest checkpoint unusable, falling back to an older one: {err}")
+        named = posixpath.basename(checkpoint.path.rstrip("/")) if checkpoint is not None else None
+        if named is not None:
+            try:
+                return read_checkpoint(self.run.child(named))
+            except CheckpointError as err:
+                warn(f"latest checkpoint unusable, falling back to an older one: {err}")
         found = latest_checkpoint_or_refuse(self.run, "run")  # raises when only damaged ones are left
-        if found is None:
-            warn(f"run {self.run.uri} has no complete checkpoint left; starting it over")
+        if found is None and named is not None:
+            raise CheckpointError(
+                f"run {self.run.uri}: Ray Train's checkpoint {named} is unusable and no other checkpoint of the run loads; "
+                "starting over would overwrite the run's history: restore a checkpoint_* folder, or use a new --run-name"
+            )
+        if found is not None and named is None:
+            print0(f"Ray Train names no checkpoint of run {self.run.uri}; resuming from its newest in storage, {found[0].uri}")
         return found[1] if found else None
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
@@ -74,7 +85,9 @@ class RaySession:
 
         storage = ray.train.get_context().get_storage()
         path = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
-        upload_checkpoint(Path(checkpoint.path), Location(f"{self.run.uri}/{checkpoint_dir_name}", storage.storage_filesystem, path))
+        # Through this run's own filesystem (one attempt a call, under job.storage.retry's loop), not Ray's, whose
+        # calls retry inside pyarrow: retries never multiply.
+        upload_checkpoint(Path(checkpoint.path), Location(f"{self.run.uri}/{checkpoint_dir_name}", self.run.fs, path))
         return ray.train.Checkpoint(path=path, filesystem=storage.storage_filesystem)
 
 

@@ -20,10 +20,11 @@ class RunArtifacts:
         self.metrics_file = self.folder.child(METRICS_FILE)
 
     def read_metrics(self) -> list[dict]:
-        """The rows of `metrics.jsonl` (empty before the first epoch)."""
+        """The rows of `metrics.jsonl`: empty only when there is none yet (before the first epoch). A read that
+        fails raises: the history must never be taken as empty and written back so."""
         try:
             text = self.metrics_file.read_text()
-        except (FileNotFoundError, OSError):
+        except FileNotFoundError:
             return []
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 

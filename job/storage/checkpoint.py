@@ -92,9 +92,11 @@ def decode_checkpoint(raw: bytes, source: str) -> dict:
 
 
 def _read_file(folder: Location, name: str) -> bytes | None:
+    """The file's bytes; None only when it is not there. A read that fails raises (`job.storage.retry`): a
+    checkpoint that cannot be read right now is not an incomplete one, and must not be skipped as one."""
     try:
         return folder.child(name).read_bytes()
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:
         return None
 
 
@@ -152,13 +154,9 @@ def latest_checkpoint_or_refuse(run: Location, what: str) -> tuple[Location, dic
 def load_from(uri: str, s3_endpoint: str | None = None) -> tuple[Location, dict]:
     """The checkpoint a `--from` names: a checkpoint folder, or a run folder (its latest)."""
     location = resolve_location(uri, s3_endpoint, flag="--from")
-    try:
-        if location.child(STATE_FILE).exists():
-            return location, read_checkpoint(location)
-        found = latest_checkpoint_or_refuse(location, "--from")
-    except OSError as err:  # storage refused the listing (credentials, endpoint, bucket)
-        reason = " ".join(str(err).split())[:300] or type(err).__name__
-        raise UsageError(f"--from {uri} cannot be read ({reason}); check the location and the S3 credentials and endpoint") from None
+    if location.child(STATE_FILE).exists():
+        return location, read_checkpoint(location)
+    found = latest_checkpoint_or_refuse(location, "--from")
     if found is None:
         raise UsageError(f"--from {uri} holds no checkpoint; pass a run folder or one of its checkpoint_* folders")
     return found

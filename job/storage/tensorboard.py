@@ -170,7 +170,7 @@ def _ignore_storage_errors(action: Callable[[], object]) -> None:
 def _read_grid(artifacts: Location, epoch: int) -> bytes | None:
     try:
         return artifacts.child(sample_grid_name(epoch)).read_bytes()
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:
         return None  # no grid for this epoch (never written, or removed): its scalars still count
 
 
