@@ -213,3 +213,22 @@ def test_an_empty_knob_counts_as_unset(monkeypatch):
     monkeypatch.setenv(env_var_for("lr"), " ")
     args = build_parser().parse_args(["train"])
     assert args.epochs is None and args.lr is None  # TrainConfig's defaults (and the recipe's) apply
+
+
+def test_promote_refuses_a_target_that_names_no_pointer_as_train_does(tmp_path, capsys):
+    """`promote --target <dir>/NOTLATEST` is refused by the rule `train --promote-to` follows, writing nothing."""
+    code = main(["promote", "--run", str(tmp_path / "runs" / "a"), "--target", str(tmp_path / "job" / "NOTLATEST")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "--target" in lines[0] and "does not name a pointer" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag, name", [("--out", "grid.jpg"), ("--out", "grid"), ("--npy", "images"), ("--npy", "images.npz")])
+def test_generate_refuses_an_output_name_of_another_format(tmp_path, capsys, flag, name):
+    """The grid is always PNG and the array .npy: a name that says otherwise is refused before anything is read."""
+    out = {"--out": str(tmp_path / "grid.png"), "--npy": None, flag: str(tmp_path / name)}
+    argv = ["generate", "--from", str(tmp_path / "no-run"), "--out", out["--out"]] + (["--npy", out["--npy"]] if out["--npy"] else [])
+    code = main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and flag in lines[0] and name in lines[0]
+    assert list(tmp_path.iterdir()) == []

@@ -20,6 +20,7 @@ from job.runtime.state import checkpoint_num_classes, generator_from_checkpoint
 from job.settings import MAX_CLASSES, MAX_GENERATE_IMAGES, SEED, Setting, add_flag
 from job.storage.checkpoint import load_from
 from job.storage.pointer import resolve_latest
+from job.storage.s3_preflight import check_readable
 
 GRID_MAX = 64  # the grid shows at most an 8x8 of the images
 GRID_PER_CLASS = 10  # a conditional model's grid: one row per class asked for, its first 10 images
@@ -113,10 +114,15 @@ def generate(args: argparse.Namespace) -> int:
     SEED.check("--seed", args.seed)
     if args.label is not None and args.per_class:
         raise UsageError("--label and --per-class both name the classes; pass one of them (--per-class: all)")
-    outputs = [Path(p) for p in (args.out, args.npy) if p]
-    for path, flag in zip(outputs, ("--out", "--npy")):
+    for value, flag, suffix, kind in ((args.out, "--out", ".png", "a PNG grid"), (args.npy, "--npy", ".npy", "a NumPy array")):
+        if value is None:
+            continue
+        path = Path(value)
+        if path.suffix.lower() != suffix:  # the bytes are always that format: a name that says otherwise misleads
+            raise UsageError(f"{flag} {value}: it is written as {kind}; give it a name ending in {suffix}")
         if not path.parent.exists():
             raise UsageError(f"{flag} {path}: folder {path.parent} does not exist; create it first")
+    check_readable(args.source, args.s3_endpoint, "--from")
     source, state = load_from(resolve_latest(args.source, args.s3_endpoint), args.s3_endpoint)  # LATEST → its run
     classes = classes_asked(args, checkpoint_num_classes(state), source.uri)
     num = args.num if args.num is not None else (GRID_PER_CLASS * len(classes) if classes else DEFAULT_NUM)

@@ -46,10 +46,12 @@ from job.runtime.state import checkpoint_num_classes
 from job.settings import DATASET_NAMES, EVAL_NUM, MAX_MARGIN, SEED, Setting, add_flag
 from job.storage.checkpoint import STATE_FILE, load_from
 from job.storage.location import Location, resolve_location
+from job.storage.s3_preflight import check_readable
 from job.storage.pointer import LOG_FILE, PreconditionFailed, Snapshot, Store, append, check_enforced, read_pointer, read_snapshot
-from job.storage.pointer import replace_pointer, unreadable
+from job.storage.pointer import replace_pointer
 
 POINTER_KEYS = ("run", "fid_classifier", "promoted_at")
+POINTER_NAME = "LATEST"  # the one name a pointer has: <storage>/<job>/LATEST
 MAX_DECISIONS = 5  # reads and decisions before giving up on a LATEST that other promotions keep moving
 # -1 would promote a run infinitely worse; above MAX_MARGIN every run passes anyway.
 MARGIN = Setting(
@@ -84,10 +86,12 @@ def finished_state(run: Location, s3_endpoint: str | None) -> tuple[Location, di
         checkpoint, state = load_from(run.uri, s3_endpoint)
     except UsageError:
         raise UsageError(f"--run {run.uri} holds no readable checkpoint; pass <storage>/<run-name> of a finished run") from None
-    try:
+    try:  # a read that fails raises: "not finished" is decided only on a model.json that is not there
         model = json.loads(run.child("artifacts", "model.json").read_text())
-    except (FileNotFoundError, OSError, ValueError):
+    except FileNotFoundError:
         return checkpoint, state, None, "the run has no artifacts/model.json: it has not finished"
+    except ValueError:
+        return checkpoint, state, None, "the run's artifacts/model.json is not JSON: it did not finish writing it"
     epochs = model.get("epochs", state["config"].get("epochs"))
     if state["epoch"] != epochs:
         return checkpoint, state, model, f"the newest checkpoint is of epoch {state['epoch']}, the run is configured for {epochs}"
@@ -104,9 +108,9 @@ def candidate_evaluation(
 ) -> dict:
     """The run's stored `eval.json` when it measured this checkpoint alike, else a fresh evaluation (then stored)."""
     wanted = {"data": data, "num_images": num, "seed": seed, "reference": evaluator.describe()}
-    try:
+    try:  # a read that fails raises, rather than evaluating again and writing over the stored result
         stored = json.loads(run.child("artifacts", EVAL_FILE).read_text())
-    except (FileNotFoundError, OSError, ValueError):
+    except (FileNotFoundError, ValueError):
         stored = None
     if isinstance(stored, dict) and stored.get("source") == checkpoint.uri and same_protocol(stored, wanted):
         return stored
@@ -165,6 +169,14 @@ def decided(decision: dict) -> None:
     """Called after each decision, before any of it is written: a seam where tests order overlapping promotions."""
 
 
+def check_pointer_name(target: str, flag: str = "--target") -> None:
+    """Refuse a target whose last part is not LATEST: `promote` and `train --promote-to` write no other pointer."""
+    if target.rsplit("/", 1)[-1] != POINTER_NAME:
+        raise UsageError(
+            f"{flag} {target!r} does not name a pointer; pass <storage>/<job>/{POINTER_NAME}, e.g. <storage>/gan/{POINTER_NAME}"
+        )
+
+
 def check_margin(margin: object, flag: str = "--margin") -> None:
     """Refuse a margin that is not a finite number in (-1, MAX_MARGIN]."""
     MARGIN.check(flag, margin)
@@ -173,10 +185,9 @@ def check_margin(margin: object, flag: str = "--margin") -> None:
 def check_target(target: Location, s3_endpoint: str | None, flag: str = "--target") -> None:
     """Refuse, before any work, a target that is not a LATEST pointer (nor absent), cannot be read, or whose
     store does not enforce the conditional writes that promotions rely on (a probe, written and deleted)."""
-    try:
-        read_pointer(target, flag)  # a LATEST that is not a pointer is refused before any work
-    except OSError as err:
-        raise unreadable(flag, target.uri, err) from None
+    check_pointer_name(target.uri, flag)
+    check_readable(target.uri, s3_endpoint, flag)  # a wrong endpoint or credentials fail in seconds
+    read_pointer(target, flag)  # a LATEST that is not a pointer is refused before any work
     check_enforced(target, s3_endpoint, flag)  # seconds, before minutes of evaluation
 
 
@@ -199,13 +210,14 @@ def promote(args: argparse.Namespace) -> int:
     check_evaluation_flags(args.data, args.num, args.seed)
     run = resolve_location(args.run, args.s3_endpoint, flag="--run")
     target = resolve_location(args.target, args.s3_endpoint, flag="--target")
-    try:
-        if not run.exists():
-            raise UsageError(f"--run {args.run} does not exist; pass <storage>/<run-name> of a finished run")
-        if run.child(STATE_FILE).exists():
-            raise UsageError(f"--run {args.run} is a checkpoint folder; pass its run folder, <storage>/<run-name>")
-    except OSError as err:
-        raise unreadable("--run", args.run, err) from None
+    check_pointer_name(target.uri)
+    check_readable(run.uri, args.s3_endpoint, "--run")
+    if args.data_dir:
+        check_readable(args.data_dir, args.s3_endpoint, "--data-dir")
+    if not run.exists():
+        raise UsageError(f"--run {args.run} does not exist; pass <storage>/<run-name> of a finished run")
+    if run.child(STATE_FILE).exists():
+        raise UsageError(f"--run {args.run} is a checkpoint folder; pass its run folder, <storage>/<run-name>")
     check_target(target, args.s3_endpoint)
     checkpoint, state, model, unfinished = finished_state(run, args.s3_endpoint)
     store, num_classes = Store(args.s3_endpoint), checkpoint_num_classes(state)
@@ -257,10 +269,8 @@ def promote(args: argparse.Namespace) -> int:
 
 
 def read_or_refuse(store: Store, target: Location) -> Snapshot:
-    try:
-        return read_snapshot(store, target)
-    except OSError as err:
-        raise unreadable("--target", target.uri, err) from None
+    """The log and LATEST as read now; a read that fails raises (`job.storage.retry`), so nothing is decided on it."""
+    return read_snapshot(store, target)
 
 
 def decide(
