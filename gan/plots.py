@@ -55,17 +55,25 @@ def image_grid_png(images: torch.Tensor, title: str | None = None, columns: int 
     return _png(figure)
 
 
+def _epoch_axis(axis) -> None:
+    """Whole epochs on the x axis (a short run would otherwise get 1.2, 1.4, ...)."""
+    from matplotlib.ticker import MaxNLocator  # why: matplotlib is heavy, loaded with pyplot on first use
+
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_xlabel("epoch")
+    axis.grid(alpha=0.3)
+
+
 def loss_curves_png(rows: Sequence[dict]) -> bytes:
-    """Per-epoch D and G losses from `metrics.jsonl` rows."""
+    """Per-epoch D and G losses from `metrics.jsonl` rows; the legend below the plot, off the curves."""
     plt = _pyplot()
     epochs = [row["epoch"] for row in rows]
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = plt.subplots(figsize=(6, 4.4), layout="constrained")
     axis.plot(epochs, [row["loss_d"] for row in rows], marker="o", label="discriminator")
     axis.plot(epochs, [row["loss_g"] for row in rows], marker="o", label="generator")
-    axis.set_xlabel("epoch")
     axis.set_ylabel("mean loss")
-    axis.legend()
-    axis.grid(alpha=0.3)
+    _epoch_axis(axis)
+    figure.legend(loc="outside lower center", ncol=2, frameon=False)
     return _png(figure)
 
 
@@ -74,16 +82,17 @@ def quality_curves_png(rows: Sequence[dict]) -> bytes:
     plt = _pyplot()
     scored = [row for row in rows if "quality" in row]
     epochs = [row["epoch"] for row in scored]
-    figure, (fid_axis, modes_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    fid_axis.plot(epochs, [row["quality"]["fid_classifier"] for row in scored], marker="o", label="generated vs test")
-    fid_axis.plot(epochs, [row["quality"]["fid_classifier_floor"] for row in scored], linestyle="--", label="floor: train vs test")
-    fid_axis.set_xlabel("epoch")
+    figure, (fid_axis, modes_axis) = plt.subplots(1, 2, figsize=(10, 4.4), layout="constrained")
+    fid_axis.plot(epochs, [row["quality"]["fid_classifier"] for row in scored], marker="o", label="FID: generated vs test")
+    fid_axis.plot(
+        epochs, [row["quality"]["fid_classifier_floor"] for row in scored], linestyle="--", label="FID floor: train vs test"
+    )
     fid_axis.set_ylabel("FID (classifier features)")
-    fid_axis.legend()
-    modes_axis.plot(epochs, [row["quality"]["modes_covered"] for row in scored], marker="o")
+    modes_axis.plot(epochs, [row["quality"]["modes_covered"] for row in scored], marker="o", color="tab:green",
+                    label="classes covered (>= 2 %)")  # fmt: skip
     modes_axis.set_ylim(0, 10.5)
-    modes_axis.set_xlabel("epoch")
     modes_axis.set_ylabel("classes covered (>= 2 %)")
     for axis in (fid_axis, modes_axis):
-        axis.grid(alpha=0.3)
+        _epoch_axis(axis)
+    figure.legend(loc="outside lower center", ncol=3, frameon=False)  # below both plots, never on the data
     return _png(figure)
