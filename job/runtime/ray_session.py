@@ -13,6 +13,7 @@ from job.console import warn
 from job.runtime.distributed import print0, select_device
 from job.storage.location import Location, resolve_location
 from job.runtime.loop import run_worker
+from job.runtime.ray_logging import quiet_ray_train_reports
 
 
 class RaySession:
@@ -93,6 +94,7 @@ class RaySession:
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's entry point on each worker."""
+    quiet_ray_train_reports()  # first: Ray's per-report line would repeat every epoch's metrics on every rank
     train_config = TrainConfig.from_dict(config)
     torch.set_num_threads(train_config.cpus_per_worker or 1)
     run_worker(train_config, RaySession(train_config))
