@@ -221,7 +221,7 @@ def ray_train_replaced(monkeypatch):
     monkeypatch.setattr(job.commands.train, "connect_ray", lambda: None)
     monkeypatch.setattr(job.commands.train, "place", lambda config: config)
     monkeypatch.setattr(job.commands.train, "build_trainer", lambda config: Trainer())
-    monkeypatch.setattr("job.commands.promote.DEFAULT_NUM", int(NUM))  # promote's default image count, small here
+    monkeypatch.setattr("job.commands.evaluate.DEFAULT_NUM", int(NUM))  # promote's default image count, small here
     return state
 
 

@@ -48,20 +48,27 @@ CLASSIFIER_FILE = "classifier.pt"
 PROTOCOL_FIELDS = ("data", "num_images", "seed")
 
 
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `gan-job evaluate` (cli.py builds the subparser and calls this)."""
-    parser.add_argument("--from", dest="source", required=True, help="run folder, checkpoint folder, LATEST pointer, or s3:// of any")
+def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of an evaluation that `evaluate` and `promote` share: the real data, the images, the endpoint."""
     add_flag(parser, "--data", DATA)
     parser.add_argument(
-        "--data-dir", default=None, help="folder or s3://bucket/prefix with the four IDX files (default: cache, system copy, download)"
+        "--data-dir",
+        default=None,
+        help="folder or s3://bucket/prefix with the four IDX files (default: cache, system copy, download)",
     )
     add_flag(parser, "--num", EVAL_NUM, DEFAULT_NUM)
     add_flag(parser, "--seed", SEED, 0)
+    parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `gan-job evaluate` (cli.py builds the subparser and calls this)."""
+    parser.add_argument("--from", dest="source", required=True, help="run folder, checkpoint folder, LATEST pointer, or s3:// of any")
+    add_evaluation_flags(parser)
     add_flag(parser, "--cas", CAS, False)
     parser.add_argument(
         "--inception-weights", default=None, help="local Inception weights (.pth state dict) for Inception FID; never downloaded"
     )
-    parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
     parser.set_defaults(handler=evaluate)
 
 

@@ -38,12 +38,12 @@ import uuid
 
 from gan.metrics import QualityEvaluator
 from job.commands.evaluate import (
-    DEFAULT_NUM, EVAL_FILE, check_evaluation_flags, evaluate_state, prepare_evaluator, same_protocol, store_in_run,
+    EVAL_FILE, add_evaluation_flags, check_evaluation_flags, evaluate_state, prepare_evaluator, same_protocol, store_in_run,
 )  # fmt: skip
 from job.console import warn
 from job.errors import UsageError
 from job.runtime.state import checkpoint_num_classes
-from job.settings import DATASET_NAMES, EVAL_NUM, MAX_MARGIN, SEED, Setting, add_flag
+from job.settings import MAX_MARGIN, Setting, add_flag
 from job.storage.checkpoint import STATE_FILE, load_from
 from job.storage.location import Location, resolve_location
 from job.storage.s3_preflight import check_readable
@@ -58,7 +58,6 @@ MARGIN = Setting(
     "promote when fid_new <= fid_current * (1 + margin); 0 = no worse, 0.05 = up to 5 % worse, -0.1 = at least 10 % better",
     kind=float, low=-1, low_open=True, high=MAX_MARGIN,
 )  # fmt: skip
-DATA = Setting("real data to evaluate against (default: the run's)", choices=DATASET_NAMES)
 
 
 def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,13 +65,7 @@ def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="the run folder to promote: <storage>/<run-name> (local or s3://)")
     parser.add_argument("--target", required=True, help="the pointer to update: <storage>/<job>/LATEST (local or s3://)")
     add_flag(parser, "--margin", MARGIN, 0.0)
-    add_flag(parser, "--data", DATA)
-    parser.add_argument(
-        "--data-dir", default=None, help="folder or s3://bucket/prefix with the four IDX files (default: cache, system copy, download)"
-    )
-    add_flag(parser, "--num", EVAL_NUM, DEFAULT_NUM)
-    add_flag(parser, "--seed", SEED, 0)
-    parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
+    add_evaluation_flags(parser)
     parser.set_defaults(handler=promote)
 
 
