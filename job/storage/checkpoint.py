@@ -41,6 +41,7 @@ class IncompleteCheckpointError(CheckpointError):
 
 
 def sha256_hex(raw: bytes) -> str:
+    """The SHA-256 of `raw` as 64 hex digits: the job's one digest of bytes (checkpoints, LATEST's local token)."""
     return hashlib.sha256(raw).hexdigest()
 
 

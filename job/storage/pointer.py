@@ -30,7 +30,6 @@ the other. Neither object store nor file system can update two objects in one st
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import subprocess
@@ -39,6 +38,7 @@ import uuid
 from dataclasses import dataclass
 
 from job.errors import UsageError
+from job.storage.checkpoint import sha256_hex
 from job.storage.location import Location, resolve_location
 from job.storage.retry import retried
 from job.storage.s3 import s3_client
@@ -57,10 +57,6 @@ class Versioned:
 
     data: bytes | None
     token: str | None
-
-
-def digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def lock_path(location: Location) -> str:
@@ -97,7 +93,7 @@ class Store:
         if location.is_local:
             with open(location.path, "rb") as handle:
                 data = handle.read()
-            return Versioned(data, digest(data))
+            return Versioned(data, sha256_hex(data))
         bucket, key = _bucket_key(location)
         reply = self.client().get_object(Bucket=bucket, Key=key)
         return Versioned(reply["Body"].read(), reply["ETag"])  # body and ETag of one version
