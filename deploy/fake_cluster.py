@@ -272,6 +272,10 @@ class FakeCluster:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": self.token,
             "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+            # The cluster's own address for every process on it (Ray Train's placement group cleaner asks the
+            # state API, which otherwise guesses, and fails when other Ray clusters run on the machine).
+            # RAY_ADDRESS itself would make `ray start --head` join rather than start.
+            "RAY_API_SERVER_ADDRESS": self.dashboard_address,
         }
         env.pop("RAY_ADDRESS", None)
         ray = str(Path(sys.executable).parent / "ray")

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
+import socket
 import sys
 import traceback
 from dataclasses import dataclass
@@ -128,11 +130,42 @@ def prepare_storage(config: TrainConfig) -> None:
 
 
 def connect_ray() -> None:
-    """Join the cluster of `ray job submit` (RAY_ADDRESS) or start a local one."""
+    """Join the cluster of `ray job submit` (RAY_ADDRESS), or start a local one of this machine's own.
+
+    The local cluster listens on loopback only, with token authentication: Ray's default for a new
+    local cluster, kept on purpose, so its notice about it is not shown (the token is
+    `~/.ray/auth_token`, made on first use; RAY_AUTH_MODE=disabled turns it off). Its GCS port is picked before it starts, so that every process
+    of the run gets the cluster's address (RAY_ADDRESS): Ray's helpers (Ray Train's placement group
+    cleaner) otherwise guess it, and fail when other Ray clusters run on the machine. Its preemption
+    watcher, which only serves nodes that a cloud can take away, is off.
+    """
     import ray  # lazy: Ray stays off the start-up path of every command
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level="WARNING", log_to_driver=True)
+        return
+    gcs_port = free_port()
+    os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)  # read by the head ray.init starts
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # Ray Train hands it on to its controller
+    runtime_env = {"env_vars": {"RAY_ADDRESS": f"{LOOPBACK}:{gcs_port}"}}
+    auth_notice = logging.getLogger(RAY_AUTH_LOGGER)
+    auth_notice.setLevel(logging.ERROR)  # "Token authentication is enabled": as documented above
+    ray.init(_node_ip_address=LOOPBACK, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=True)
+
+
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"  # tests/test_console.py pins it
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, on loopback."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
 
 
 def worker_failure(error: BaseException) -> BaseException:
