@@ -1,9 +1,11 @@
-"""The README's train flag table and the knobs ConfigMap agree with the one declaration of the train
-settings (`TrainConfig`'s fields): every knob listed, with its variable, at its declared default."""
+"""docs/cli.md's train flag table and the knobs ConfigMap agree with the one declaration of the train
+settings (`TrainConfig`'s fields): the table is the one tools/flag_table.py generates, every knob is
+listed, with its variable, at its declared default."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from job.errors import flag_name
 from job.settings import env_var_for
 
 ROOT = Path(__file__).resolve().parent.parent
+CLI_PAGE = ROOT / "docs" / "cli.md"
 CONFIGMAP = ROOT / "deploy" / "base" / "configmap.knobs.yaml"
 GPU_PATCH = ROOT / "deploy" / "components" / "gpu" / "configmap.knobs.patch.yaml"
 PROMOTION_FLAGS = ("--promote-to", "--promote-margin")  # train flags with no variable
@@ -39,30 +42,27 @@ def as_variable(value: object) -> str:
     return str(value)
 
 
-def as_readme(value: object) -> str:
-    """A default as the README's table shows it."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, str):
-        return f"`{value}`"
-    return as_variable(value)
-
-
 def test_every_config_field_is_a_declared_setting():
     """A new TrainConfig field without `setting(...)` would have no flag, no variable and no bounds."""
     derived = {"max_workers"}  # the MAX of --num-workers MIN-MAX
     assert {f.name for f in dataclasses.fields(TrainConfig)} - derived == set(SETTINGS)
 
 
-# The README's train flag table ------------------------------------------------------------------
+# docs/cli.md's train flag table ------------------------------------------------------------------
 
 
-def readme_rows() -> dict[str, list[str]]:
-    """The train flag table: flag → [variable, default, meaning]."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("### `gan-job train`") : text.index("### `gan-job generate`")]
+def flag_table():
+    """tools/flag_table.py, the generator of the table (a script, not a package: loaded from its path)."""
+    spec = importlib.util.spec_from_file_location("flag_table", ROOT / "tools" / "flag_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows() -> dict[str, list[str]]:
+    """docs/cli.md's train flag table as written: flag → [variable, default, meaning]."""
     rows = {}
-    for line in section.splitlines():
+    for line in flag_table().current_block(CLI_PAGE.read_text()).splitlines():
         cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
         found = re.match(r"`(--[a-z0-9-]+)", cells[0]) if cells else None
         if found:
@@ -70,20 +70,32 @@ def readme_rows() -> dict[str, list[str]]:
     return rows
 
 
-def test_the_readme_table_lists_every_train_flag_and_nothing_else():
-    assert set(readme_rows()) == {flag_name(name) for name in SETTINGS} | set(PROMOTION_FLAGS)
+def test_the_table_in_docs_is_the_generated_one():
+    """A setting added, removed or changed without running tools/flag_table.py fails here."""
+    generator = flag_table()
+    assert generator.current_block(CLI_PAGE.read_text()) == generator.render(), f"run {generator.COMMAND}"
+
+
+def test_the_generated_table_says_so_with_the_command_that_regenerates_it():
+    block = flag_table().current_block(CLI_PAGE.read_text())
+    assert "Generated" in block.splitlines()[1] and "tools/flag_table.py" in block.splitlines()[1]
+
+
+def test_the_table_lists_every_train_flag_and_nothing_else():
+    assert set(table_rows()) == {flag_name(name) for name in SETTINGS} | set(PROMOTION_FLAGS)
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))
-def test_the_readme_table_names_each_flags_variable_and_default(name):
-    variable, default, _meaning = readme_rows()[flag_name(name)]
+def test_the_table_names_each_flags_variable_and_default(name):
+    variable, default, _meaning = table_rows()[flag_name(name)]
     assert variable == f"`{env_var_for(name)}`"
     if declared_default(name) is not None:
-        assert default == as_readme(declared_default(name)), f"{flag_name(name)}: README says {default}"
+        shown = flag_table().shown(declared_default(name))
+        assert default == shown or default.startswith(f"{shown}, "), f"{flag_name(name)}: docs/cli.md says {default}"
 
 
-def test_the_promotion_flags_have_no_variable_in_the_readme():
-    assert all(readme_rows()[flag][0] == "none" for flag in PROMOTION_FLAGS)
+def test_the_promotion_flags_have_no_variable_in_the_table():
+    assert all(table_rows()[flag][0] == "none" for flag in PROMOTION_FLAGS)
 
 
 # The knobs ConfigMap ------------------------------------------------------------------------------
@@ -101,8 +113,8 @@ def set_knobs(path: Path) -> dict[str, str]:
 def test_the_configmap_lists_every_knob_once_set_or_commented_out():
     set_, commented = set_knobs(CONFIGMAP), commented_knobs(CONFIGMAP)
     assert not set(set_) & set(commented), "a knob is both set and commented out"
-    expected = {env_var_for(name) for name in KNOBS}
-    assert set(set_) | set(commented) == expected, {"missing": expected - set(set_) - set(commented), "unknown": set(set_) | set(commented) - expected}
+    expected, listed = {env_var_for(name) for name in KNOBS}, set(set_) | set(commented)
+    assert listed == expected, {"missing": expected - listed, "unknown": listed - expected}
 
 
 @pytest.mark.parametrize("name", list(KNOBS))
@@ -123,4 +135,5 @@ def test_a_set_knob_is_valid_for_its_declaration_and_says_why(path):
         KNOBS[name].parse(value)  # ValueError: not a value the flag accepts
         index = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{variable}:"))
         above = [line.strip() for line in lines[max(0, index - 4) : index]]
-        assert above and above[-1].startswith("#"), f"{path.name}: {variable} is set, so it needs a comment above saying why"
+        why = f"{path.name}: {variable} is set, so it needs a comment above saying why"
+        assert above and above[-1].startswith("#"), why
