@@ -34,14 +34,34 @@ def main() -> None:
     parser.add_argument("--bench-args", default="", help="extra flags for gan-job bench, e.g. '--precision fp32'")
     args = parser.parse_args()
 
-    tf_command = [args.tf_python, str(HERE / "tf_tutorial_step.py"), "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
-    ours_command = [sys.executable, "-m", "job", "bench", "--steps", str(args.steps), "--batch-size", str(args.batch_size), *args.bench_args.split()]
+    tf_command = [
+        args.tf_python,
+        str(HERE / "tf_tutorial_step.py"),
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+    ]
+    ours_command = [
+        sys.executable,
+        "-m",
+        "job",
+        "bench",
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        *args.bench_args.split(),
+    ]
     tf_rates, our_rates = [], []
     for round_index in range(1, args.rounds + 1):
         tf_rates.append(last_json(tf_command)["images_per_s"])
         ours = last_json(ours_command)
         our_rates.append(ours["images_per_s"])
-        print(f"round {round_index}: tensorflow {tf_rates[-1]:.0f} img/s, gan-job {our_rates[-1]:.0f} img/s ({ours['precision']})", flush=True)
+        print(
+            f"round {round_index}: tensorflow {tf_rates[-1]:.0f} img/s, gan-job {our_rates[-1]:.0f} img/s ({ours['precision']})",
+            flush=True,
+        )
     tf_median, our_median = statistics.median(tf_rates), statistics.median(our_rates)
     print(json.dumps({
         "batch_size": args.batch_size, "tensorflow_images_per_s": tf_median, "gan_job_images_per_s": our_median,

@@ -58,7 +58,12 @@ def main() -> None:
         hits = predicted == eval_labels
         per_class = [round(float(hits[eval_labels == c].float().mean()), 3) for c in range(num_classes)]
         accuracy = round(float(hits.float().mean()), 4)
-        print(json.dumps({"step": step, "seconds": round(seconds, 1), "class_accuracy": accuracy, "per_class": per_class}), flush=True)
+        print(
+            json.dumps(
+                {"step": step, "seconds": round(seconds, 1), "class_accuracy": accuracy, "per_class": per_class}
+            ),
+            flush=True,
+        )
 
     start, step, epoch = time.perf_counter(), 0, 0
     report(0, 0.0)
@@ -75,7 +80,9 @@ def main() -> None:
         epoch += 1
     if args.grid:
         noise, labels = class_grid_inputs(num_classes, 10, args.noise_dim, seed=7)
-        args.grid.write_bytes(image_grid_png(sample(generator, noise, labels), title=f"step {step}: one row per class", columns=10))
+        args.grid.write_bytes(
+            image_grid_png(sample(generator, noise, labels), title=f"step {step}: one row per class", columns=10)
+        )
 
 
 if __name__ == "__main__":

@@ -86,7 +86,10 @@ def build_variant(variant: str) -> None:
 
     if g_kind == "joined":  # cbn: today's Generator as it is
         models.Generator.__init__, models.Generator.forward = joined_init, joined_forward
-    models.Discriminator.__init__, models.Discriminator.forward = variant_discriminator_init, variant_discriminator_forward
+    models.Discriminator.__init__, models.Discriminator.forward = (
+        variant_discriminator_init,
+        variant_discriminator_forward,
+    )
 
 
 def train_variant(variant: str, data_dir: str, out: Path, epochs: int, device_name: str, limit: int | None) -> None:
@@ -101,7 +104,10 @@ def train_variant(variant: str, data_dir: str, out: Path, epochs: int, device_na
     recipe = "stable" if variant == "stable" else "conditional"
     config = TrainConfig(data="fashion-mnist", data_dir=data_dir, epochs=epochs, storage=str(out), run_name=variant,
                          recipe=recipe, eval_every=1, keep_checkpoints=1, cpus_per_worker=1, limit=limit)  # fmt: skip
-    run_worker(config, LocalSession(resolve_location(str(out)).child(variant), torch.device(device_name), config.keep_checkpoints))
+    run_worker(
+        config,
+        LocalSession(resolve_location(str(out)).child(variant), torch.device(device_name), config.keep_checkpoints),
+    )
 
 
 def main() -> None:
@@ -130,8 +136,16 @@ def main() -> None:
     for variant, (child, log) in children.items():
         child.wait()
         log.close()
-        rows = [json.loads(line) for line in (args.out / variant / "artifacts" / "metrics.jsonl").read_text().splitlines()] if child.returncode == 0 else []
-        curve = [(row["epoch"], row["quality"]["fid_classifier"], row["quality"]["recall"]) for row in rows if "quality" in row]
+        rows = (
+            [json.loads(line) for line in (args.out / variant / "artifacts" / "metrics.jsonl").read_text().splitlines()]
+            if child.returncode == 0
+            else []
+        )
+        curve = [
+            (row["epoch"], row["quality"]["fid_classifier"], row["quality"]["recall"])
+            for row in rows
+            if "quality" in row
+        ]
         print(json.dumps({"variant": variant, "exit": child.returncode, "epoch_fid_recall": curve}))
     print(f"# {len(children)} variants, {args.epochs} epochs, {time.perf_counter() - started:.0f} s", file=sys.stderr)
 

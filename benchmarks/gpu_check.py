@@ -54,12 +54,20 @@ MNIST_TRAIN, MNIST_TEST = 60_000, 10_000
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where to run (default cuda)")
     parser.add_argument("--quick", action="store_true", help="every stage small: the CPU rehearsal the test suite runs")
-    parser.add_argument("--out", type=Path, default=Path("results.json"), help="the results file, rewritten after each stage")
-    parser.add_argument("--wheels", type=Path, help="folder of wheels to unpack and put on the path (the GPU machine has no Ray)")
-    parser.add_argument("--budget-s", type=float, default=230.0, help="stop starting stages after this many seconds (default 230)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("results.json"), help="the results file, rewritten after each stage"
+    )
+    parser.add_argument(
+        "--wheels", type=Path, help="folder of wheels to unpack and put on the path (the GPU machine has no Ray)"
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=230.0, help="stop starting stages after this many seconds (default 230)"
+    )
     parser.add_argument("--stages", default="1,2,3,4,5,6", help="which stages to run, e.g. 1,2,3 (default all)")
     parser.add_argument("--ray-address", help="run stage 6's job on this Ray cluster instead of a local one it starts")
     parser.add_argument("--work-dir", type=Path, help="scratch folder (default: a temporary one, removed at the end)")
@@ -89,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
     failed = [name for name, stage in check.results["stages"].items() if stage["status"] == "error"]
-    print(f"gpu_check: {len(check.results['stages'])} stages in {check.results['total_s']} s; failed: {failed or 'none'}; {args.out}")
+    print(
+        f"gpu_check: {len(check.results['stages'])} stages in {check.results['total_s']} s; failed: {failed or 'none'}; {args.out}"
+    )
     return 1 if failed else 0
 
 
@@ -116,7 +126,10 @@ class Check:
     def run_stage(self, name: str, run: Callable[[Check], dict]) -> None:
         needed_s = STAGE_MIN_S[name] if not self.quick else 1
         if self.left_s() < needed_s:
-            self.results["stages"][name] = {"status": "skipped", "reason": f"{self.left_s():.0f} s left of the budget, {needed_s} s needed"}
+            self.results["stages"][name] = {
+                "status": "skipped",
+                "reason": f"{self.left_s():.0f} s left of the budget, {needed_s} s needed",
+            }
             self.write()
             return
         print(f"gpu_check: stage {name} ({self.left_s():.0f} s left)", flush=True)
@@ -124,7 +137,11 @@ class Check:
         try:
             outcome = {"status": "ok", **run(self)}
         except Exception as err:  # a failed stage is a result too; the next stage still runs
-            outcome = {"status": "error", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
+            outcome = {
+                "status": "error",
+                "error": f"{type(err).__name__}: {err}",
+                "traceback": traceback.format_exc()[-3000:],
+            }
         outcome["stage_s"] = round(time.perf_counter() - start_s, 2)
         self.results["stages"][name] = outcome
         self.write()
@@ -273,7 +290,9 @@ def stage_equivalence(check: Check) -> dict:
                 found["deterministic_eager_capturable_vs_eager"] = compare(runs["eager_capturable"], runs["eager"])
         finally:
             torch.use_deterministic_algorithms(False)
-        found["determinism_warnings"] = sorted({str(w.message)[:200] for w in caught if "deterministic" in str(w.message)})
+        found["determinism_warnings"] = sorted(
+            {str(w.message)[:200] for w in caught if "deterministic" in str(w.message)}
+        )
     if cuda:  # cudnn.benchmark on: what train runs
         eager = twenty_steps(check, batch, steps, "off", benchmark=True)
         found["benchmark_eager_vs_eager"] = compare(twenty_steps(check, batch, steps, "off", benchmark=True), eager)
@@ -328,8 +347,13 @@ def synthetic_mnist(folder: Path, num_train: int, num_test: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rng = torch.Generator().manual_seed(0)
     for split, count in (("train", num_train), ("test", num_test)):
-        write_idx(folder / IDX_FILES[f"{split}_images"], torch.randint(0, 256, (count, 28, 28), generator=rng, dtype=torch.uint8))
-        write_idx(folder / IDX_FILES[f"{split}_labels"], torch.randint(0, 10, (count,), generator=rng, dtype=torch.uint8))
+        write_idx(
+            folder / IDX_FILES[f"{split}_images"],
+            torch.randint(0, 256, (count, 28, 28), generator=rng, dtype=torch.uint8),
+        )
+        write_idx(
+            folder / IDX_FILES[f"{split}_labels"], torch.randint(0, 10, (count,), generator=rng, dtype=torch.uint8)
+        )
     return folder
 
 
@@ -349,7 +373,9 @@ def stage_full_loop(check: Check) -> dict:
             eval_every=1, eval_num=64 if check.quick else 2000, checkpoint_every=1, use_gpu=cuda, cuda_graphs=graphs,
             cpus_per_worker=None if cuda else 1,
         )  # fmt: skip
-        session = TimedSession(resolve_location(config.storage).child(config.run_name), check.device, config.keep_checkpoints)
+        session = TimedSession(
+            resolve_location(config.storage).child(config.run_name), check.device, config.keep_checkpoints
+        )
         start_s = time.perf_counter()
         run_worker(config, session)
         if cuda:
@@ -360,7 +386,10 @@ def stage_full_loop(check: Check) -> dict:
         found[f"graphs_{graphs}"] = {
             "run_s": round(time.perf_counter() - start_s, 2),
             "epoch_wall_s": walls,  # from the previous epoch's report to this one's: steps, evaluation, grid, checkpoint, report
-            "rows": [{k: v for k, v in row.items() if k.endswith("_s") or k in ("epoch", "step", "images_per_s")} for row in rows],
+            "rows": [
+                {k: v for k, v in row.items() if k.endswith("_s") or k in ("epoch", "step", "images_per_s")}
+                for row in rows
+            ],
         }
     found["goal"] = "epochs 2 and 3 of graphs_on: epoch_wall_s <= 0.5 s each (one H100/H200, batch 256)"
     return found
@@ -401,7 +430,9 @@ def stage_syncs(check: Check) -> dict:
     found = {}
     for graphs in ("off", "on"):
         stepper, _ = bench_stepper(check.device, 256, "fp32", graphs, images_u8=images, ema_decay=0.999)
-        train_epoch(stepper, shard_indices(MNIST_TRAIN, 0, 1, 1, 0)[:256 * 8], 256)  # warm-up and capture, outside the count
+        train_epoch(
+            stepper, shard_indices(MNIST_TRAIN, 0, 1, 1, 0)[: 256 * 8], 256
+        )  # warm-up and capture, outside the count
         indices = shard_indices(MNIST_TRAIN, 0, 1, 2, 0)
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
@@ -455,9 +486,13 @@ def stage_ray_train(check: Check) -> dict:
         check.results["stages"]["6_ray_train"] = {"status": "running", **found}
         check.write()
         if outcome["exit"] != 0:
-            raise RuntimeError(f"the Ray Train run ({attempt}) ended with {outcome['exit']}; see ray_{attempt}.output_tail")
+            raise RuntimeError(
+                f"the Ray Train run ({attempt}) ended with {outcome['exit']}; see ray_{attempt}.output_tail"
+            )
     resumed_rows = found["ray_resumed"]["rows"]
-    found["resumed_ok"] = [r["epoch"] for r in resumed_rows] == [1, 2] and resumed_rows[1].get("resumed", {}).get("from_epoch") == 1
+    found["resumed_ok"] = [r["epoch"] for r in resumed_rows] == [1, 2] and resumed_rows[1].get("resumed", {}).get(
+        "from_epoch"
+    ) == 1
     return found
 
 
@@ -496,7 +531,10 @@ def ddp_world_size_one(check: Check) -> dict:
             batches = torch.arange(plain.images_u8.shape[0], device=check.device).split(batch)
             for index in range(steps):
                 stepper.step(batches[index % len(batches)])
-            results[wrapped] = {"sums": stepper.sums.cpu(), **{k: v.cpu() for k, v in plain.generator.state_dict().items()}}
+            results[wrapped] = {
+                "sums": stepper.sums.cpu(),
+                **{k: v.cpu() for k, v in plain.generator.state_dict().items()},
+            }
             if wrapped:
                 found["ddp_graphs_captured"] = sorted(stepper.graphs)
         found["ddp_vs_plain"] = compare(results[True], results[False])

@@ -50,17 +50,18 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_DATA_DIR = '/usr/share/datasets/fashion-mnist'
-DEFAULT_CACHE = '/tmp/independent_eval_classifier.keras'
+DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
+DEFAULT_CACHE = "/tmp/independent_eval_classifier.keras"
 NUM_CLASSES = 10
 MODE_THRESHOLD = 0.02
 TRAIN_BATCH = 128
 LEARNING_RATE = 1e-3
 PREDICT_BATCH = 1000
-ARCHITECTURE = 'keras-mnist-cnn: C32k3-C64k3-MP2-D.25-F-D128-D.5-D10'
+ARCHITECTURE = "keras-mnist-cnn: C32k3-C64k3-MP2-D.25-F-D128-D.5-D10"
 
 try:
     import scipy.linalg
+
     HAVE_SCIPY = True
 except ImportError:  # pragma: no cover - depends on the venv
     HAVE_SCIPY = False
@@ -68,26 +69,27 @@ except ImportError:  # pragma: no cover - depends on the venv
 
 # ---------------------------------------------------------------- data
 
+
 def _read_idx(path, magic_expected):
-    opener = gzip.open if str(path).endswith('.gz') else open
-    with opener(path, 'rb') as f:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
         data = f.read()
-    magic = int(np.frombuffer(data, dtype='>u4', count=1)[0])
+    magic = int(np.frombuffer(data, dtype=">u4", count=1)[0])
     if magic != magic_expected:
-        raise ValueError(f'{path}: magic {magic}, expected {magic_expected}')
+        raise ValueError(f"{path}: magic {magic}, expected {magic_expected}")
     ndim = magic & 0xFF
-    dims = np.frombuffer(data, dtype='>u4', count=ndim, offset=4).astype(int)
+    dims = np.frombuffer(data, dtype=">u4", count=ndim, offset=4).astype(int)
     values = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if values.size != int(np.prod(dims)):
-        raise ValueError(f'{path}: expected {tuple(dims)} values, found {values.size}')
+        raise ValueError(f"{path}: expected {tuple(dims)} values, found {values.size}")
     return values.reshape(tuple(dims))
 
 
 def load_split(data_dir, split):
     """Images as float32 (N, 28, 28, 1) in [-1, 1] and labels int64 (N,)."""
-    prefix = 'train' if split == 'train' else 't10k'
-    images = _read_idx(Path(data_dir) / f'{prefix}-images-idx3-ubyte.gz', 2051)
-    labels = _read_idx(Path(data_dir) / f'{prefix}-labels-idx1-ubyte.gz', 2049)
+    prefix = "train" if split == "train" else "t10k"
+    images = _read_idx(Path(data_dir) / f"{prefix}-images-idx3-ubyte.gz", 2051)
+    labels = _read_idx(Path(data_dir) / f"{prefix}-labels-idx1-ubyte.gz", 2049)
     images = ((images.astype(np.float32) - 127.5) / 127.5)[..., None]
     return images, labels.astype(np.int64)
 
@@ -100,73 +102,88 @@ def load_generated(path):
     elif array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
     if array.ndim != 3 or array.shape[1:] != (28, 28):
-        raise ValueError(f'{path}: expected (N, 28, 28), (N, 1, 28, 28) or (N, 28, 28, 1), got {array.shape}')
+        raise ValueError(f"{path}: expected (N, 28, 28), (N, 1, 28, 28) or (N, 28, 28, 1), got {array.shape}")
     array = array.astype(np.float32)
     if not np.all(np.isfinite(array)):
-        raise ValueError(f'{path}: non-finite values')
+        raise ValueError(f"{path}: non-finite values")
     lo, hi = float(array.min()), float(array.max())
     if lo < -1.001 or hi > 1.001:
-        print(f'warning: {path}: values in [{lo:.3f}, {hi:.3f}], outside [-1, 1]', file=sys.stderr)
+        print(f"warning: {path}: values in [{lo:.3f}, {hi:.3f}], outside [-1, 1]", file=sys.stderr)
     elif lo >= 0.0 and hi > 0.5:
-        print(f'warning: {path}: values in [{lo:.3f}, {hi:.3f}] look like [0, 1], not [-1, 1]', file=sys.stderr)
+        print(f"warning: {path}: values in [{lo:.3f}, {hi:.3f}] look like [0, 1], not [-1, 1]", file=sys.stderr)
     return array[..., None], (lo, hi)
 
 
 # ---------------------------------------------------------------- classifier
 
+
 def build_classifier():
     import keras
     from keras import layers
-    inputs = keras.Input(shape=(28, 28, 1), name='image')
-    x = layers.Conv2D(32, 3, activation='relu')(inputs)
-    x = layers.Conv2D(64, 3, activation='relu')(x)
+
+    inputs = keras.Input(shape=(28, 28, 1), name="image")
+    x = layers.Conv2D(32, 3, activation="relu")(inputs)
+    x = layers.Conv2D(64, 3, activation="relu")(x)
     x = layers.MaxPooling2D(2)(x)
     x = layers.Dropout(0.25)(x)
     x = layers.Flatten()(x)
-    x = layers.Dense(128, activation='relu', name='features')(x)
+    x = layers.Dense(128, activation="relu", name="features")(x)
     x = layers.Dropout(0.5)(x)
-    outputs = layers.Dense(NUM_CLASSES, name='logits')(x)
-    return keras.Model(inputs, outputs, name='independent_fashion_cnn')
+    outputs = layers.Dense(NUM_CLASSES, name="logits")(x)
+    return keras.Model(inputs, outputs, name="independent_fashion_cnn")
 
 
 def load_or_train_classifier(cache, epochs, limit, seed, train_images, train_labels):
     """The cached classifier if it was trained with these settings, else a freshly trained one."""
     import keras
-    wanted = {'architecture': ARCHITECTURE, 'epochs': epochs, 'limit': limit, 'seed': seed,
-              'batch_size': TRAIN_BATCH, 'learning_rate': LEARNING_RATE}
+
+    wanted = {
+        "architecture": ARCHITECTURE,
+        "epochs": epochs,
+        "limit": limit,
+        "seed": seed,
+        "batch_size": TRAIN_BATCH,
+        "learning_rate": LEARNING_RATE,
+    }
     cache = Path(cache)
-    meta_path = cache.with_name(cache.name + '.json')
+    meta_path = cache.with_name(cache.name + ".json")
     if cache.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if {k: meta.get(k) for k in wanted} == wanted:
             model = keras.models.load_model(cache, compile=False)
             return model, dict(meta, cached=True)
-        print(f'note: {cache} was trained with other settings; retraining', file=sys.stderr)
+        print(f"note: {cache} was trained with other settings; retraining", file=sys.stderr)
 
     keras.utils.set_random_seed(seed)
     model = build_classifier()
-    model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=['accuracy'])
+    model.compile(
+        optimizer=keras.optimizers.Adam(LEARNING_RATE),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     x, y = train_images[:limit], train_labels[:limit]
-    print(f'training the independent classifier: {len(x)} images, {epochs} epochs', file=sys.stderr)
+    print(f"training the independent classifier: {len(x)} images, {epochs} epochs", file=sys.stderr)
     start, cpu_start = time.perf_counter(), time.process_time()
     model.fit(x, y, batch_size=TRAIN_BATCH, epochs=epochs, shuffle=True, verbose=2)
-    meta = dict(wanted, train_seconds=round(time.perf_counter() - start, 1),
-                train_cpu_seconds=round(time.process_time() - cpu_start, 1),
-                keras_version=keras.__version__)
+    meta = dict(
+        wanted,
+        train_seconds=round(time.perf_counter() - start, 1),
+        train_cpu_seconds=round(time.process_time() - cpu_start, 1),
+        keras_version=keras.__version__,
+    )
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(cache.stem + '.tmp.keras')
+    tmp = cache.with_name(cache.stem + ".tmp.keras")
     model.save(tmp)
     os.replace(tmp, cache)
-    meta_path.write_text(json.dumps(meta, indent=1) + '\n')
+    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     return model, dict(meta, cached=False)
 
 
 class Evaluator:
     def __init__(self, model, test_images, test_labels, train_images):
         import keras
-        self.feature_model = keras.Model(model.inputs, [model.get_layer('features').output, model.outputs[0]])
+
+        self.feature_model = keras.Model(model.inputs, [model.get_layer("features").output, model.outputs[0]])
         self.test_images, self.train_images = test_images, train_images
         self._stats = {}  # (name, n) -> (mu, sigma)
         feats, logits = self.run(test_images)
@@ -181,7 +198,7 @@ class Evaluator:
     def real_stats(self, name, n):
         key = (name, n)
         if key not in self._stats:
-            if name == 'test':
+            if name == "test":
                 feats = self._test_feats[:n]
             else:
                 feats = self.run(self.train_images[:n])[0]
@@ -190,6 +207,7 @@ class Evaluator:
 
 
 # ---------------------------------------------------------------- statistics
+
 
 def gaussian(features):
     return features.mean(axis=0), np.cov(features, rowvar=False)
@@ -200,20 +218,20 @@ def trace_sqrt_product(sigma1, sigma2):
     if HAVE_SCIPY:
         # Dead ReLU units make the covariances singular; sqrtm copes (and says so), as in pytorch-fid.
         with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
+            warnings.simplefilter("ignore")
             covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
             if isinstance(covmean, tuple):  # older SciPy with disp=False semantics
                 covmean = covmean[0]
             if not np.all(np.isfinite(covmean)):
                 offset = np.eye(sigma1.shape[0]) * 1e-6
                 covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-        return float(np.real(np.trace(covmean))), 'scipy.linalg.sqrtm'
+        return float(np.real(np.trace(covmean))), "scipy.linalg.sqrtm"
     # sqrt(S1 S2) is similar to the symmetric PSD sqrt(S1) S2 sqrt(S1)'s square root: same trace.
     w, v = np.linalg.eigh(sigma1)
     sqrt1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     product = sqrt1 @ sigma2 @ sqrt1
     eig = np.linalg.eigvalsh((product + product.T) / 2)
-    return float(np.sum(np.sqrt(np.clip(eig, 0, None)))), 'eigh-symmetric-product'
+    return float(np.sum(np.sqrt(np.clip(eig, 0, None)))), "eigh-symmetric-product"
 
 
 def frechet_distance(stats1, stats2):
@@ -229,83 +247,119 @@ def label_stats(predictions):
     nz = p > 0
     kl = float(np.sum(p[nz] * np.log(p[nz] * NUM_CLASSES)))
     return {
-        'modes_covered': int(np.sum(p >= MODE_THRESHOLD)),
-        'class_histogram': counts.astype(int).tolist(),
-        'kl_to_uniform': round(kl, 5),
+        "modes_covered": int(np.sum(p >= MODE_THRESHOLD)),
+        "class_histogram": counts.astype(int).tolist(),
+        "kl_to_uniform": round(kl, 5),
     }
 
 
 # ---------------------------------------------------------------- main
 
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('files', nargs='*', help='.npy files of generated images in [-1, 1]')
-    parser.add_argument('--real-check', action='store_true',
-                        help='also report real-vs-real distances (the floor)')
-    parser.add_argument('--data-dir', default=DEFAULT_DATA_DIR, help=f'Fashion-MNIST IDX folder (default {DEFAULT_DATA_DIR})')
-    parser.add_argument('--cache', default=DEFAULT_CACHE, help=f'classifier weights file, .keras (default {DEFAULT_CACHE})')
-    parser.add_argument('--classifier-epochs', type=int, default=3, help='classifier training epochs (default 3)')
-    parser.add_argument('--classifier-limit', type=int, default=60000,
-                        help='train the classifier on the first N training images (default 60000, all)')
-    parser.add_argument('--seed', type=int, default=0, help='classifier training seed (default 0)')
-    parser.add_argument('--threads', type=int, default=None,
-                        help='intra- and inter-op threads (default: TensorFlow decides)')
+    parser.add_argument("files", nargs="*", help=".npy files of generated images in [-1, 1]")
+    parser.add_argument("--real-check", action="store_true", help="also report real-vs-real distances (the floor)")
+    parser.add_argument(
+        "--data-dir", default=DEFAULT_DATA_DIR, help=f"Fashion-MNIST IDX folder (default {DEFAULT_DATA_DIR})"
+    )
+    parser.add_argument(
+        "--cache", default=DEFAULT_CACHE, help=f"classifier weights file, .keras (default {DEFAULT_CACHE})"
+    )
+    parser.add_argument("--classifier-epochs", type=int, default=3, help="classifier training epochs (default 3)")
+    parser.add_argument(
+        "--classifier-limit",
+        type=int,
+        default=60000,
+        help="train the classifier on the first N training images (default 60000, all)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="classifier training seed (default 0)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="intra- and inter-op threads (default: TensorFlow decides)"
+    )
     args = parser.parse_args()
     if not args.files and not args.real_check:
-        parser.error('give .npy files and/or --real-check')
+        parser.error("give .npy files and/or --real-check")
     if args.classifier_epochs < 1 or not 1 <= args.classifier_limit <= 60000:
-        parser.error('--classifier-epochs must be >= 1 and --classifier-limit in 1..60000')
-    if not args.cache.endswith('.keras'):
-        parser.error('--cache must end in .keras')
+        parser.error("--classifier-epochs must be >= 1 and --classifier-limit in 1..60000")
+    if not args.cache.endswith(".keras"):
+        parser.error("--cache must end in .keras")
 
     import tensorflow as tf
+
     if args.threads is not None:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
 
-    train_images, train_labels = load_split(args.data_dir, 'train')
-    test_images, test_labels = load_split(args.data_dir, 'test')
-    model, meta = load_or_train_classifier(args.cache, args.classifier_epochs, args.classifier_limit,
-                                           args.seed, train_images, train_labels)
+    train_images, train_labels = load_split(args.data_dir, "train")
+    test_images, test_labels = load_split(args.data_dir, "test")
+    model, meta = load_or_train_classifier(
+        args.cache, args.classifier_epochs, args.classifier_limit, args.seed, train_images, train_labels
+    )
     evaluator = Evaluator(model, test_images, test_labels, train_images)
-    classifier = {'architecture': ARCHITECTURE, 'epochs': meta['epochs'], 'limit': meta['limit'],
-                  'seed': meta['seed'], 'cached': meta['cached'], 'train_seconds': meta.get('train_seconds'),
-                  'train_cpu_seconds': meta.get('train_cpu_seconds'), 'cache': args.cache}
+    classifier = {
+        "architecture": ARCHITECTURE,
+        "epochs": meta["epochs"],
+        "limit": meta["limit"],
+        "seed": meta["seed"],
+        "cached": meta["cached"],
+        "train_seconds": meta.get("train_seconds"),
+        "train_cpu_seconds": meta.get("train_cpu_seconds"),
+        "cache": args.cache,
+    }
     accuracy = round(evaluator.accuracy, 4)
-    print(json.dumps({'classifier': classifier, 'accuracy_of_classifier': accuracy}), flush=True)
+    print(json.dumps({"classifier": classifier, "accuracy_of_classifier": accuracy}), flush=True)
 
     if args.real_check:
         half = len(test_images) // 2
         test_a, test_b = gaussian(evaluator._test_feats[:half]), gaussian(evaluator._test_feats[half:])
         fid_halves, method = frechet_distance(test_a, test_b)
-        fid_train_test, _ = frechet_distance(evaluator.real_stats('train', half), evaluator.real_stats('test', half))
-        fid_train_test_full, _ = frechet_distance(evaluator.real_stats('train', len(test_images)),
-                                                  evaluator.real_stats('test', len(test_images)))
-        print(json.dumps(dict(
-            {'file': 'real-check', 'n': half,
-             'fid_test_half_vs_test_half': round(fid_halves, 4),
-             'fid_train_vs_test': round(fid_train_test, 4),
-             'fid_train_vs_test_10000': round(fid_train_test_full, 4)},
-            **label_stats(evaluator.test_predictions),
-            accuracy_of_classifier=accuracy, sqrtm_method=method)), flush=True)
+        fid_train_test, _ = frechet_distance(evaluator.real_stats("train", half), evaluator.real_stats("test", half))
+        fid_train_test_full, _ = frechet_distance(
+            evaluator.real_stats("train", len(test_images)), evaluator.real_stats("test", len(test_images))
+        )
+        print(
+            json.dumps(
+                dict(
+                    {
+                        "file": "real-check",
+                        "n": half,
+                        "fid_test_half_vs_test_half": round(fid_halves, 4),
+                        "fid_train_vs_test": round(fid_train_test, 4),
+                        "fid_train_vs_test_10000": round(fid_train_test_full, 4),
+                    },
+                    **label_stats(evaluator.test_predictions),
+                    accuracy_of_classifier=accuracy,
+                    sqrtm_method=method,
+                )
+            ),
+            flush=True,
+        )
 
     for path in args.files:
         images, (lo, hi) = load_generated(path)
         if len(images) > len(test_images):
-            print(f'note: {path}: using the first {len(test_images)} of {len(images)} images', file=sys.stderr)
-            images = images[:len(test_images)]
+            print(f"note: {path}: using the first {len(test_images)} of {len(images)} images", file=sys.stderr)
+            images = images[: len(test_images)]
         n = len(images)
         if n < 2:
-            raise SystemExit(f'{path}: need at least 2 images')
+            raise SystemExit(f"{path}: need at least 2 images")
         feats, logits = evaluator.run(images)
-        fid, method = frechet_distance(gaussian(feats), evaluator.real_stats('test', n))
-        fid_floor, _ = frechet_distance(evaluator.real_stats('train', n), evaluator.real_stats('test', n))
-        print(json.dumps(dict(
-            {'file': str(path), 'n': n, 'fid': round(fid, 4), 'fid_floor': round(fid_floor, 4)},
-            **label_stats(np.argmax(logits, axis=1)),
-            accuracy_of_classifier=accuracy, sqrtm_method=method,
-            value_range=[round(lo, 4), round(hi, 4)])), flush=True)
+        fid, method = frechet_distance(gaussian(feats), evaluator.real_stats("test", n))
+        fid_floor, _ = frechet_distance(evaluator.real_stats("train", n), evaluator.real_stats("test", n))
+        print(
+            json.dumps(
+                dict(
+                    {"file": str(path), "n": n, "fid": round(fid, 4), "fid_floor": round(fid_floor, 4)},
+                    **label_stats(np.argmax(logits, axis=1)),
+                    accuracy_of_classifier=accuracy,
+                    sqrtm_method=method,
+                    value_range=[round(lo, 4), round(hi, 4)],
+                )
+            ),
+            flush=True,
+        )
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

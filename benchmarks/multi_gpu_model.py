@@ -62,7 +62,10 @@ def main() -> None:
     print(table("Batch 256 on each GPU (the global batch grows), images/s:", lambda n: 256))
     print()
     for n in GPUS[1:]:
-        print(f"all-reduce per step on {n} GPUs: " + ", ".join(f"{link} {all_reduce_ms(n, link):.2f} ms" for link in LINKS))
+        print(
+            f"all-reduce per step on {n} GPUs: "
+            + ", ".join(f"{link} {all_reduce_ms(n, link):.2f} ms" for link in LINKS)
+        )
     # Doubling the GPUs at a fixed global batch halves the per-GPU batch: it saves PER_IMAGE_MS * b / 2 of a
     # step of FIXED_MS + PER_IMAGE_MS * b. It gains at least 10 % only above this per-GPU batch (NVLink's
     # all-reduce aside): 0.5 s b >= 0.1 (F + s b) + ... => b >= F / (4 s).

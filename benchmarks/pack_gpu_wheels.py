@@ -45,13 +45,18 @@ def ray_pin() -> str:
 
 def download(requirements: list[str], into: Path) -> None:
     """`pip download` for CPython 3.12 on x86-64 Linux, binary wheels only, no dependencies (listed explicitly)."""
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(into), *TARGET, *requirements], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(into), *TARGET, *requirements], check=True
+    )
 
 
 def trim_ray(wheel: Path, out_dir: Path) -> Path:
     """A copy of Ray's wheel without RAY_DROPPED, its RECORD rewritten to match."""
     target = out_dir / wheel.name
-    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as packed:
+    with (
+        zipfile.ZipFile(wheel) as source,
+        zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as packed,
+    ):
         for member in source.infolist():
             if member.filename.startswith(RAY_DROPPED):
                 continue
@@ -59,19 +64,25 @@ def trim_ray(wheel: Path, out_dir: Path) -> Path:
             if member.filename.endswith(".dist-info/RECORD"):
                 kept = [line for line in data.decode().splitlines() if not line.startswith(RAY_DROPPED)]
                 data = ("\n".join(kept) + "\n").encode()
-            packed.writestr(member, data, compress_type=zipfile.ZIP_DEFLATED)  # keeps external_attr: the binaries stay executable
+            packed.writestr(
+                member, data, compress_type=zipfile.ZIP_DEFLATED
+            )  # keeps external_attr: the binaries stay executable
     return target
 
 
 def tracked_bytes() -> int:
     """The size of the repository's tracked files (what a device run copies besides the wheels)."""
-    names = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True).stdout.split(b"\0")
+    names = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True).stdout.split(
+        b"\0"
+    )
     return sum((REPO / name.decode()).stat().st_size for name in names if name and (REPO / name.decode()).is_file())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "dist" / "gpu-wheels", help="where the wheels go (default dist/gpu-wheels)")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "dist" / "gpu-wheels", help="where the wheels go (default dist/gpu-wheels)"
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     for old in args.out.glob("*.whl"):
@@ -81,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         download([f"ray=={ray_pin()}"], Path(scratch))
         (ray_wheel,) = Path(scratch).glob("ray-*.whl")
         trimmed = trim_ray(ray_wheel, args.out)
-        print(f"ray: {ray_wheel.stat().st_size / 1e6:.1f} MB -> {trimmed.stat().st_size / 1e6:.1f} MB without {', '.join(RAY_DROPPED)}")
+        print(
+            f"ray: {ray_wheel.stat().st_size / 1e6:.1f} MB -> {trimmed.stat().st_size / 1e6:.1f} MB without {', '.join(RAY_DROPPED)}"
+        )
     download([f"{name}=={importlib.metadata.version(name)}" for name in MISSING], args.out)
 
     wheels = sorted(args.out.glob("*.whl"))
@@ -93,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wheels {wheel_bytes / 2**20:.1f} MiB + tracked repository {repo_bytes / 2**20:.1f} MiB = {total / 2**20:.1f} MiB "
           f"(budget {BUDGET_BYTES / 2**20:.0f} MiB)")  # fmt: skip
     if total >= BUDGET_BYTES:
-        print("pack_gpu_wheels: over the budget; run gpu_check.py in two device runs (see docs/performance.md)", file=sys.stderr)
+        print(
+            "pack_gpu_wheels: over the budget; run gpu_check.py in two device runs (see docs/performance.md)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

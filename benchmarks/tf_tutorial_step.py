@@ -54,18 +54,17 @@ def make_generator_model():
     model.add(layers.Reshape((7, 7, 256)))
     assert model.output_shape == (None, 7, 7, 256)
 
-    model.add(layers.Conv2DTranspose(128, (5, 5), strides=(1, 1), padding='same', use_bias=False))
+    model.add(layers.Conv2DTranspose(128, (5, 5), strides=(1, 1), padding="same", use_bias=False))
     assert model.output_shape == (None, 7, 7, 128)
     model.add(layers.BatchNormalization())
     model.add(_leaky_relu())
 
-    model.add(layers.Conv2DTranspose(64, (5, 5), strides=(2, 2), padding='same', use_bias=False))
+    model.add(layers.Conv2DTranspose(64, (5, 5), strides=(2, 2), padding="same", use_bias=False))
     assert model.output_shape == (None, 14, 14, 64)
     model.add(layers.BatchNormalization())
     model.add(_leaky_relu())
 
-    model.add(layers.Conv2DTranspose(1, (5, 5), strides=(2, 2), padding='same', use_bias=False,
-                                     activation='tanh'))
+    model.add(layers.Conv2DTranspose(1, (5, 5), strides=(2, 2), padding="same", use_bias=False, activation="tanh"))
     assert model.output_shape == (None, 28, 28, 1)
 
     return model
@@ -74,12 +73,11 @@ def make_generator_model():
 def make_discriminator_model():
     layers = tf.keras.layers
     model = tf.keras.Sequential()
-    model.add(layers.Conv2D(64, (5, 5), strides=(2, 2), padding='same',
-                            input_shape=[28, 28, 1]))
+    model.add(layers.Conv2D(64, (5, 5), strides=(2, 2), padding="same", input_shape=[28, 28, 1]))
     model.add(_leaky_relu())
     model.add(layers.Dropout(0.3))
 
-    model.add(layers.Conv2D(128, (5, 5), strides=(2, 2), padding='same'))
+    model.add(layers.Conv2D(128, (5, 5), strides=(2, 2), padding="same"))
     model.add(_leaky_relu())
     model.add(layers.Dropout(0.3))
 
@@ -145,8 +143,9 @@ def make_tutorial_training(batch_size, noise_dim=NOISE_DIM):
 
 def add_threads_flag(parser):
     """--threads: TensorFlow's intra- and inter-op thread count (both scripts take it)."""
-    parser.add_argument('--threads', type=int, default=None,
-                        help='intra- and inter-op threads (default: TensorFlow decides)')
+    parser.add_argument(
+        "--threads", type=int, default=None, help="intra- and inter-op threads (default: TensorFlow decides)"
+    )
 
 
 def apply_threads(parser, threads):
@@ -154,32 +153,31 @@ def apply_threads(parser, threads):
     if threads is None:
         return
     if threads < 1:
-        parser.error('--threads must be >= 1')
+        parser.error("--threads must be >= 1")
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--steps', type=int, default=30, help='timed steps (default 30)')
-    parser.add_argument('--warmup', type=int, default=5, help='untimed warm-up steps (default 5)')
-    parser.add_argument('--batch-size', type=int, default=256, help='batch size (default 256)')
+    parser.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps (default 5)")
+    parser.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
     add_threads_flag(parser)
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
-        parser.error('--steps and --batch-size must be >= 1, --warmup >= 0')
+        parser.error("--steps and --batch-size must be >= 1, --warmup >= 0")
     apply_threads(parser, args.threads)
 
     BATCH_SIZE = args.batch_size
     noise_dim = NOISE_DIM
 
     generator, discriminator, train_step = make_tutorial_training(BATCH_SIZE, noise_dim)
-    print(f'generator trainable params: {_trainable_count(generator):,}')
-    print(f'discriminator trainable params: {_trainable_count(discriminator):,}')
+    print(f"generator trainable params: {_trainable_count(generator):,}")
+    print(f"discriminator trainable params: {_trainable_count(discriminator):,}")
 
     rng = np.random.default_rng(0)
-    images = tf.constant(
-        rng.uniform(-1.0, 1.0, size=(BATCH_SIZE, 28, 28, 1)).astype(np.float32))
+    images = tf.constant(rng.uniform(-1.0, 1.0, size=(BATCH_SIZE, 28, 28, 1)).astype(np.float32))
 
     for _ in range(args.warmup):
         gen_loss, disc_loss = train_step(images)
@@ -193,20 +191,20 @@ def main():
     elapsed = time.perf_counter() - start
 
     assert np.isfinite(g_final) and np.isfinite(d_final), (g_final, d_final)
-    print(f'final gen_loss={g_final:.4f} disc_loss={d_final:.4f}')
+    print(f"final gen_loss={g_final:.4f} disc_loss={d_final:.4f}")
 
     step_time = elapsed / args.steps
     result = {
-        'framework': 'tensorflow',
-        'tf_version': tf.__version__,
-        'batch_size': BATCH_SIZE,
-        'steps': args.steps,
-        'step_time_ms': round(step_time * 1000.0, 3),
-        'images_per_s': round(BATCH_SIZE / step_time, 2),
-        'threads': args.threads,
+        "framework": "tensorflow",
+        "tf_version": tf.__version__,
+        "batch_size": BATCH_SIZE,
+        "steps": args.steps,
+        "step_time_ms": round(step_time * 1000.0, 3),
+        "images_per_s": round(BATCH_SIZE / step_time, 2),
+        "threads": args.threads,
     }
     print(json.dumps(result))
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

@@ -87,9 +87,13 @@ def kubectl() -> str:
 
 def built_overlay(overlay: str) -> list[dict]:
     """The objects of `deploy/overlays/<overlay>`, built with `kubectl kustomize`."""
-    result = subprocess.run([kubectl(), "kustomize", str(DEPLOY / "overlays" / overlay)], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(DEPLOY / "overlays" / overlay)], capture_output=True, text=True, check=False
+    )
     if result.returncode:
-        raise SystemExit(f"fake_cluster.py: kubectl kustomize deploy/overlays/{overlay} failed: {result.stderr.strip()}")
+        raise SystemExit(
+            f"fake_cluster.py: kubectl kustomize deploy/overlays/{overlay} failed: {result.stderr.strip()}"
+        )
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
@@ -117,7 +121,9 @@ def standing_shape(objects: list[dict], name: str = STANDING_CLUSTER) -> Cluster
     groups = []
     for spec in cluster["spec"].get("workerGroupSpecs", []):
         cpus, gpus = _group_resources(spec)
-        groups.append(WorkerGroup(spec["groupName"], cpus, gpus, int(spec.get("minReplicas", 0)), int(spec.get("maxReplicas", 0))))
+        groups.append(
+            WorkerGroup(spec["groupName"], cpus, gpus, int(spec.get("minReplicas", 0)), int(spec.get("maxReplicas", 0)))
+        )
     return ClusterShape(head_cpus, tuple(groups))
 
 
@@ -305,11 +311,15 @@ class FakeCluster:
         env.pop("RAY_ADDRESS", None)
         deadline = time.monotonic() + timeout_s
         while True:
-            done = subprocess.run([ray, "status", "--address", self.gcs_address], env=env, capture_output=True, text=True, timeout=60)
+            done = subprocess.run(
+                [ray, "status", "--address", self.gcs_address], env=env, capture_output=True, text=True, timeout=60
+            )
             if done.returncode == 0 and "Autoscaler status" in done.stdout:
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the autoscaler published no status within {timeout_s:g} s: {done.stderr.strip()[-300:]}")
+                raise TimeoutError(
+                    f"the autoscaler published no status within {timeout_s:g} s: {done.stderr.strip()[-300:]}"
+                )
             time.sleep(0.5)
 
     def _write_config(self) -> Path:
@@ -371,16 +381,28 @@ def _interrupt(*_: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Start a local autoscaling Ray cluster shaped like an overlay's standing RayCluster.")
-    parser.add_argument("--overlay", default="local", help="overlay whose RayCluster gan-standing to copy (default: local)")
-    parser.add_argument("--idle-timeout-s", type=float, default=60.0, help="seconds before an idle worker node is removed")
+    parser = argparse.ArgumentParser(
+        description="Start a local autoscaling Ray cluster shaped like an overlay's standing RayCluster."
+    )
+    parser.add_argument(
+        "--overlay", default="local", help="overlay whose RayCluster gan-standing to copy (default: local)"
+    )
+    parser.add_argument(
+        "--idle-timeout-s", type=float, default=60.0, help="seconds before an idle worker node is removed"
+    )
     parser.add_argument("--env-file", help="file to write the client's environment to (shell assignments)")
     args = parser.parse_args(argv)
     # A token given in the environment (run-local.sh makes one per run) is the cluster's; else a new one.
     token = os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)
-    cluster = FakeCluster(standing_shape(built_overlay(args.overlay)), Timings(idle_timeout_s=args.idle_timeout_s), token=token).start()
-    groups = ", ".join(f"{g.name}: {g.min_replicas}-{g.max_replicas} nodes of {g.cpus} CPU, {g.gpus} GPU" for g in cluster.shape.groups)
-    print(f"fake_cluster.py: autoscaling Ray cluster up: head with {cluster.shape.head_cpus} CPUs; {groups}", flush=True)
+    cluster = FakeCluster(
+        standing_shape(built_overlay(args.overlay)), Timings(idle_timeout_s=args.idle_timeout_s), token=token
+    ).start()
+    groups = ", ".join(
+        f"{g.name}: {g.min_replicas}-{g.max_replicas} nodes of {g.cpus} CPU, {g.gpus} GPU" for g in cluster.shape.groups
+    )
+    print(
+        f"fake_cluster.py: autoscaling Ray cluster up: head with {cluster.shape.head_cpus} CPUs; {groups}", flush=True
+    )
     exports = "".join(f"export {key}={value}\n" for key, value in cluster.client_env.items())
     if args.env_file:  # written whole, then renamed: a reader never sees half of it
         Path(args.env_file + ".part").write_text(exports)

@@ -119,7 +119,9 @@ def train_classifier(
         torch.set_num_threads(threads)
 
 
-def _train(images_u8: torch.Tensor, labels: torch.Tensor, seed: int, epochs: int, batch_size: int, lr: float) -> Classifier:
+def _train(
+    images_u8: torch.Tensor, labels: torch.Tensor, seed: int, epochs: int, batch_size: int, lr: float
+) -> Classifier:
     torch.manual_seed(seed)
     model = Classifier()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -220,7 +222,12 @@ def load_or_train_classifier(
     with file_lock(path.with_suffix(".lock")):
         if path.is_file():
             cached = classifier_from_bytes(path.read_bytes())
-            if cached is not None and cached.data_fingerprint == fingerprint and cached.seed == seed and cached.epochs == epochs:
+            if (
+                cached is not None
+                and cached.data_fingerprint == fingerprint
+                and cached.seed == seed
+                and cached.epochs == epochs
+            ):
                 return cached
         model = train_classifier(train_images_u8, train_labels, seed=seed, epochs=epochs)
         test_accuracy = None

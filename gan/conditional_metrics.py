@@ -74,7 +74,9 @@ def label_accuracy(
     Returns {"generated": {...}, "real_test": {...}}, each {"overall", "per_class", "count_per_class"}.
     """
     if requested_labels.shape != generated.shape[:1]:
-        raise ValueError(f"{requested_labels.shape[0]} labels for {generated.shape[0]} generated images; pass one label per image")
+        raise ValueError(
+            f"{requested_labels.shape[0]} labels for {generated.shape[0]} generated images; pass one label per image"
+        )
     model = classifier.model if isinstance(classifier, TrainedClassifier) else classifier
     num_classes = model.head.out_features
     return {
@@ -93,7 +95,9 @@ def as_images_for_labels(source: nn.Module | ImagesForLabels, num: int, noise_se
         return source
     generator = source
     if not getattr(generator, "num_classes", 0):
-        raise ValueError("this generator is unconditional (num_classes=0): label accuracy and CAS need one trained with labels")
+        raise ValueError(
+            "this generator is unconditional (num_classes=0): label accuracy and CAS need one trained with labels"
+        )
     noise = seeded_noise(num, generator.noise_dim, noise_seed)  # as `conditional_inputs` draws it
     used = 0
 
@@ -126,7 +130,9 @@ def generated_training_set(
         chunk_labels = labels[start : start + chunk]
         images = images_for_labels(chunk_labels)
         if tuple(images.shape) != (chunk_labels.shape[0], 1, 28, 28):
-            raise ValueError(f"the image source gave {tuple(images.shape)} for {chunk_labels.shape[0]} labels; it must give (n, 1, 28, 28)")
+            raise ValueError(
+                f"the image source gave {tuple(images.shape)} for {chunk_labels.shape[0]} labels; it must give (n, 1, 28, 28)"
+            )
         images_u8[start : start + chunk] = to_uint8(images.float().cpu())
     return images_u8, labels
 
@@ -166,7 +172,9 @@ def classification_accuracy_score(
     train_started_s = time.perf_counter()
     model = train_classifier(images_u8, labels, seed=CAS_SEED, epochs=CAS_EPOCHS)
     train_time_s = time.perf_counter() - train_started_s
-    real_train_count = int(real_classifier.data_fingerprint.split(":", 1)[0])  # gan.data fingerprints are "count:digest"
+    real_train_count = int(
+        real_classifier.data_fingerprint.split(":", 1)[0]
+    )  # gan.data fingerprints are "count:digest"
     return {
         "generated": {
             **_test_score(model, real_test, real_test_labels, num_classes),
@@ -182,4 +190,3 @@ def classification_accuracy_score(
             "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE, "noise_seed": noise_seed,
         },
     }  # fmt: skip
-

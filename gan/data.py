@@ -161,9 +161,13 @@ def load_split(folder: Path, split: str = "train", limit: int | None = None) -> 
     except IdxFormatError as err:
         raise DataError(str(err)) from None
     if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28):
-        raise DataError(f"{images_file} holds images of shape {tuple(images.shape[1:])}, expected 28x28; use MNIST-format files or fix --data-dir")
+        raise DataError(
+            f"{images_file} holds images of shape {tuple(images.shape[1:])}, expected 28x28; use MNIST-format files or fix --data-dir"
+        )
     if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
-        raise DataError(f"{labels_file} holds {labels.shape[0]} labels for {images.shape[0]} images in {images_file}; use the matching labels file or fix --data-dir")
+        raise DataError(
+            f"{labels_file} holds {labels.shape[0]} labels for {images.shape[0]} images in {images_file}; use the matching labels file or fix --data-dir"
+        )
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
@@ -180,7 +184,9 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def shard_indices(num_images: int, rank: int, world_size: int, epoch: int, seed: int, multiple: int | None = None) -> torch.Tensor:
+def shard_indices(
+    num_images: int, rank: int, world_size: int, epoch: int, seed: int, multiple: int | None = None
+) -> torch.Tensor:
     """This rank's image indices for `epoch`: disjoint from the other ranks', all of equal size.
 
     The permutation depends only on seed + epoch, so every rank computes the same one without

@@ -26,9 +26,13 @@ def decode_idx(raw: bytes, source: str = "<bytes>") -> torch.Tensor:
         except (OSError, EOFError, zlib.error) as err:
             raise IdxFormatError(f"{source} is a damaged gzip file ({err}); download it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise IdxFormatError(f"{source} is not an IDX file (wrong magic number); download the MNIST-format files again or fix --data-dir")
+        raise IdxFormatError(
+            f"{source} is not an IDX file (wrong magic number); download the MNIST-format files again or fix --data-dir"
+        )
     if raw[2] != _UBYTE:
-        raise IdxFormatError(f"{source} holds element type 0x{raw[2]:02x}, expected unsigned bytes (0x08); download the MNIST-format files again or fix --data-dir")
+        raise IdxFormatError(
+            f"{source} holds element type 0x{raw[2]:02x}, expected unsigned bytes (0x08); download the MNIST-format files again or fix --data-dir"
+        )
     ndim = raw[3]
     header_len = 4 + 4 * ndim
     if ndim == 0 or len(raw) < header_len:

@@ -137,9 +137,13 @@ def _check_labels(network: nn.Module, num_classes: int, labels: torch.Tensor | N
     """Fail with a sentence when labels are missing for a conditional network, or given to an unconditional one."""
     name = type(network).__name__
     if num_classes and labels is None:
-        raise ValueError(f"this {name} is class-conditional ({num_classes} classes): pass labels, a (N,) tensor of class indices")
+        raise ValueError(
+            f"this {name} is class-conditional ({num_classes} classes): pass labels, a (N,) tensor of class indices"
+        )
     if not num_classes and labels is not None:
-        raise ValueError(f"this {name} is unconditional (num_classes=0): it takes no labels; build it with num_classes > 0 for them")
+        raise ValueError(
+            f"this {name} is unconditional (num_classes=0): it takes no labels; build it with num_classes > 0 for them"
+        )
 
 
 class Generator(nn.Module):

@@ -83,9 +83,14 @@ def quality_curves_png(rows: Sequence[dict]) -> bytes:
     scored = [row for row in rows if "quality" in row]
     epochs = [row["epoch"] for row in scored]
     figure, (fid_axis, modes_axis) = plt.subplots(1, 2, figsize=(10, 4.4), layout="constrained")
-    fid_axis.plot(epochs, [row["quality"]["fid_classifier"] for row in scored], marker="o", label="FID: generated vs test")
     fid_axis.plot(
-        epochs, [row["quality"]["fid_classifier_floor"] for row in scored], linestyle="--", label="FID floor: train vs test"
+        epochs, [row["quality"]["fid_classifier"] for row in scored], marker="o", label="FID: generated vs test"
+    )
+    fid_axis.plot(
+        epochs,
+        [row["quality"]["fid_classifier_floor"] for row in scored],
+        linestyle="--",
+        label="FID floor: train vs test",
     )
     fid_axis.set_ylabel("FID (classifier features)")
     modes_axis.plot(epochs, [row["quality"]["modes_covered"] for row in scored], marker="o", color="tab:green",

@@ -22,7 +22,8 @@ def train_step(
     real_images: torch.Tensor,  # (N, 1, 28, 28) in [-1, 1], on the networks' device
     noise: torch.Tensor,  # (M, noise_dim)
     amp_dtype: torch.dtype | None = None,  # autocast dtype (torch.bfloat16); None = float32 throughout
-    labels: torch.Tensor | None = None,  # (N,) int64 classes of real_images, on their device; None = unconditional networks
+    labels: torch.Tensor
+    | None = None,  # (N,) int64 classes of real_images, on their device; None = unconditional networks
 ) -> dict[str, torch.Tensor]:
     """Update G and D once, as the tutorial's `train_step` with its two GradientTapes does.
 

@@ -86,16 +86,28 @@ def _train(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: train, generate, evaluate, promote, bench, data push."""
-    parser = OneLineParser(prog="gan-job", description="Train the TensorFlow-tutorial DCGAN with Ray Train and PyTorch DDP.")
+    parser = OneLineParser(
+        prog="gan-job", description="Train the TensorFlow-tutorial DCGAN with Ray Train and PyTorch DDP."
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    train_parser = commands.add_parser("train", help="train (or resume) a run on Ray Train", description="Train or resume a run.")
+    train_parser = commands.add_parser(
+        "train", help="train (or resume) a run on Ray Train", description="Train or resume a run."
+    )
     _add_train_flags(train_parser)
     train_parser.set_defaults(handler=_train)
-    generate.add_generate_arguments(commands.add_parser("generate", help="images from a run's latest (or a given) checkpoint"))
-    evaluate.add_evaluate_arguments(commands.add_parser("evaluate", help="quality metrics of a run or checkpoint, as one JSON object"))
-    promote.add_promote_arguments(commands.add_parser("promote", help="point LATEST at a finished run if it is no worse than the current one"))
-    bench.add_bench_arguments(commands.add_parser("bench", help="time the training step on this machine (needs only PyTorch)"))
+    generate.add_generate_arguments(
+        commands.add_parser("generate", help="images from a run's latest (or a given) checkpoint")
+    )
+    evaluate.add_evaluate_arguments(
+        commands.add_parser("evaluate", help="quality metrics of a run or checkpoint, as one JSON object")
+    )
+    promote.add_promote_arguments(
+        commands.add_parser("promote", help="point LATEST at a finished run if it is no worse than the current one")
+    )
+    bench.add_bench_arguments(
+        commands.add_parser("bench", help="time the training step on this machine (needs only PyTorch)")
+    )
 
     data = commands.add_parser("data", help="manage the IDX files")
     data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=OneLineParser)

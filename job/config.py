@@ -28,7 +28,9 @@ RECIPES = {
 }
 # `stable` plus the dataset's labels: G and D class-conditional (a recipe's switch turns it on).
 RECIPES["conditional"] = {**RECIPES["stable"], "conditional": True}
-RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: "$" would let "name\n" through
+RUN_NAME_PATTERN = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+)  # used with fullmatch: "$" would let "name\n" through
 
 
 def worker_range(text: str) -> tuple[int, int]:
@@ -71,57 +73,162 @@ class TrainConfig:
 
     # Each setting is declared once, here: its flag (--<name>), its GAN_JOB_<NAME> variable, kind,
     # bounds, choices, default and help. job/cli.py builds `train`'s flags from these declarations.
-    data: str = setting("mnist", choices=DATASET_NAMES, help="dataset: mnist (default, as the tutorial) or fashion-mnist")
-    data_dir: str | None = setting(None, metavar="DIR|s3://bucket/prefix",
-        help="folder or s3://bucket/prefix with the four IDX files (default: cache, system copy, download)")
-    epochs: int = setting(50, kind=int, low=1, high=MAX_EPOCHS, help="total epochs of the run (default 50, the tutorial's)")
-    batch_size: int | None = setting(None, kind=int, low=1, high=MAX_BATCH,
-        help="global batch, split evenly across workers (default: the recipe's; tutorial 256)")
-    num_workers: int = setting(1, kind=int, low=1, high=MAX_WORKERS, reads=worker_range, metavar="N|MIN-MAX",
-        help="Ray Train workers, one DDP rank each: N, or MIN-MAX to grow with the cluster (default 1)")
+    data: str = setting(
+        "mnist", choices=DATASET_NAMES, help="dataset: mnist (default, as the tutorial) or fashion-mnist"
+    )
+    data_dir: str | None = setting(
+        None,
+        metavar="DIR|s3://bucket/prefix",
+        help="folder or s3://bucket/prefix with the four IDX files (default: cache, system copy, download)",
+    )
+    epochs: int = setting(
+        50, kind=int, low=1, high=MAX_EPOCHS, help="total epochs of the run (default 50, the tutorial's)"
+    )
+    batch_size: int | None = setting(
+        None,
+        kind=int,
+        low=1,
+        high=MAX_BATCH,
+        help="global batch, split evenly across workers (default: the recipe's; tutorial 256)",
+    )
+    num_workers: int = setting(
+        1,
+        kind=int,
+        low=1,
+        high=MAX_WORKERS,
+        reads=worker_range,
+        metavar="N|MIN-MAX",
+        help="Ray Train workers, one DDP rank each: N, or MIN-MAX to grow with the cluster (default 1)",
+    )
     max_workers: int | None = None  # the maximum of an elastic run (--num-workers MIN-MAX); None = num_workers
-    elastic_resize_interval: float = setting(60.0, kind=float, low=0, low_open=True, high=MAX_SECONDS,
-        help="with --num-workers MIN-MAX: seconds between checks for room to grow (default 60)")
+    elastic_resize_interval: float = setting(
+        60.0,
+        kind=float,
+        low=0,
+        low_open=True,
+        high=MAX_SECONDS,
+        help="with --num-workers MIN-MAX: seconds between checks for room to grow (default 60)",
+    )
     use_gpu: bool = setting(False, kind=bool, help="one GPU per worker, NCCL between workers")
-    storage: str = setting(factory=default_storage, metavar="DIR|s3://bucket/prefix",
-        help="folder or s3://bucket/prefix for runs (default ~/gan-job-runs)")
-    run_name: str = setting(factory=default_run_name,
-        help="run folder under storage; the same name again resumes (default: the Ray submission id, else a timestamp)")
-    limit: int | None = setting(None, kind=int, low=1, high=MAX_LIMIT, help="train on the first N images only (default: all)")
-    seed: int = setting(0, kind=int, low=0, high=MAX_SEED, help="seed of weights, noise, shuffling and sample noise (default 0)")
-    checkpoint_every: int = setting(1, kind=int, low=1, high=MAX_EPOCHS,
-        help="epochs between checkpoints; the last epoch always gets one (default 1)")
-    keep_checkpoints: int = setting(2, kind=int, low=1, high=1000,
-        help="checkpoints kept in storage (default 2, so a damaged latest has a fallback)")
-    max_failures: int = setting(2, kind=int, low=0, high=1000, help="worker-group restarts before the run fails (default 2)")
-    cpus_per_worker: int | None = setting(None, kind=int, low=1, high=MAX_WORKERS,
-        help="CPUs and torch threads per worker (default: the largest node type's CPUs / workers)")
-    placement_timeout: int = setting(600, kind=int, low=1, high=MAX_SECONDS,
-        help="seconds to wait for an autoscaler to start the workers' nodes before giving up (default 600)")
-    recipe: str = setting("tutorial", choices=tuple(RECIPES),
-        help="hyperparameters: tutorial (default, the tutorial's unchanged), stable, or conditional (stable's, with --conditional)")
-    lr: float | None = setting(None, kind=float, low=0, low_open=True, high=1.0,
-        help="Adam learning rate of both networks (default: the recipe's; tutorial 1e-4)")
-    beta1: float | None = setting(None, kind=float, low=0, high=1, high_open=True,
-        help="Adam beta1 of both networks (default: the recipe's; tutorial 0.9)")
-    ema_decay: float | None = setting(None, kind=float, low=0, high=1, high_open=True,
-        help="decay of an EMA of G's weights used for samples and the model, 0 = off (default: the recipe's)")
-    conditional: bool = setting(False, kind=bool,
-        help="class-conditional: G and D trained on the dataset's labels, samples one row per class (on with --recipe conditional)")
-    eval_every: int = setting(1, kind=int, low=0, high=MAX_EPOCHS,
-        help="epochs between quality evaluations during training, 0 = never (default 1)")
-    eval_num: int = setting(2000, kind=int, low=10, high=MAX_EVAL_IMAGES, help="generated images per training-time evaluation (default 2000)")
-    on_divergence: str = setting("rollback", choices=GUARD_ACTIONS,
-        help="non-finite loss or saturated D: warn, rollback (default) or stop")
-    on_collapse: str = setting("warn", choices=GUARD_ACTIONS,
-        help="coverage far below the run's recent level: warn (default), rollback or stop")
-    noise_dim: int = setting(100, kind=int, low=1, high=MAX_NOISE_DIM, help="length of the generator's noise vector (default 100)")
-    precision: str = setting("auto", choices=PRECISIONS,
-        help="auto (default: bf16 autocast on a CPU that does bf16 natively, fp32 on a GPU: each measured faster), fp32 or bf16")
-    cuda_graphs: str = setting("auto", choices=CUDA_GRAPHS_MODES,
+    storage: str = setting(
+        factory=default_storage,
+        metavar="DIR|s3://bucket/prefix",
+        help="folder or s3://bucket/prefix for runs (default ~/gan-job-runs)",
+    )
+    run_name: str = setting(
+        factory=default_run_name,
+        help="run folder under storage; the same name again resumes (default: the Ray submission id, else a timestamp)",
+    )
+    limit: int | None = setting(
+        None, kind=int, low=1, high=MAX_LIMIT, help="train on the first N images only (default: all)"
+    )
+    seed: int = setting(
+        0, kind=int, low=0, high=MAX_SEED, help="seed of weights, noise, shuffling and sample noise (default 0)"
+    )
+    checkpoint_every: int = setting(
+        1,
+        kind=int,
+        low=1,
+        high=MAX_EPOCHS,
+        help="epochs between checkpoints; the last epoch always gets one (default 1)",
+    )
+    keep_checkpoints: int = setting(
+        2,
+        kind=int,
+        low=1,
+        high=1000,
+        help="checkpoints kept in storage (default 2, so a damaged latest has a fallback)",
+    )
+    max_failures: int = setting(
+        2, kind=int, low=0, high=1000, help="worker-group restarts before the run fails (default 2)"
+    )
+    cpus_per_worker: int | None = setting(
+        None,
+        kind=int,
+        low=1,
+        high=MAX_WORKERS,
+        help="CPUs and torch threads per worker (default: the largest node type's CPUs / workers)",
+    )
+    placement_timeout: int = setting(
+        600,
+        kind=int,
+        low=1,
+        high=MAX_SECONDS,
+        help="seconds to wait for an autoscaler to start the workers' nodes before giving up (default 600)",
+    )
+    recipe: str = setting(
+        "tutorial",
+        choices=tuple(RECIPES),
+        help="hyperparameters: tutorial (default, the tutorial's unchanged), stable, or conditional (stable's, with --conditional)",
+    )
+    lr: float | None = setting(
+        None,
+        kind=float,
+        low=0,
+        low_open=True,
+        high=1.0,
+        help="Adam learning rate of both networks (default: the recipe's; tutorial 1e-4)",
+    )
+    beta1: float | None = setting(
+        None,
+        kind=float,
+        low=0,
+        high=1,
+        high_open=True,
+        help="Adam beta1 of both networks (default: the recipe's; tutorial 0.9)",
+    )
+    ema_decay: float | None = setting(
+        None,
+        kind=float,
+        low=0,
+        high=1,
+        high_open=True,
+        help="decay of an EMA of G's weights used for samples and the model, 0 = off (default: the recipe's)",
+    )
+    conditional: bool = setting(
+        False,
+        kind=bool,
+        help="class-conditional: G and D trained on the dataset's labels, samples one row per class (on with --recipe conditional)",
+    )
+    eval_every: int = setting(
+        1,
+        kind=int,
+        low=0,
+        high=MAX_EPOCHS,
+        help="epochs between quality evaluations during training, 0 = never (default 1)",
+    )
+    eval_num: int = setting(
+        2000,
+        kind=int,
+        low=10,
+        high=MAX_EVAL_IMAGES,
+        help="generated images per training-time evaluation (default 2000)",
+    )
+    on_divergence: str = setting(
+        "rollback", choices=GUARD_ACTIONS, help="non-finite loss or saturated D: warn, rollback (default) or stop"
+    )
+    on_collapse: str = setting(
+        "warn",
+        choices=GUARD_ACTIONS,
+        help="coverage far below the run's recent level: warn (default), rollback or stop",
+    )
+    noise_dim: int = setting(
+        100, kind=int, low=1, high=MAX_NOISE_DIM, help="length of the generator's noise vector (default 100)"
+    )
+    precision: str = setting(
+        "auto",
+        choices=PRECISIONS,
+        help="auto (default: bf16 autocast on a CPU that does bf16 natively, fp32 on a GPU: each measured faster), fp32 or bf16",
+    )
+    cuda_graphs: str = setting(
+        "auto",
+        choices=CUDA_GRAPHS_MODES,
         help="replay the whole training step as CUDA graphs on GPU workers: on (needs --use-gpu), off, or auto "
-             "(default; off until benchmarks/gpu_check.py has shown on a GPU that graphed equals eager and is faster)")
-    s3_endpoint: str | None = setting(None, metavar="URL", help="S3 endpoint URL, e.g. http://minio:9000 (default: AWS_ENDPOINT_URL)")
+        "(default; off until benchmarks/gpu_check.py has shown on a GPU that graphed equals eager and is faster)",
+    )
+    s3_endpoint: str | None = setting(
+        None, metavar="URL", help="S3 endpoint URL, e.g. http://minio:9000 (default: AWS_ENDPOINT_URL)"
+    )
     create_bucket: bool = setting(False, kind=bool, help="create the --storage bucket if it is missing")
 
     def __post_init__(self) -> None:
@@ -142,7 +249,9 @@ class TrainConfig:
                 spec.check(flag_name(name), value)
         SETTINGS["num_workers"].check("--num-workers (its maximum)", self.max_workers)
         if self.max_workers < self.num_workers:
-            raise UsageError(f"--num-workers {self.num_workers}-{self.max_workers}: the maximum is below the minimum; use MIN-MAX with MIN <= MAX")
+            raise UsageError(
+                f"--num-workers {self.num_workers}-{self.max_workers}: the maximum is below the minimum; use MIN-MAX with MIN <= MAX"
+            )
         # Every world size the run may take splits the global batch exactly: the optimisation is
         # the same at any size (same batch, learning rate and steps per epoch).
         uneven = [size for size in self.world_sizes if self.batch_size % size]
@@ -197,7 +306,9 @@ class TrainConfig:
 
 # The declaration of every train setting, by field name (`max_workers` is --num-workers's MIN-MAX).
 SETTINGS: dict[str, Setting] = declared(TrainConfig)
-UNSET_ALLOWED = frozenset(f.name for f in fields(TrainConfig) if f.default is None and f.name not in RECIPES["tutorial"])
+UNSET_ALLOWED = frozenset(
+    f.name for f in fields(TrainConfig) if f.default is None and f.name not in RECIPES["tutorial"]
+)
 
 # Fields that decide the shapes in a checkpoint: resuming with other values cannot load it. A field
 # missing from an older checkpoint's config was at its declared default there (no `conditional`: off).

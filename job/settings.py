@@ -70,13 +70,23 @@ class Setting:
     def problem(self, value: object) -> str | None:
         """Why `value` is not allowed (one phrase, to follow the flag's name), or None when it is."""
         if self.choices:
-            return None if value in self.choices else f"{value!r} is not one of: {', '.join(self.choices)}; choose one of them"
+            return (
+                None
+                if value in self.choices
+                else f"{value!r} is not one of: {', '.join(self.choices)}; choose one of them"
+            )
         if self.kind is bool:
             return None if isinstance(value, bool) else f"must be true or false, got {value!r}; use true or false"
         if not self.numeric:
             return None
-        wrong_kind = isinstance(value, bool) or not isinstance(value, (int, float)) or (self.kind is int and not isinstance(value, int))
-        if wrong_kind or (isinstance(value, float) and not math.isfinite(value)):  # an int is always finite, and may not fit a float
+        wrong_kind = (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (self.kind is int and not isinstance(value, int))
+        )
+        if wrong_kind or (
+            isinstance(value, float) and not math.isfinite(value)
+        ):  # an int is always finite, and may not fit a float
             return self.wanted(value)
         too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
@@ -84,7 +94,9 @@ class Setting:
 
     def wanted(self, got: object) -> str:
         """The message for a value outside the declaration: what is allowed, what came, the fix."""
-        shown = repr(got) if len(repr(got)) <= 40 else repr(got)[:20] + "..." + repr(got)[-8:]  # a pasted 400-digit number stays readable
+        shown = (
+            repr(got) if len(repr(got)) <= 40 else repr(got)[:20] + "..." + repr(got)[-8:]
+        )  # a pasted 400-digit number stays readable
         return f"must be {self.range_text()}, got {shown}; use a value in that range"
 
     def check(self, flag: str, value: object) -> None:
@@ -158,7 +170,9 @@ def env_var_for(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
-def add_flag(parser: argparse.ArgumentParser, flag: str, spec: Setting, default: object = None, **kwargs: object) -> argparse.Action:
+def add_flag(
+    parser: argparse.ArgumentParser, flag: str, spec: Setting, default: object = None, **kwargs: object
+) -> argparse.Action:
     """Add `flag` as `spec` declares it: parsed and checked by the Setting, help with the bounds or choices."""
     help_ = spec.help.replace("%", "%%")  # argparse formats help with %
     if spec.numeric:
@@ -177,7 +191,9 @@ def add_flag(parser: argparse.ArgumentParser, flag: str, spec: Setting, default:
 # The flags several commands share, declared once.
 SEED = Setting("seed of the noise", kind=int, low=0, high=MAX_SEED)
 # At least gan.metrics.MIN_IMAGES (k-NN needs k + 1 images; tests/test_evaluate.py checks the two agree).
-EVAL_NUM = Setting("generated images per evaluation (at least 4, for k-NN with k = 3)", kind=int, low=4, high=MAX_EVAL_IMAGES)
+EVAL_NUM = Setting(
+    "generated images per evaluation (at least 4, for k-NN with k = 3)", kind=int, low=4, high=MAX_EVAL_IMAGES
+)
 DATASET_NAMES = ("mnist", "fashion-mnist")
 PRECISIONS = ("auto", "fp32", "bf16")
 CUDA_GRAPHS_MODES = ("auto", "on", "off")  # gan.stepper.graphs_wanted says what each means

@@ -69,8 +69,14 @@ def write_tiny_dataset(folder: Path, num_train: int = 96, num_test: int = 32, se
     rng = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for split, count in (("train", num_train), ("test", num_test)):
-        write_idx(folder / f"{IDX_FILES[split + '_images']}.gz", torch.randint(0, 256, (count, 28, 28), generator=rng, dtype=torch.uint8))
-        write_idx(folder / f"{IDX_FILES[split + '_labels']}.gz", torch.randint(0, 10, (count,), generator=rng, dtype=torch.uint8))
+        write_idx(
+            folder / f"{IDX_FILES[split + '_images']}.gz",
+            torch.randint(0, 256, (count, 28, 28), generator=rng, dtype=torch.uint8),
+        )
+        write_idx(
+            folder / f"{IDX_FILES[split + '_labels']}.gz",
+            torch.randint(0, 10, (count,), generator=rng, dtype=torch.uint8),
+        )
     return folder
 
 
@@ -150,7 +156,9 @@ class S3Server:
         client = self.client()
         for path in sorted(folder.rglob("*")):
             if path.is_file():
-                client.put_object(Bucket=self.bucket, Key=f"{prefix}/{path.relative_to(folder)}", Body=path.read_bytes())
+                client.put_object(
+                    Bucket=self.bucket, Key=f"{prefix}/{path.relative_to(folder)}", Body=path.read_bytes()
+                )
 
 
 def wait_for_port(port: int, timeout_s: float = 20.0) -> None:
@@ -183,7 +191,9 @@ def s3_service():
     try:
         wait_for_port(port)
         url = f"http://127.0.0.1:{port}"
-        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup")
+        iam = boto3.client(
+            "iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup"
+        )
         iam.create_user(UserName="gan-job")
         policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
         iam.put_user_policy(UserName="gan-job", PolicyName="all", PolicyDocument=json.dumps(policy))
@@ -245,7 +255,12 @@ def train_one_process(storage: Path, data_dir: Path, run_name: str = "run", **ov
         "run_name": run_name, "cpus_per_worker": 1, "eval_every": 0,
     }  # fmt: skip
     config = TrainConfig(**{**values, **overrides})
-    run_worker(config, LocalSession(resolve_location(config.storage).child(config.run_name), torch.device("cpu"), config.keep_checkpoints))
+    run_worker(
+        config,
+        LocalSession(
+            resolve_location(config.storage).child(config.run_name), torch.device("cpu"), config.keep_checkpoints
+        ),
+    )
     return storage / run_name
 
 
@@ -317,7 +332,9 @@ def autoscaling_cluster(s3_service, small_fashion_dir):
                  GAN_JOB_DATA_DIR=str(small_fashion_dir), GAN_JOB_EPOCHS="1", GAN_JOB_LIMIT="512", GAN_JOB_EVAL_EVERY="0")  # fmt: skip
     timings = fake_cluster.Timings(update_interval_s=1, heartbeat_timeout_s=10, idle_timeout_s=10,
                                    health_check_period_ms=1000, health_check_failure_threshold=3)  # fmt: skip
-    cluster = fake_cluster.FakeCluster(fake_cluster.standing_shape(objects), timings, env={**knobs, **s3_service.env}).start()
+    cluster = fake_cluster.FakeCluster(
+        fake_cluster.standing_shape(objects), timings, env={**knobs, **s3_service.env}
+    ).start()
     try:
         yield cluster
     finally:
@@ -332,7 +349,9 @@ def trained_classifier_file(small_fashion_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("classifier-cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(cache))
-        load_or_train_classifier("fashion-mnist", train_set.images, train_set.labels, train_set.fingerprint, epochs=DEFAULT_EPOCHS)
+        load_or_train_classifier(
+            "fashion-mnist", train_set.images, train_set.labels, train_set.fingerprint, epochs=DEFAULT_EPOCHS
+        )
         path = cache_path("fashion-mnist", train_set.fingerprint, 0)
     return path, path.relative_to(cache)
 

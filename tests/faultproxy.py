@@ -215,10 +215,14 @@ class FaultProxy:
             time.sleep(self.stall_s)
         elif self.fault in ERRORS:
             status, reason, code, message = ERRORS[self.fault]
-            body = b"" if method == "HEAD" else (
-                f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
-                f"<RequestId>faultproxy</RequestId></Error>"
-            ).encode()
+            body = (
+                b""
+                if method == "HEAD"
+                else (
+                    f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+                    f"<RequestId>faultproxy</RequestId></Error>"
+                ).encode()
+            )
             head = (
                 f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n"
                 f"Connection: close\r\n\r\n"
@@ -296,7 +300,9 @@ def descendants(root: int) -> list[int]:
 def ray_actor_pids(*class_names: str, root: int | None = None) -> list[int]:
     """Processes of these Ray actor classes in the Ray cluster this process started (never another one's)."""
     root = os.getpid() if root is None else root
-    return sorted(pid for pid in descendants(root) if _cmdline(pid).startswith(tuple(f"ray::{name}" for name in class_names)))
+    return sorted(
+        pid for pid in descendants(root) if _cmdline(pid).startswith(tuple(f"ray::{name}" for name in class_names))
+    )
 
 
 def train_worker_pids() -> list[int]:
@@ -328,7 +334,12 @@ def ray_worker_log_lines(needle: str) -> list[str]:
     Worker output reaches the driver's console asynchronously; the files are written as it happens.
     """
     logs = ray_session_dir() / "logs"
-    return [line for path in logs.glob("worker-*") for line in path.read_text(errors="replace").splitlines() if needle in line]
+    return [
+        line
+        for path in logs.glob("worker-*")
+        for line in path.read_text(errors="replace").splitlines()
+        if needle in line
+    ]
 
 
 # Files -------------------------------------------------------------------------------------

@@ -16,7 +16,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("job", "gan")
 # Dependencies heavy or optional enough to load only where used; the import must say why.
-LAZY_ALLOWED = ("ray", "boto3", "botocore", "pyarrow", "torchmetrics", "matplotlib", "tensorboardX", "torchvision", "yaml")
+LAZY_ALLOWED = (
+    "ray",
+    "boto3",
+    "botocore",
+    "pyarrow",
+    "torchmetrics",
+    "matplotlib",
+    "tensorboardX",
+    "torchvision",
+    "yaml",
+)
 # Files that still import inside functions without leave, listed so that this test passes
 # meanwhile; checked for staleness below, so the list only shrinks. Empty since issue 14.
 PENDING: dict[str, str] = {}
@@ -66,9 +76,13 @@ def problems_by_file() -> dict[str, list[str]]:
     for (path, module), places in all_function_level_imports().items():
         for line, reasoned in places:
             if module.split(".")[0] not in LAZY_ALLOWED:
-                problems.setdefault(path, []).append(f"{path}:{line}: `{module}` imported inside a function; move it to the module's top")
+                problems.setdefault(path, []).append(
+                    f"{path}:{line}: `{module}` imported inside a function; move it to the module's top"
+                )
             elif not reasoned:
-                problems.setdefault(path, []).append(f"{path}:{line}: lazy `{module}` needs a short reason comment on its line or above")
+                problems.setdefault(path, []).append(
+                    f"{path}:{line}: lazy `{module}` needs a short reason comment on its line or above"
+                )
     return problems
 
 
@@ -91,6 +105,8 @@ def test_the_cli_starts_without_ray_s3_clients_torchmetrics_or_matplotlib():
     """cli.py imports every command at its top; the commands (and gan.metrics, gan.plots) keep these inside functions."""
     code = f"import sys, job.cli; print(sorted({{m.split('.')[0] for m in sys.modules}} & set({NOT_AT_START_UP!r})))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"

@@ -90,14 +90,21 @@ def test_the_test_cluster_has_the_standing_raycluster_shape(autoscaling_cluster)
         (["--use-gpu"], "no node type has a GPU"),
         (["--cpus-per-worker", "2"], "no node type holds even one worker"),
         (["--num-workers", "4", "--cpus-per-worker", "1"], "the node types hold at most 2 such workers"),
-        (["--num-workers", "3-4", "--cpus-per-worker", "1", "--batch-size", "240"], "(at least 3) with --cpus-per-worker 1 can never"),
+        (
+            ["--num-workers", "3-4", "--cpus-per-worker", "1", "--batch-size", "240"],
+            "(at least 3) with --cpus-per-worker 1 can never",
+        ),
     ],
     ids=["gpu", "cpus-per-worker", "num-workers", "elastic-minimum"],
 )
-def test_a_request_no_node_type_can_hold_is_refused_at_once_naming_the_node_types(autoscaling_cluster, tmp_path, flags, why):
+def test_a_request_no_node_type_can_hold_is_refused_at_once_naming_the_node_types(
+    autoscaling_cluster, tmp_path, flags, why
+):
     storage = tmp_path / "runs"
     started = time.monotonic()
-    done = train(autoscaling_cluster, "--data", "fashion-mnist", "--storage", str(storage), "--run-name", "never", *flags)
+    done = train(
+        autoscaling_cluster, "--data", "fashion-mnist", "--storage", str(storage), "--run-name", "never", *flags
+    )
     lines = error_lines(done)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert len(lines) == 1 and "Traceback" not in done.stderr, lines
@@ -122,20 +129,28 @@ def test_a_request_the_autoscaler_cannot_meet_in_time_gives_up_at_the_placement_
 # A lost node ------------------------------------------------------------------------------------
 
 
-def test_a_worker_node_lost_mid_epoch_is_replaced_and_the_run_resumes_from_its_checkpoint(autoscaling_cluster, fashion_mnist_dir, tmp_path):
+def test_a_worker_node_lost_mid_epoch_is_replaced_and_the_run_resumes_from_its_checkpoint(
+    autoscaling_cluster, fashion_mnist_dir, tmp_path
+):
     cluster = autoscaling_cluster
     run = tmp_path / "runs" / "lost-node"
     # Two epochs: the node goes half-way through the second, which then runs again from epoch 1's checkpoint.
     flags = ("--epochs", "2", "--limit", "2048", "--num-workers", "2", "--cpus-per-worker", "1", "--batch-size", "256")
     with background_train(cluster, fashion_mnist_dir, tmp_path / "runs", "lost-node", *flags) as driver:
         # Epoch 1 done and checkpointed: epoch 2 is under way. Kill a node half-way through it.
-        first = wait_until(lambda: _rows(run) and checkpoint_folders(resolve_location(str(run))) and _rows(run), 240, "epoch 1 checkpointed")
+        first = wait_until(
+            lambda: _rows(run) and checkpoint_folders(resolve_location(str(run))) and _rows(run),
+            240,
+            "epoch 1 checkpointed",
+        )
         time.sleep(first[0]["epoch_time_s"] / 2)
         victim = cluster.worker_nodes()[0]
         killed = cluster.kill_node(victim)
         killed_in_epoch = len(_rows(run)) + 1
-        print(f"lost node: killed {killed} processes of node {victim[-5:]} in epoch {killed_in_epoch}, "
-              f"{first[0]['epoch_time_s'] / 2:.1f} s after epoch 1 ended")
+        print(
+            f"lost node: killed {killed} processes of node {victim[-5:]} in epoch {killed_in_epoch}, "
+            f"{first[0]['epoch_time_s'] / 2:.1f} s after epoch 1 ended"
+        )
         assert killed > 0
         output, _ = driver.communicate(timeout=300)
     assert driver.returncode == 0, output[-4000:]
@@ -145,7 +160,9 @@ def test_a_worker_node_lost_mid_epoch_is_replaced_and_the_run_resumes_from_its_c
     assert [row["step"] for row in rows] == [LOST_NODE_STEPS_PER_EPOCH * epoch for epoch in (1, 2)]
     assert "resuming run lost-node at epoch 2" in output
     nodes = json.loads((run / "artifacts" / "model.json").read_text())["nodes"]
-    print(f"lost node: epochs {[r['epoch'] for r in rows]}, steps {[r['step'] for r in rows]}, finished on nodes {[n[-5:] for n in nodes]}")
+    print(
+        f"lost node: epochs {[r['epoch'] for r in rows]}, steps {[r['step'] for r in rows]}, finished on nodes {[n[-5:] for n in nodes]}"
+    )
     assert victim not in nodes and len(set(nodes)) == 2, (victim, nodes)
 
 
@@ -176,7 +193,9 @@ class NodeWatch(threading.Thread):
             time.sleep(0.5)
 
 
-def test_the_retraining_cronjob_trains_on_nodes_the_autoscaler_starts_and_they_go_when_idle(autoscaling_cluster, s3_service):
+def test_the_retraining_cronjob_trains_on_nodes_the_autoscaler_starts_and_they_go_when_idle(
+    autoscaling_cluster, s3_service
+):
     cluster = autoscaling_cluster
     no_worker_nodes(cluster)
     script, command = retrain_script()
@@ -204,8 +223,10 @@ def test_the_retraining_cronjob_trains_on_nodes_the_autoscaler_starts_and_they_g
     assert any(k.startswith(f"{run}/checkpoint_") and k.endswith("/state.pt") for k in objects), sorted(objects)[:20]
     model = json.loads(objects[f"{run}/artifacts/model.json"])
     first_row = parse_jsonl(objects[f"{run}/artifacts/metrics.jsonl"])[0]
-    print(f"retraining: first worker node after {watch.first_seen_s:.1f} s, first step {first_row['first_step_at'] - submitted:.1f} s "
-          f"after submission, ranks on nodes {model['nodes']}")
+    print(
+        f"retraining: first worker node after {watch.first_seen_s:.1f} s, first step {first_row['first_step_at'] - submitted:.1f} s "
+        f"after submission, ranks on nodes {model['nodes']}"
+    )
     assert len(model["nodes"]) == 2 and len(set(model["nodes"])) == 2, model["nodes"]  # one rank per node
     assert json.loads(objects["standing/gan/LATEST"])["run"].rstrip("/").endswith(run)
     # Idle nodes go: none is left once the idle timeout (10 s here) has passed.
@@ -217,7 +238,9 @@ def test_the_retraining_cronjob_trains_on_nodes_the_autoscaler_starts_and_they_g
 # Elastic workers --------------------------------------------------------------------------------
 
 
-def test_an_elastic_run_starts_with_the_minimum_and_grows_when_the_cluster_can_hold_more(autoscaling_cluster, fashion_mnist_dir, tmp_path):
+def test_an_elastic_run_starts_with_the_minimum_and_grows_when_the_cluster_can_hold_more(
+    autoscaling_cluster, fashion_mnist_dir, tmp_path
+):
     cluster = autoscaling_cluster
     run = tmp_path / "runs" / "elastic"
     # At first the worker group may have one node only; once two epochs ran on it, two (as when a
@@ -226,7 +249,18 @@ def test_an_elastic_run_starts_with_the_minimum_and_grows_when_the_cluster_can_h
     try:
         no_worker_nodes(cluster)
         # 1,024 images at a global batch of 256: 4 steps an epoch at 1 worker and at 2.
-        flags = ("--epochs", "10", "--limit", "1024", "--num-workers", "1-2", "--cpus-per-worker", "1", "--elastic-resize-interval", "3")
+        flags = (
+            "--epochs",
+            "10",
+            "--limit",
+            "1024",
+            "--num-workers",
+            "1-2",
+            "--cpus-per-worker",
+            "1",
+            "--elastic-resize-interval",
+            "3",
+        )
         with background_train(cluster, fashion_mnist_dir, tmp_path / "runs", "elastic", *flags) as driver:
             wait_until(lambda: len(_rows(run)) >= 2, 240, "two epochs on one worker", poll_s=0.2)
             cluster.set_max_replicas("workers", 2)
@@ -238,10 +272,14 @@ def test_an_elastic_run_starts_with_the_minimum_and_grows_when_the_cluster_can_h
     rows = _rows(run)
     sizes = [row["world_size"] for row in rows]
     resumes = [(row["epoch"], row["resumed"]) for row in rows if "resumed" in row]
-    print(f"elastic: second node allowed after epoch {grown_after_epoch}; world size per epoch {sizes}; "
-          f"steps {[r['step'] for r in rows]}; resumed {resumes}")
+    print(
+        f"elastic: second node allowed after epoch {grown_after_epoch}; world size per epoch {sizes}; "
+        f"steps {[r['step'] for r in rows]}; resumed {resumes}"
+    )
     assert [row["epoch"] for row in rows] == list(range(1, 11))
-    assert [row["step"] for row in rows] == [4 * epoch for epoch in range(1, 11)]  # the same steps per epoch at either size
+    assert [row["step"] for row in rows] == [
+        4 * epoch for epoch in range(1, 11)
+    ]  # the same steps per epoch at either size
     assert sizes[:2] == [1, 1] and sizes[-1] == 2 and sizes == sorted(sizes)
     assert len(resumes) == 1 and resumes[0][1]["world_size_before"] == 1  # one resize, from the last checkpoint
     assert len(set(json.loads((run / "artifacts" / "model.json").read_text())["nodes"])) == 2

@@ -33,7 +33,21 @@ from job.storage.location import resolve_location
 from tests.conftest import train_one_process, write_tiny_dataset
 from tests.faultproxy import tree_state
 
-FIX_HINTS = ("use ", "pass ", "write ", "choose", "create", "see --help", "add ", "delete", "check ", "must be", "download", "one of", "drop ")
+FIX_HINTS = (
+    "use ",
+    "pass ",
+    "write ",
+    "choose",
+    "create",
+    "see --help",
+    "add ",
+    "delete",
+    "check ",
+    "must be",
+    "download",
+    "one of",
+    "drop ",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +102,11 @@ def command_parsers() -> dict[str, argparse.ArgumentParser]:
 
 def value_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     """The flags of a parser that take a value (not --help, not switches, not subcommands)."""
-    return [a for a in parser._actions if a.option_strings and a.nargs != 0 and not isinstance(a, argparse._SubParsersAction)]  # noqa: SLF001
+    return [
+        a
+        for a in parser._actions
+        if a.option_strings and a.nargs != 0 and not isinstance(a, argparse._SubParsersAction)
+    ]  # noqa: SLF001
 
 
 PARSERS = command_parsers()
@@ -107,7 +125,8 @@ def test_every_value_flag_gets_its_type_and_choices_from_a_declaration():
         f"{command} {action.option_strings[0]}"
         for command, parser in PARSERS.items()
         for action in value_actions(parser)
-        if (action.type is not None or action.choices is not None) and not isinstance(getattr(action, "setting", None), Setting)
+        if (action.type is not None or action.choices is not None)
+        and not isinstance(getattr(action, "setting", None), Setting)
     ]
     assert undeclared == [], "declare these with job.settings.add_flag and a Setting"
     for command, flag, spec in DECLARED:
@@ -121,7 +140,9 @@ def test_every_declared_default_is_inside_its_own_bounds():
         for action in value_actions(parser):
             spec = getattr(action, "setting", None)
             if spec is not None and action.default is not None:
-                assert spec.problem(action.default) is None, f"{command} {action.option_strings[0]} default {action.default!r}"
+                assert spec.problem(action.default) is None, (
+                    f"{command} {action.option_strings[0]} default {action.default!r}"
+                )
     config = TrainConfig(run_name="r", storage="/tmp/unused")
     for name, spec in SETTINGS.items():
         if getattr(config, name) is not None:
@@ -149,11 +170,36 @@ def base_argv(command: str, tmp_path: Path) -> list[str]:
     runs, out = tmp_path / "runs", tmp_path / "out"
     return {
         "train": ["train", "--data-dir", str(tmp_path / "data"), "--storage", str(runs), "--run-name", "r"],
-        "generate": ["generate", "--from", str(runs / "r"), "--out", str(out / "grid.png"), "--npy", str(out / "all.npy")],
+        "generate": [
+            "generate",
+            "--from",
+            str(runs / "r"),
+            "--out",
+            str(out / "grid.png"),
+            "--npy",
+            str(out / "all.npy"),
+        ],
         "evaluate": ["evaluate", "--from", str(runs / "r")],
         "promote": ["promote", "--run", str(runs / "r"), "--target", str(out / "LATEST")],
-        "bench": ["bench", "--steps", "1", "--warmup", "0", "--batch-size", "8"],  # cheap, should a bad value slip through
-        "data push": ["data", "push", "--data", "mnist", "--data-dir", str(tmp_path / "data"), "--to", "s3://gan-job-test/never"],
+        "bench": [
+            "bench",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--batch-size",
+            "8",
+        ],  # cheap, should a bad value slip through
+        "data push": [
+            "data",
+            "push",
+            "--data",
+            "mnist",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--to",
+            "s3://gan-job-test/never",
+        ],
     }[command].copy()
 
 
@@ -167,7 +213,9 @@ SWEEP = [
 
 
 @pytest.mark.parametrize("command, flag, value, source", SWEEP)
-def test_a_value_outside_its_declaration_is_refused_in_one_line(command, flag, value, source, tmp_path, monkeypatch, capsys):
+def test_a_value_outside_its_declaration_is_refused_in_one_line(
+    command, flag, value, source, tmp_path, monkeypatch, capsys
+):
     (tmp_path / "out").mkdir()
     argv = base_argv(command, tmp_path)
     if source == "flag":
@@ -199,7 +247,9 @@ def test_promotion_flags_have_no_environment_form():
 
 
 @pytest.mark.parametrize("flag, value", [("--seed", str(2**64)), ("--num", str(10**12))])
-def test_generate_refuses_a_seed_or_count_it_cannot_honour_before_reading_the_run(flag, value, tiny_run, tmp_path, capsys):
+def test_generate_refuses_a_seed_or_count_it_cannot_honour_before_reading_the_run(
+    flag, value, tiny_run, tmp_path, capsys
+):
     out = tmp_path / "grid.png"
     refused(["generate", "--from", str(tiny_run), "--out", str(out), flag, value], flag, capsys)
     assert not out.exists()
@@ -232,9 +282,40 @@ def test_an_unknown_dataset_from_an_environment_variable_is_named(monkeypatch, t
 def _command_on(command: str, data_dir: Path, tmp_path: Path) -> list[str]:
     """`command` reading the IDX files in `data_dir` (and, for train, writing to tmp_path/runs)."""
     return {
-        "train": ["train", "--data", "mnist", "--data-dir", str(data_dir), "--storage", str(tmp_path / "runs"), "--run-name", "r"],
-        "bench": ["bench", "--data", "mnist", "--data-dir", str(data_dir), "--steps", "1", "--warmup", "0", "--batch-size", "8"],
-        "data push": ["data", "push", "--data", "mnist", "--data-dir", str(data_dir), "--to", "s3://gan-job-test/never"],
+        "train": [
+            "train",
+            "--data",
+            "mnist",
+            "--data-dir",
+            str(data_dir),
+            "--storage",
+            str(tmp_path / "runs"),
+            "--run-name",
+            "r",
+        ],
+        "bench": [
+            "bench",
+            "--data",
+            "mnist",
+            "--data-dir",
+            str(data_dir),
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--batch-size",
+            "8",
+        ],
+        "data push": [
+            "data",
+            "push",
+            "--data",
+            "mnist",
+            "--data-dir",
+            str(data_dir),
+            "--to",
+            "s3://gan-job-test/never",
+        ],
     }[command]
 
 
@@ -304,7 +385,9 @@ def test_a_damaged_idx_file_is_named_through_the_cli_and_nothing_is_written(comm
     [
         "truncated data",
         "truncated gzip",
-        "wrong magic number", "wrong element type", "wrong image size",
+        "wrong magic number",
+        "wrong element type",
+        "wrong image size",
     ],
 )
 def test_a_damaged_idx_file_error_says_how_to_fix_it(how, tmp_path, capsys):
@@ -322,17 +405,43 @@ def test_labels_that_do_not_match_the_images_are_named(tmp_path, capsys):
 
 # Run names, resume, --from ----------------------------------------------------------------
 
-BAD_RUN_NAMES = ["", ".", "..", "a/b", "a\\b", "/abs", "-dash-first", "_under-first", ".hidden", "a..b", "x" * 129, "a b", "tab\tname", "naïve", "a\nb", "a:b", "a*b"]
+BAD_RUN_NAMES = [
+    "",
+    ".",
+    "..",
+    "a/b",
+    "a\\b",
+    "/abs",
+    "-dash-first",
+    "_under-first",
+    ".hidden",
+    "a..b",
+    "x" * 129,
+    "a b",
+    "tab\tname",
+    "naïve",
+    "a\nb",
+    "a:b",
+    "a*b",
+]
 
 
 @pytest.mark.parametrize("name", BAD_RUN_NAMES, ids=[repr(n)[:20] for n in BAD_RUN_NAMES])
 def test_a_run_name_that_is_not_a_valid_folder_or_key_name_is_refused(name, tiny_data_dir, tmp_path, capsys):
-    refused(["train", "--data-dir", str(tiny_data_dir), "--storage", str(tmp_path / "runs"), f"--run-name={name}"], "--run-name", capsys)
+    refused(
+        ["train", "--data-dir", str(tiny_data_dir), "--storage", str(tmp_path / "runs"), f"--run-name={name}"],
+        "--run-name",
+        capsys,
+    )
     assert not (tmp_path / "runs").exists()
 
 
 def test_a_run_name_with_a_trailing_newline_is_refused(tiny_data_dir, tmp_path, capsys):
-    refused(["train", "--data-dir", str(tiny_data_dir), "--storage", str(tmp_path / "runs"), "--run-name=abc\n"], "--run-name", capsys)
+    refused(
+        ["train", "--data-dir", str(tiny_data_dir), "--storage", str(tmp_path / "runs"), "--run-name=abc\n"],
+        "--run-name",
+        capsys,
+    )
 
 
 def test_resuming_with_a_configuration_that_cannot_load_the_checkpoint_names_the_fields(tiny_run, capsys):
@@ -354,14 +463,18 @@ def test_resuming_a_run_whose_every_checkpoint_is_damaged_is_refused_not_started
         state.write_bytes(state.read_bytes()[:1000])
     before = tree_state(storage)
     data_dir = str(tiny_run.parent.parent / "data")
-    code = main(["train", "--data", "fashion-mnist", "--data-dir", data_dir, "--storage", str(storage), "--run-name", "tiny"])
+    code = main(
+        ["train", "--data", "fashion-mnist", "--data-dir", data_dir, "--storage", str(storage), "--run-name", "tiny"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "no checkpoint loads safely" in err.strip().splitlines()[-1] and "checkpoint_" in err
     assert tree_state(storage) == before  # the run's history is still there to be repaired
 
 
-@pytest.mark.parametrize("kind", ["missing", "empty folder", "a file", "run without checkpoints", "incomplete checkpoint"])
+@pytest.mark.parametrize(
+    "kind", ["missing", "empty folder", "a file", "run without checkpoints", "incomplete checkpoint"]
+)
 def test_generate_from_something_that_holds_no_checkpoint_is_refused(kind, tiny_run, tmp_path, capsys):
     target = tmp_path / "target"
     if kind == "empty folder":
@@ -375,7 +488,12 @@ def test_generate_from_something_that_holds_no_checkpoint_is_refused(kind, tiny_
         (target / "checkpoint_2024-01-01_00-00-00.000000").mkdir(parents=True)
         (target / "checkpoint_2024-01-01_00-00-00.000000" / DIGEST_FILE).write_text("0" * 64)
     out = tmp_path / "grid.png"
-    refused(["generate", "--from", str(target), "--out", str(out)], "--from", capsys, warnings=kind == "incomplete checkpoint")
+    refused(
+        ["generate", "--from", str(target), "--out", str(out)],
+        "--from",
+        capsys,
+        warnings=kind == "incomplete checkpoint",
+    )
     assert not out.exists()
 
 
@@ -400,7 +518,17 @@ def test_an_s3_url_without_a_valid_bucket_is_refused(flag, uri, tiny_data_dir, t
 
 @pytest.mark.parametrize("endpoint", ["localhost:9000", "ftp://host:21", "http://"])
 def test_an_s3_endpoint_that_is_not_an_http_url_is_refused(endpoint, tiny_data_dir, tmp_path, capsys):
-    argv = ["train", "--data-dir", str(tiny_data_dir), "--storage", "s3://gan-job-test/runs", "--run-name", "r", "--s3-endpoint", endpoint]
+    argv = [
+        "train",
+        "--data-dir",
+        str(tiny_data_dir),
+        "--storage",
+        "s3://gan-job-test/runs",
+        "--run-name",
+        "r",
+        "--s3-endpoint",
+        endpoint,
+    ]
     refused(argv, "--s3-endpoint", capsys)
 
 
@@ -452,7 +580,17 @@ def test_idx_a_damaged_gzip_stream_is_an_idx_format_error(junk):
 # Properties: the training configuration ----------------------------------------------------
 
 VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-COUNTS = ("epochs", "checkpoint_every", "keep_checkpoints", "max_failures", "noise_dim", "seed", "eval_every", "eval_num", "placement_timeout")
+COUNTS = (
+    "epochs",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "max_failures",
+    "noise_dim",
+    "seed",
+    "eval_every",
+    "eval_num",
+    "placement_timeout",
+)
 
 
 def valid_run_name(name: str) -> bool:
@@ -499,7 +637,9 @@ def outside(name: str) -> st.SearchStrategy:
     spec = SETTINGS[name]
     wrong = st.booleans() | st.text(max_size=5) | st.sampled_from([math.nan, math.inf, -math.inf])
     if spec.kind is int:
-        return wrong | st.integers(max_value=int(spec.low) - 1) | st.integers(min_value=int(spec.high) + 1) | st.floats()
+        return (
+            wrong | st.integers(max_value=int(spec.low) - 1) | st.integers(min_value=int(spec.high) + 1) | st.floats()
+        )
     below = st.floats(max_value=spec.low, exclude_max=not spec.low_open)
     above = st.floats(min_value=spec.high, exclude_min=not spec.high_open)
     return wrong | below | above
@@ -507,8 +647,15 @@ def outside(name: str) -> st.SearchStrategy:
 
 invalid_fields = st.one_of(
     *[st.tuples(st.just(name), outside(name)) for name, spec in SETTINGS.items() if spec.numeric],
-    *[st.tuples(st.just(name), st.text(max_size=12).filter(lambda v, c=spec.choices: v not in c)) for name, spec in SETTINGS.items() if spec.choices],
-    st.tuples(st.just("run_name"), st.text(max_size=140).filter(lambda n: not valid_run_name(n) and not valid_run_name(n.rstrip("\n")))),
+    *[
+        st.tuples(st.just(name), st.text(max_size=12).filter(lambda v, c=spec.choices: v not in c))
+        for name, spec in SETTINGS.items()
+        if spec.choices
+    ],
+    st.tuples(
+        st.just("run_name"),
+        st.text(max_size=140).filter(lambda n: not valid_run_name(n) and not valid_run_name(n.rstrip("\n"))),
+    ),
 )
 
 
@@ -554,4 +701,9 @@ def test_a_worker_range_is_held_as_two_settings():
     fixed = TrainConfig(run_name="r", storage="/tmp/unused", num_workers=2)
     assert (fixed.num_workers, fixed.max_workers, fixed.elastic) == (2, 2, False)
     elastic = TrainConfig(run_name="r", storage="/tmp/unused", num_workers=1, max_workers=4, batch_size=240)
-    assert (elastic.workers_text, elastic.elastic, list(elastic.world_sizes), elastic.shard_multiple) == ("1-4", True, [1, 2, 3, 4], 12)
+    assert (elastic.workers_text, elastic.elastic, list(elastic.world_sizes), elastic.shard_multiple) == (
+        "1-4",
+        True,
+        [1, 2, 3, 4],
+        12,
+    )

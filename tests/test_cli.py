@@ -5,7 +5,11 @@ import pytest
 from job.cli import build_parser, env_var_for, main
 
 
-HELP = [["--help"], *([command, "--help"] for command in ("train", "generate", "evaluate", "promote", "bench")), ["data", "push", "--help"]]
+HELP = [
+    ["--help"],
+    *([command, "--help"] for command in ("train", "generate", "evaluate", "promote", "bench")),
+    ["data", "push", "--help"],
+]
 
 
 @pytest.mark.parametrize("command", HELP, ids=" ".join)
@@ -53,7 +57,18 @@ BAD_TRAIN_INPUT = [
 @pytest.mark.parametrize("flags, named", BAD_TRAIN_INPUT, ids=[" ".join(f) for f, _ in BAD_TRAIN_INPUT])
 def test_bad_train_input_is_one_line_exit_2_and_writes_nothing(flags, named, tmp_path, capsys, tiny_data_dir):
     storage = tmp_path / "runs"
-    argv = ["train", "--data", "fashion-mnist", "--data-dir", str(tiny_data_dir), "--storage", str(storage), "--run-name", "r", *flags]
+    argv = [
+        "train",
+        "--data",
+        "fashion-mnist",
+        "--data-dir",
+        str(tiny_data_dir),
+        "--storage",
+        str(storage),
+        "--run-name",
+        "r",
+        *flags,
+    ]
     assert main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
@@ -109,7 +124,16 @@ def test_recipes_set_hyperparameters_and_explicit_flags_win():
     (["--on-divergence", "panic"], "--on-divergence"), (["--on-collapse", "ignore"], "--on-collapse"),
 ])  # fmt: skip
 def test_bad_recipe_and_guard_flags_are_named(flags, named, tmp_path, capsys, tiny_data_dir):
-    argv = ["train", "--data", "fashion-mnist", "--data-dir", str(tiny_data_dir), "--storage", str(tmp_path / "runs"), *flags]
+    argv = [
+        "train",
+        "--data",
+        "fashion-mnist",
+        "--data-dir",
+        str(tiny_data_dir),
+        "--storage",
+        str(tmp_path / "runs"),
+        *flags,
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err
@@ -151,7 +175,11 @@ BAD_PROMOTIONS = [
     pytest.param(["--promote-to", "{tmp}/job/LATEST/"], "--promote-to", id="trailing slash"),
     pytest.param(["--promote-to", "gs://bucket/job/LATEST"], "--promote-to", id="unsupported scheme"),
     pytest.param(["--promote-to", "s3:///job/LATEST"], "--promote-to", id="no bucket"),
-    pytest.param(["--promote-to", "{tmp}/job/LATEST", "--promote-margin", "nan"], "--promote-margin", id="target and a bad margin"),
+    pytest.param(
+        ["--promote-to", "{tmp}/job/LATEST", "--promote-margin", "nan"],
+        "--promote-margin",
+        id="target and a bad margin",
+    ),
     pytest.param(["--promote-to", a_folder], "--promote-to", id="a folder"),
     pytest.param(["--promote-to", not_a_pointer], "--promote-to", id="not a pointer"),
 ]
@@ -162,11 +190,24 @@ BAD_PROMOTIONS = [
 def test_a_bad_promotion_is_refused_before_training_in_one_line(flags, named, tmp_path, capsys, tiny_data_dir):
     flags = [flag(tmp_path) if callable(flag) else flag.format(tmp=tmp_path) for flag in flags]
     storage = tmp_path / "runs"
-    argv = ["train", "--data", "fashion-mnist", "--data-dir", str(tiny_data_dir), "--storage", str(storage), "--run-name", "r", *flags]
+    argv = [
+        "train",
+        "--data",
+        "fashion-mnist",
+        "--data-dir",
+        str(tiny_data_dir),
+        "--storage",
+        str(storage),
+        "--run-name",
+        "r",
+        *flags,
+    ]
     assert main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gan-job") and named in lines[0] and "Traceback" not in captured.err, lines
+    assert (
+        len(lines) == 1 and lines[0].startswith("gan-job") and named in lines[0] and "Traceback" not in captured.err
+    ), lines
     assert not storage.exists()
 
 
@@ -191,7 +232,17 @@ def test_promotion_is_never_an_environment_knob(monkeypatch, tmp_path, tiny_data
     assert args.promote_to is None and args.promote_margin is None
     seen = []
     monkeypatch.setattr(job.commands.train, "run_training", lambda config, promotion=None: seen.append(promotion) or 0)
-    argv = ["train", "--data", "fashion-mnist", "--data-dir", str(tiny_data_dir), "--storage", str(tmp_path / "runs"), "--run-name", "r"]
+    argv = [
+        "train",
+        "--data",
+        "fashion-mnist",
+        "--data-dir",
+        str(tiny_data_dir),
+        "--storage",
+        str(tmp_path / "runs"),
+        "--run-name",
+        "r",
+    ]
     assert main(argv) == 0 and seen == [None]
     assert main([*argv, "--promote-to", str(tmp_path / "job" / "LATEST")]) == 0
     assert seen[-1] == job.commands.train.Promotion(str(tmp_path / "job" / "LATEST"), 0.0), "promote's default margin"
@@ -223,11 +274,15 @@ def test_promote_refuses_a_target_that_names_no_pointer_as_train_does(tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("flag, name", [("--out", "grid.jpg"), ("--out", "grid"), ("--npy", "images"), ("--npy", "images.npz")])
+@pytest.mark.parametrize(
+    "flag, name", [("--out", "grid.jpg"), ("--out", "grid"), ("--npy", "images"), ("--npy", "images.npz")]
+)
 def test_generate_refuses_an_output_name_of_another_format(tmp_path, capsys, flag, name):
     """The grid is always PNG and the array .npy: a name that says otherwise is refused before anything is read."""
     out = {"--out": str(tmp_path / "grid.png"), "--npy": None, flag: str(tmp_path / name)}
-    argv = ["generate", "--from", str(tmp_path / "no-run"), "--out", out["--out"]] + (["--npy", out["--npy"]] if out["--npy"] else [])
+    argv = ["generate", "--from", str(tmp_path / "no-run"), "--out", out["--out"]] + (
+        ["--npy", out["--npy"]] if out["--npy"] else []
+    )
     code = main(argv)
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and flag in lines[0] and name in lines[0]

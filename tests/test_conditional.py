@@ -144,7 +144,9 @@ def test_the_conditional_recipe_is_stable_plus_conditional():
     assert config.conditional and not stable.conditional
     assert {name: getattr(config, name) for name in RECIPES["stable"]} == RECIPES["stable"]
     assert TrainConfig(recipe="tutorial", conditional=True, run_name="r", storage="/tmp/unused").conditional
-    assert TrainConfig(recipe="conditional", lr=1e-3, run_name="r", storage="/tmp/unused").lr == 1e-3  # a flag still wins
+    assert (
+        TrainConfig(recipe="conditional", lr=1e-3, run_name="r", storage="/tmp/unused").lr == 1e-3
+    )  # a flag still wins
 
 
 def test_the_conditional_switch_comes_from_its_flag_or_variable(monkeypatch):
@@ -162,7 +164,9 @@ def test_a_conditional_run_records_its_classes_in_model_json_and_every_checkpoin
     assert state["config"]["conditional"] is True and state["num_classes"] == NUM_CLASSES
     assert state["generator"]["project.1.gain.weight"].shape == (NUM_CLASSES, 7 * 7 * 256)  # class batch norms
     assert "label_projection.weight" in state["discriminator"]
-    assert "quality" in metrics_rows(runs["conditional"])[0]  # the training-time probe samples the conditional G with labels
+    assert (
+        "quality" in metrics_rows(runs["conditional"])[0]
+    )  # the training-time probe samples the conditional G with labels
 
 
 def test_an_unconditional_run_records_zero_classes_and_keeps_format_2s_keys(runs):
@@ -195,7 +199,18 @@ def test_a_resumed_conditional_run_keeps_its_grid_noise(tmp_path, tiny_data_dir)
 
 def test_generate_per_class_writes_images_and_int64_labels_in_class_order(runs, tmp_path, capsys):
     grid, npy = tmp_path / "grid.png", tmp_path / "images.npy"
-    argv = ["generate", "--from", str(runs["conditional"]), "--per-class", "--num", "30", "--out", str(grid), "--npy", str(npy)]
+    argv = [
+        "generate",
+        "--from",
+        str(runs["conditional"]),
+        "--per-class",
+        "--num",
+        "30",
+        "--out",
+        str(grid),
+        "--npy",
+        str(npy),
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "images.labels.npy" in out and "3 of each of the classes 0,1,2,3,4,5,6,7,8,9" in out
@@ -207,7 +222,19 @@ def test_generate_per_class_writes_images_and_int64_labels_in_class_order(runs, 
 
 def test_generate_label_3_5_num_10_makes_five_of_each_in_that_order(runs, tmp_path):
     grid, npy = tmp_path / "grid.png", tmp_path / "images.npy"
-    argv = ["generate", "--from", str(runs["conditional"]), "--label", "3,5", "--num", "10", "--out", str(grid), "--npy", str(npy)]
+    argv = [
+        "generate",
+        "--from",
+        str(runs["conditional"]),
+        "--label",
+        "3,5",
+        "--num",
+        "10",
+        "--out",
+        str(grid),
+        "--npy",
+        str(npy),
+    ]
     assert main(argv) == 0
     assert np.load(npy).shape == (10, 28, 28)
     assert np.load(tmp_path / "images.labels.npy").tolist() == [3] * 5 + [5] * 5
@@ -216,7 +243,10 @@ def test_generate_label_3_5_num_10_makes_five_of_each_in_that_order(runs, tmp_pa
 
 def test_generate_on_a_conditional_model_without_classes_asked_makes_10_of_every_class(runs, tmp_path):
     npy = tmp_path / "images.npy"
-    assert main(["generate", "--from", str(runs["conditional"]), "--out", str(tmp_path / "grid.png"), "--npy", str(npy)]) == 0
+    assert (
+        main(["generate", "--from", str(runs["conditional"]), "--out", str(tmp_path / "grid.png"), "--npy", str(npy)])
+        == 0
+    )
     assert np.load(tmp_path / "images.labels.npy").tolist() == [k for k in range(NUM_CLASSES) for _ in range(10)]
 
 
@@ -225,14 +255,39 @@ def test_the_label_decides_the_image(runs, tmp_path):
     paths = {}
     for label in ("3", "5"):
         paths[label] = tmp_path / f"{label}.npy"
-        argv = ["generate", "--from", str(runs["conditional"]), "--label", label, "--num", "4", "--out", str(tmp_path / "g.png")]
+        argv = [
+            "generate",
+            "--from",
+            str(runs["conditional"]),
+            "--label",
+            label,
+            "--num",
+            "4",
+            "--out",
+            str(tmp_path / "g.png"),
+        ]
         assert main([*argv, "--npy", str(paths[label])]) == 0
     assert not np.array_equal(np.load(paths["3"]), np.load(paths["5"]))
 
 
 def test_generate_on_an_unconditional_model_writes_no_labels(runs, tmp_path):
     npy = tmp_path / "images.npy"
-    assert main(["generate", "--from", str(runs["plain"]), "--num", "5", "--out", str(tmp_path / "grid.png"), "--npy", str(npy)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--from",
+                str(runs["plain"]),
+                "--num",
+                "5",
+                "--out",
+                str(tmp_path / "grid.png"),
+                "--npy",
+                str(npy),
+            ]
+        )
+        == 0
+    )
     assert np.load(npy).shape == (5, 28, 28) and not (tmp_path / "images.labels.npy").exists()
 
 
@@ -282,7 +337,16 @@ def test_evaluate_samples_a_conditional_checkpoint_with_every_class_alike(runs):
 def test_bad_generate_input_on_a_conditional_model_is_one_line(runs, tmp_path, capsys, extra, named):
     out = tmp_path / "out"
     out.mkdir()
-    argv = ["generate", "--from", str(runs["conditional"]), "--out", str(out / "grid.png"), "--npy", str(out / "images.npy"), *extra]
+    argv = [
+        "generate",
+        "--from",
+        str(runs["conditional"]),
+        "--out",
+        str(out / "grid.png"),
+        "--npy",
+        str(out / "images.npy"),
+        *extra,
+    ]
     line = refused(argv, named, capsys)
     assert "--label" in line or named in line
     assert list(out.iterdir()) == []
@@ -296,7 +360,9 @@ def test_classes_asked_of_an_unconditional_model_are_refused(runs, tmp_path, cap
     assert "--conditional" in line and list(out.iterdir()) == []
 
 
-@pytest.mark.parametrize("run, flags", [("conditional", []), ("plain", ["--conditional"]), ("plain", ["--recipe", "conditional"])])
+@pytest.mark.parametrize(
+    "run, flags", [("conditional", []), ("plain", ["--conditional"]), ("plain", ["--recipe", "conditional"])]
+)
 def test_resuming_with_the_other_conditional_setting_is_refused(runs, run, flags, capsys):
     folder = runs[run]
     before = tree_state(folder)
@@ -318,7 +384,9 @@ def first_scheme_run(runs, tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("command", ["train", "generate", "evaluate", "promote"])
-def test_a_checkpoint_of_the_first_conditional_scheme_is_refused_in_one_line(runs, first_scheme_run, tmp_path, command, capsys):
+def test_a_checkpoint_of_the_first_conditional_scheme_is_refused_in_one_line(
+    runs, first_scheme_run, tmp_path, command, capsys
+):
     before = tree_state(first_scheme_run)
     argv = {
         "train": ["train", "--conditional", "--data", "fashion-mnist", "--data-dir", str(runs["data"]), "--storage",
@@ -329,7 +397,11 @@ def test_a_checkpoint_of_the_first_conditional_scheme_is_refused_in_one_line(run
     }[command]  # fmt: skip
     line = refused(argv, "first conditional scheme", capsys)
     assert "--conditional" in line and "new --run-name" in line
-    assert tree_state(first_scheme_run) == before and not (tmp_path / "grid.png").exists() and not (tmp_path / "job").exists()
+    assert (
+        tree_state(first_scheme_run) == before
+        and not (tmp_path / "grid.png").exists()
+        and not (tmp_path / "job").exists()
+    )
 
 
 # promote -------------------------------------------------------------------------------------
@@ -345,6 +417,10 @@ def test_promoting_a_run_of_the_other_kind_over_latest_is_refused(runs, tmp_path
         pointer.update(conditional=current == "conditional", num_classes=NUM_CLASSES if current == "conditional" else 0)
     target.write_text(json.dumps(pointer) + "\n")
     before = tree_state(target.parent), tree_state(runs[candidate])
-    line = refused(["promote", "--run", str(runs[candidate]), "--target", str(target), "--data-dir", str(runs["data"])], "--target", capsys)
+    line = refused(
+        ["promote", "--run", str(runs[candidate]), "--target", str(target), "--data-dir", str(runs["data"])],
+        "--target",
+        capsys,
+    )
     assert "--conditional" in line and "--run" in line
     assert (tree_state(target.parent), tree_state(runs[candidate])) == before

@@ -98,7 +98,9 @@ def test_cas_of_real_images_is_close_to_the_real_data_score(small_fashion):
 def test_cas_of_images_of_the_wrong_class_is_near_chance(small_fashion):
     train_set, test_set, real_classifier = small_fashion
     source = real_images_for_labels(train_set.images, train_set.labels, label_shift=3)
-    result = classification_accuracy_score(source, real_classifier, to_unit_range(test_set.images), test_set.labels, images_per_class=50)
+    result = classification_accuracy_score(
+        source, real_classifier, to_unit_range(test_set.images), test_set.labels, images_per_class=50
+    )
     assert result["generated"]["overall"] < 0.15 < 0.6 < result["real"]["overall"]
 
 
@@ -122,7 +124,9 @@ def test_cas_gives_plain_json_with_both_sides_their_times_and_the_recipe(small_f
 
 def test_cas_refuses_a_real_data_classifier_of_another_recipe(small_fashion):
     train_set, test_set, real_classifier = small_fashion
-    other = TrainedClassifier(real_classifier.model, real_classifier.digest, train_set.fingerprint, CAS_SEED, CAS_EPOCHS + 1, None)
+    other = TrainedClassifier(
+        real_classifier.model, real_classifier.digest, train_set.fingerprint, CAS_SEED, CAS_EPOCHS + 1, None
+    )
     with pytest.raises(ValueError, match="like with like"):
         classification_accuracy_score(
             lambda labels: torch.zeros(len(labels), 1, 28, 28), other, to_unit_range(test_set.images), test_set.labels, images_per_class=1,

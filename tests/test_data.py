@@ -22,7 +22,9 @@ def test_idx_round_trip_plain_and_gzipped(tmp_path, name):
 @given(st.lists(st.integers(1, 5), min_size=1, max_size=3), st.randoms())
 @settings(max_examples=50, deadline=None)
 def test_idx_round_trip_any_shape(shape, rnd):
-    values = torch.tensor([rnd.randrange(256) for _ in range(int(torch.tensor(shape).prod()))], dtype=torch.uint8).view(*shape)
+    values = torch.tensor([rnd.randrange(256) for _ in range(int(torch.tensor(shape).prod()))], dtype=torch.uint8).view(
+        *shape
+    )
     assert torch.equal(decode_idx(encode_idx(values)), values)
 
 
@@ -30,7 +32,13 @@ def test_idx_round_trip_any_shape(shape, rnd):
 def near_idx_files(draw) -> bytes:
     """A valid IDX file, whole or cut short, lengthened, or with one byte changed (header or data); maybe gzipped."""
     shape = draw(st.lists(st.integers(1, 4), min_size=1, max_size=3))
-    raw = bytearray(encode_idx(torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 99))), dtype=torch.uint8)))
+    raw = bytearray(
+        encode_idx(
+            torch.randint(
+                0, 256, shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 99))), dtype=torch.uint8
+            )
+        )
+    )
     how = draw(st.sampled_from(["whole", "cut", "longer", "changed"]))
     if how == "cut":
         raw = raw[: draw(st.integers(0, len(raw) - 1))]
@@ -61,7 +69,15 @@ def test_idx_reader_refuses_each_kind_of_damage_it_must():
     """The damaged files the property above may or may not draw, each refused for certain."""
     raw = encode_idx(torch.arange(24, dtype=torch.uint8).view(2, 3, 4))
     header = 4 + 3 * 4  # magic, then one big-endian size per dimension
-    for damaged in (raw[:-1], raw + b"\x00", raw[:header], raw[:3], b"", bytes([raw[0] ^ 1]) + raw[1:], raw[:7] + bytes([raw[7] + 1]) + raw[8:]):
+    for damaged in (
+        raw[:-1],
+        raw + b"\x00",
+        raw[:header],
+        raw[:3],
+        b"",
+        bytes([raw[0] ^ 1]) + raw[1:],
+        raw[:7] + bytes([raw[7] + 1]) + raw[8:],
+    ):
         for form in (damaged, gzip.compress(damaged)):
             with pytest.raises(IdxFormatError, match="download"):
                 decode_idx(form)
@@ -156,7 +172,9 @@ def test_shards_for_every_size_of_an_elastic_run_cover_the_same_images_in_the_sa
     multiple = 6  # lcm(1, 2, 3): an elastic run of 1-3 workers
     seen = {}
     for world_size in (1, 2, 3):
-        shards = [shard_indices(1003, rank, world_size, epoch=4, seed=1, multiple=multiple) for rank in range(world_size)]
+        shards = [
+            shard_indices(1003, rank, world_size, epoch=4, seed=1, multiple=multiple) for rank in range(world_size)
+        ]
         assert all(len(shard) == 1002 // world_size for shard in shards)
         seen[world_size] = set(torch.cat(shards).tolist())
     assert seen[1] == seen[2] == seen[3] and len(seen[1]) == 1002  # same images: the epoch does not depend on the size

@@ -161,10 +161,19 @@ def container_env(container: dict, objs: list[dict]) -> dict[str, tuple]:
         if "value" in var:
             env[var["name"]] = ("value", var["value"])
         elif "secretKeyRef" in var["valueFrom"]:
-            env[var["name"]] = ("secret", var["valueFrom"]["secretKeyRef"]["name"], var["valueFrom"]["secretKeyRef"]["key"])
+            env[var["name"]] = (
+                "secret",
+                var["valueFrom"]["secretKeyRef"]["name"],
+                var["valueFrom"]["secretKeyRef"]["key"],
+            )
         elif "configMapKeyRef" in var["valueFrom"]:
             ref = var["valueFrom"]["configMapKeyRef"]
-            env[var["name"]] = ("configMap", ref["name"], ref["key"], (object_data(objs, "ConfigMap", ref["name"]) or {}).get(ref["key"]))
+            env[var["name"]] = (
+                "configMap",
+                ref["name"],
+                ref["key"],
+                (object_data(objs, "ConfigMap", ref["name"]) or {}).get(ref["key"]),
+            )
         elif "fieldRef" in var["valueFrom"]:
             env[var["name"]] = ("field", var["valueFrom"]["fieldRef"]["fieldPath"])
     return env
@@ -215,7 +224,9 @@ if [ "$1 $2" = "job status" ]; then grep -qxF -- "${@: -1}" "$EXISTING_SUBMISSIO
 """
 
 
-def run_with_fake_ray(tmp_path: Path, script: str, env: dict[str, str], existing: tuple[str, ...] = ()) -> list[list[str]]:
+def run_with_fake_ray(
+    tmp_path: Path, script: str, env: dict[str, str], existing: tuple[str, ...] = ()
+) -> list[list[str]]:
     """Runs a bash script with `ray` replaced by a recorder; returns the recorded `ray` calls."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -224,7 +235,12 @@ def run_with_fake_ray(tmp_path: Path, script: str, env: dict[str, str], existing
     calls, existing_file = tmp_path / "calls", tmp_path / "existing"
     calls.write_text("")
     existing_file.write_text("".join(f"{sid}\n" for sid in existing))
-    full_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_CALLS": str(calls), "EXISTING_SUBMISSIONS": str(existing_file), **env}
+    full_env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "RAY_CALLS": str(calls),
+        "EXISTING_SUBMISSIONS": str(existing_file),
+        **env,
+    }
     result = subprocess.run(["bash", "-c", script], env=full_env, check=False, capture_output=True, text=True)
     assert result.returncode == 0, f"script failed:\n{script}\n{result.stderr}"
     return [block.split("\n") for block in calls.read_text().strip("\n").split("\n\n") if block]
@@ -253,7 +269,9 @@ def kuberay_submit(tmp_path: Path, entrypoint: str, rayjob_name: str) -> str:
     KubeRay (K8sJobMode) runs `ray job submit ... -- <entrypoint>` in bash, with RAYJOB_NAME set
     from the submitter Job's name, which is the RayJob's name."""
     script = f"ray job submit --address http://head:8265 --submission-id {rayjob_name}-x1y2z --no-wait -- {entrypoint}"
-    return submitted(run_with_fake_ray(tmp_path, script, {"RAYJOB_NAME": rayjob_name, "GAN_JOB_STORAGE": SUBMITTER_STORAGE}))[1]
+    return submitted(
+        run_with_fake_ray(tmp_path, script, {"RAYJOB_NAME": rayjob_name, "GAN_JOB_STORAGE": SUBMITTER_STORAGE})
+    )[1]
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash
@@ -292,9 +310,13 @@ def driver_commands(
     commands = {}
     for obj in objs:
         for spec in rayjob_specs(obj):
-            commands[f"{obj['kind']} {obj['metadata']['name']}"] = kuberay_submit(tmp_path, spec["entrypoint"], rayjob_name)
+            commands[f"{obj['kind']} {obj['metadata']['name']}"] = kuberay_submit(
+                tmp_path, spec["entrypoint"], rayjob_name
+            )
         if obj["kind"] == "CronJob":
-            calls = run_with_fake_ray(tmp_path, cronjob_script(obj), {"FIRING": firing, "GAN_JOB_STORAGE": SUBMITTER_STORAGE})
+            calls = run_with_fake_ray(
+                tmp_path, cronjob_script(obj), {"FIRING": firing, "GAN_JOB_STORAGE": SUBMITTER_STORAGE}
+            )
             commands[f"CronJob {obj['metadata']['name']}"] = submitted(calls)[1]
     return commands
 
@@ -348,7 +370,11 @@ def strict(schema: dict) -> dict:
     """The schema with unknown fields forbidden wherever the CRD lists the fields of an object
     (the API server prunes them; here they are errors), except where it preserves unknown fields."""
     if isinstance(schema, dict):
-        if "properties" in schema and "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema["additionalProperties"] = False
         for value in schema.values():
             strict(value)
@@ -392,7 +418,9 @@ def test_kuberay_objects_match_the_crd_schemas_strictly(objects, crds):
 
 def test_crd_validation_rejects_an_unknown_field(crds):
     rayjob = copy.deepcopy(named(list(built_overlay("local")), "RayJob")[0])
-    rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = (
+        "Always"
+    )
     assert any("imagePullPolicyy" in error for error in crd_errors(rayjob, crds))
 
 
@@ -416,7 +444,9 @@ def test_every_component_is_built_by_an_overlay():
         kustomization = yaml.safe_load((DEPLOY / "overlays" / overlay / "kustomization.yaml").read_text())
         used |= {(DEPLOY / "overlays" / overlay / path).resolve() for path in kustomization.get("components", [])}
     components = {path.parent.resolve() for path in (DEPLOY / "components").glob("*/kustomization.yaml")}
-    assert components <= used, f"components no overlay builds (so no test validates): {sorted(map(str, components - used))}"
+    assert components <= used, (
+        f"components no overlay builds (so no test validates): {sorted(map(str, components - used))}"
+    )
 
 
 def test_every_object_lives_in_the_job_namespace(objects):
@@ -424,7 +454,9 @@ def test_every_object_lives_in_the_job_namespace(objects):
     assert len(namespaces) == 1
     for obj in objects:
         if obj["kind"] != "Namespace":
-            assert obj["metadata"].get("namespace") == namespaces[0]["metadata"]["name"], f"{obj['kind']} {obj['metadata']['name']}"
+            assert obj["metadata"].get("namespace") == namespaces[0]["metadata"]["name"], (
+                f"{obj['kind']} {obj['metadata']['name']}"
+            )
 
 
 def test_manifest_files_are_named_kind_dot_variant():
@@ -445,7 +477,9 @@ def test_ray_version_is_one_in_pyproject_dockerfile_and_manifests(objects):
     assert args["RAY_VERSION"] == ray_version, "Dockerfile ARG RAY_VERSION"
     base = re.search(r"^FROM (\S+)", (REPO / "Dockerfile").read_text(), re.MULTILINE).group(1)
     base = re.sub(r"\$\{(\w+)\}", lambda match: args[match.group(1)], base)
-    assert base.startswith(f"rayproject/ray:{ray_version}-py311-"), f"Dockerfile FROM {base}: Ray's own Python 3.11 image"
+    assert base.startswith(f"rayproject/ray:{ray_version}-py311-"), (
+        f"Dockerfile FROM {base}: Ray's own Python 3.11 image"
+    )
     cluster_versions = {cluster["rayVersion"] for obj in objects for cluster in raycluster_specs(obj)}
     assert cluster_versions == {ray_version}, f"rayVersion {cluster_versions}"
     tags = {container["image"].rsplit(":", 1)[1] for _, container in ray_containers(objects)}
@@ -474,19 +508,23 @@ def submitter_containers(objs: list[dict]) -> Iterator[tuple[str, dict]]:
 
 
 def gan_job_variant(image: str) -> str | None:
-    """"cpu" or "gpu" for a gan-job image (any registry), None for another image."""
+    """ "cpu" or "gpu" for a gan-job image (any registry), None for another image."""
     repository, _, tag = image.partition("@")[0].rpartition(":")
     return tag.rsplit("-", 1)[1] if repository.rsplit("/", 1)[-1] == "gan-job" and "-" in tag else None
 
 
 def test_gan_job_images_are_the_gpu_variant_exactly_in_the_ray_containers_of_gpu_overlays(objects):
     all_containers = [container for obj in objects for _, container in containers(obj)]
-    wants_gpu = any("nvidia.com/gpu" in container.get("resources", {}).get("limits", {}) for container in all_containers)
+    wants_gpu = any(
+        "nvidia.com/gpu" in container.get("resources", {}).get("limits", {}) for container in all_containers
+    )
     ray_variants = {gan_job_variant(container["image"]) for _, container in ray_containers(objects)}
     assert ray_variants == ({"gpu"} if wants_gpu else {"cpu"}), "every Ray container on the one image the workers need"
     submitters = {id(container) for _, container in submitter_containers(objects)}
     ray = {id(container) for _, container in ray_containers(objects)}
-    others = {gan_job_variant(c["image"]) for c in all_containers if id(c) not in ray and id(c) not in submitters} - {None}
+    others = {gan_job_variant(c["image"]) for c in all_containers if id(c) not in ray and id(c) not in submitters} - {
+        None
+    }
     assert others <= {"cpu"}, f"gan-job containers outside the Ray clusters: {others}"
 
 
@@ -497,7 +535,9 @@ def test_cluster_overlays_keep_submitters_on_the_cpu_image_and_ray_containers_on
     submitter_images = {where: container["image"] for where, container in submitter_containers(objects)}
     assert len(ray_images) == 1 and gan_job_variant(next(iter(ray_images))) == "gpu", ray_images
     kinds = {where.split()[0] for where in submitter_images}
-    assert {"RayJob", "CronJob"} <= kinds or {"RayJob", "RayCronJob"} <= kinds, f"a submitter of each kind: {submitter_images}"
+    assert {"RayJob", "CronJob"} <= kinds or {"RayJob", "RayCronJob"} <= kinds, (
+        f"a submitter of each kind: {submitter_images}"
+    )
     # The same registry and repository: one `images:` entry names both variants.
     (ray_image,) = ray_images
     for where, image in submitter_images.items():
@@ -513,8 +553,15 @@ def test_gpu_changes_live_in_one_component():
         if any(marker in line for line in lines for marker in gpu_markers):
             holders.add(path.parent.relative_to(DEPLOY).as_posix())
     assert holders == {"components/gpu"}, f"GPU settings outside components/gpu: {sorted(holders - {'components/gpu'})}"
-    kustomizations = {overlay: yaml.safe_load((DEPLOY / "overlays" / overlay / "kustomization.yaml").read_text()) for overlay in OVERLAYS}
-    users = {overlay for overlay, kustomization in kustomizations.items() if "../../components/gpu" in kustomization.get("components", [])}
+    kustomizations = {
+        overlay: yaml.safe_load((DEPLOY / "overlays" / overlay / "kustomization.yaml").read_text())
+        for overlay in OVERLAYS
+    }
+    users = {
+        overlay
+        for overlay, kustomization in kustomizations.items()
+        if "../../components/gpu" in kustomization.get("components", [])
+    }
     assert users == {"cluster"}, "overlays/cluster uses it, and overlays/cluster-raycronjob through overlays/cluster"
 
 
@@ -552,17 +599,23 @@ def test_the_promotion_target_is_the_heads_storage_and_refused_without_it(object
     # The submitter has no knobs (here: a storage of its own, which must not be used): the driver's
     # shell on the head expands the storage, and without the knob it stops before `python` runs.
     for where, driver_command in driver_commands(objects, tmp_path).items():
-        assert SUBMITTER_STORAGE not in driver_command and "GAN_JOB_STORAGE" in driver_command, f"{where}: {driver_command}"
+        assert SUBMITTER_STORAGE not in driver_command and "GAN_JOB_STORAGE" in driver_command, (
+            f"{where}: {driver_command}"
+        )
         head_without_storage = {k: v for k, v in knobs(objects).items() if k != "GAN_JOB_STORAGE"}
         result = on_the_head(tmp_path, driver_command, head_without_storage)
-        assert result.returncode != 0 and result.calls == [] and "GAN_JOB_STORAGE" in result.stderr, f"{where}: {result.stderr}"
+        assert result.returncode != 0 and result.calls == [] and "GAN_JOB_STORAGE" in result.stderr, (
+            f"{where}: {result.stderr}"
+        )
 
 
 def test_every_knob_is_a_train_flag(objects):
     from job.cli import NOT_FROM_ENVIRONMENT, build_parser, env_var_for
 
     defaults = vars(build_parser().parse_args(["train"]))
-    flag_variables = {env_var_for(dest) for dest in defaults if dest not in ("command", "handler", *NOT_FROM_ENVIRONMENT)}
+    flag_variables = {
+        env_var_for(dest) for dest in defaults if dest not in ("command", "handler", *NOT_FROM_ENVIRONMENT)
+    }
     for obj in objects:
         for _, container in containers(obj):
             for name in container_env(container, objects):
@@ -583,7 +636,9 @@ def test_knobs_fit_the_worker_group_of_the_rayjob(objects):
         (group,) = obj["spec"]["rayClusterSpec"]["workerGroupSpecs"]
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == int(values["GAN_JOB_NUM_WORKERS"])
-        assert float(limits["cpu"]) == float(values["GAN_JOB_CPUS_PER_WORKER"]), "Ray takes a worker's CPUs from its cpu limit"
+        assert float(limits["cpu"]) == float(values["GAN_JOB_CPUS_PER_WORKER"]), (
+            "Ray takes a worker's CPUs from its cpu limit"
+        )
         uses_gpu = values.get("GAN_JOB_USE_GPU", "false").lower() in ("1", "true", "yes", "on")
         assert uses_gpu == ("nvidia.com/gpu" in limits)
 
@@ -600,14 +655,20 @@ def test_no_credential_is_written_outside_a_secret(objects):
         for _, container in containers(obj):
             for var in container.get("env", []):
                 if "value" in var:
-                    assert var["name"] not in S3_VARIABLES, f"{obj['kind']} {obj['metadata']['name']}: literal {var['name']}"
-                    assert not CREDENTIAL_NAME.search(var["name"]), f"{obj['kind']} {obj['metadata']['name']}: literal {var['name']}"
+                    assert var["name"] not in S3_VARIABLES, (
+                        f"{obj['kind']} {obj['metadata']['name']}: literal {var['name']}"
+                    )
+                    assert not CREDENTIAL_NAME.search(var["name"]), (
+                        f"{obj['kind']} {obj['metadata']['name']}: literal {var['name']}"
+                    )
 
 
 def test_referenced_secrets_and_configmaps_exist(objects):
     # KubeRay generates a token Secret, named after the cluster, for a RayCluster with token auth.
     clusters = named(objects, "RayCluster")
-    generated = {obj["metadata"]["name"] for obj in clusters if obj["spec"].get("authOptions", {}).get("mode") == "token"}
+    generated = {
+        obj["metadata"]["name"] for obj in clusters if obj["spec"].get("authOptions", {}).get("mode") == "token"
+    }
     for obj in objects:
         for _, container in containers(obj):
             for kind, name, key in referenced(container):
@@ -615,7 +676,9 @@ def test_referenced_secrets_and_configmaps_exist(objects):
                     assert key in (None, "auth_token"), f"KubeRay's token Secret {name} has only auth_token"
                     continue
                 data = object_data(objects, kind, name)
-                assert data is not None, f"{obj['kind']} {obj['metadata']['name']}: {kind} {name} is neither built nor an example"
+                assert data is not None, (
+                    f"{obj['kind']} {obj['metadata']['name']}: {kind} {name} is neither built nor an example"
+                )
                 assert key is None or key in data, f"{kind} {name} has no key {key}"
 
 
@@ -639,7 +702,9 @@ def test_secret_examples_hold_placeholders_and_are_not_applied():
             assert data.get(key) == "CHANGE_ME", f"{example['metadata']['name']}: {key} must be a placeholder"
     for path in DEPLOY.rglob("kustomization.yaml"):
         listed = yaml.safe_load(path.read_text()).get("resources", [])
-        assert not [name for name in listed if name.endswith(".example.yaml")], f"{path.relative_to(REPO)} applies an example"
+        assert not [name for name in listed if name.endswith(".example.yaml")], (
+            f"{path.relative_to(REPO)} applies an example"
+        )
 
 
 # Tests: run names, retries and schedules.
@@ -648,10 +713,15 @@ def test_secret_examples_hold_placeholders_and_are_not_applied():
 def test_a_rayjob_runs_under_its_own_name_so_a_retry_resumes(objects, tmp_path):
     for obj in objects:
         for spec in rayjob_specs(obj):
-            assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode", "the run name comes from the submitter's shell"
+            assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode", (
+                "the run name comes from the submitter's shell"
+            )
             assert spec["backoffLimit"] >= 1, "a failed run is retried"
             submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]
-            assert container_env(submitter, objects)["RAYJOB_NAME"] == ("field", "metadata.labels['batch.kubernetes.io/job-name']")
+            assert container_env(submitter, objects)["RAYJOB_NAME"] == (
+                "field",
+                "metadata.labels['batch.kubernetes.io/job-name']",
+            )
             # A retry is a new cluster and a new submission id, but the same RayJob (and Job) name.
             for name in ("gan-train", "gan-retrain-k2x9q"):
                 commands = job_commands(tmp_path, kuberay_submit(tmp_path, spec["entrypoint"], name), knobs(objects))
@@ -664,8 +734,12 @@ def test_each_raycronjob_firing_trains_under_its_own_run_name(objects, tmp_path)
         assert not spec.get("jobId"), "a fixed submission id would be the same for every firing"
         # KubeRay names each firing's RayJob <RayCronJob>-<5 random characters>.
         name = cron["metadata"]["name"]
-        first, second = (kuberay_submit(tmp_path, spec["entrypoint"], f"{name}-{suffix}") for suffix in ("a1b2c", "d3e4f"))
-        first_run, second_run = (run_name_of(job_commands(tmp_path, driver, knobs(objects))[0]) for driver in (first, second))
+        first, second = (
+            kuberay_submit(tmp_path, spec["entrypoint"], f"{name}-{suffix}") for suffix in ("a1b2c", "d3e4f")
+        )
+        first_run, second_run = (
+            run_name_of(job_commands(tmp_path, driver, knobs(objects))[0]) for driver in (first, second)
+        )
         assert first_run != second_run
 
 
@@ -674,13 +748,19 @@ def test_each_raycronjob_firing_trains_under_its_own_run_name(objects, tmp_path)
     [((), "-0", []), (("-0",), "-1", ["-0"]), (("-0", "-1"), "-2", ["-0", "-1"])],
     ids=["first-attempt", "second-attempt", "third-attempt"],
 )
-def test_a_cronjob_firing_resumes_its_run_on_retry(objects, tmp_path, earlier_attempts, expected_submission, expected_stops):
+def test_a_cronjob_firing_resumes_its_run_on_retry(
+    objects, tmp_path, earlier_attempts, expected_submission, expected_stops
+):
     for cronjob in named(objects, "CronJob"):
         firing = f"{cronjob['metadata']['name']}-29000000"
-        calls = run_with_fake_ray(tmp_path, cronjob_script(cronjob), {"FIRING": firing}, tuple(firing + a for a in earlier_attempts))
+        calls = run_with_fake_ray(
+            tmp_path, cronjob_script(cronjob), {"FIRING": firing}, tuple(firing + a for a in earlier_attempts)
+        )
         submission_id, driver_command = submitted(calls)
         assert submission_id == firing + expected_submission, "each attempt under a new submission id"
-        trains = [command for command in job_commands(tmp_path, driver_command, knobs(objects)) if command[3] == "train"]
+        trains = [
+            command for command in job_commands(tmp_path, driver_command, knobs(objects)) if command[3] == "train"
+        ]
         assert [run_name_of(command) for command in trains] == [firing], "every attempt, the same run"
         stops = [call[-1] for call in calls if call[:2] == ["job", "stop"]]
         assert stops == [firing + a for a in expected_stops], "an earlier attempt's driver is stopped first"
@@ -727,7 +807,9 @@ def test_every_container_has_requests_and_limits(objects):
         for cluster in raycluster_specs(obj):
             if cluster.get("enableInTreeAutoscaling"):
                 resources = cluster["autoscalerOptions"]["resources"]
-                assert {"cpu", "memory"} <= set(resources["requests"]) & set(resources["limits"]), "the autoscaler container"
+                assert {"cpu", "memory"} <= set(resources["requests"]) & set(resources["limits"]), (
+                    "the autoscaler container"
+                )
 
 
 def locked_down(pod: dict, security: dict) -> list[str]:
@@ -801,7 +883,18 @@ def test_checkov_accepts_the_manifests_and_the_dockerfile(tmp_path):
     # checkov pins old boto3, packaging and networkx, so it lives in an environment of its own.
     checkov = tool("checkov")
     result = subprocess.run(
-        [checkov, "--directory", str(scan), "--framework", "kubernetes", "dockerfile", "secrets", "--output", "json", "--skip-download"],
+        [
+            checkov,
+            "--directory",
+            str(scan),
+            "--framework",
+            "kubernetes",
+            "dockerfile",
+            "secrets",
+            "--output",
+            "json",
+            "--skip-download",
+        ],
         check=False,
         capture_output=True,
         text=True,
@@ -827,18 +920,33 @@ def test_checkov_accepts_the_manifests_and_the_dockerfile(tmp_path):
 
 
 def test_hadolint_finds_nothing_in_the_dockerfile():
-    result = subprocess.run([tool("hadolint"), "--no-color", str(REPO / "Dockerfile")], check=False, capture_output=True, text=True)
+    result = subprocess.run(
+        [tool("hadolint"), "--no-color", str(REPO / "Dockerfile")], check=False, capture_output=True, text=True
+    )
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 
 def test_the_image_is_built_from_the_package_alone():
-    ignored = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    ignored = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert ignored[0] == "*", ".dockerignore lets in only what it names"
-    assert sorted(line for line in ignored if line.startswith("!")) == ["!README.md", "!gan/", "!job/", "!pyproject.toml"]
+    assert sorted(line for line in ignored if line.startswith("!")) == [
+        "!README.md",
+        "!gan/",
+        "!job/",
+        "!pyproject.toml",
+    ]
     dockerfile = (REPO / "Dockerfile").read_text()
     users = re.findall(r"^USER (\S+)", dockerfile, re.MULTILINE)
-    assert users and users[-1].split(":")[0] not in ("0", "root") and users[-1].split(":")[0].isdigit(), "a numeric non-root user"
-    assert "[dev]" not in dockerfile and not re.search(r"^(ENV|ARG) \w*(SECRET|PASSWORD|TOKEN|KEY)\w*", dockerfile, re.MULTILINE)
+    assert users and users[-1].split(":")[0] not in ("0", "root") and users[-1].split(":")[0].isdigit(), (
+        "a numeric non-root user"
+    )
+    assert "[dev]" not in dockerfile and not re.search(
+        r"^(ENV|ARG) \w*(SECRET|PASSWORD|TOKEN|KEY)\w*", dockerfile, re.MULTILINE
+    )
 
 
 def test_shell_scripts_pass_shellcheck(tmp_path):
@@ -856,7 +964,11 @@ def test_shell_scripts_pass_shellcheck(tmp_path):
 
 def gpu_limits(objects: list[dict]) -> list[tuple[str, str | None, str | None]]:
     return [
-        (role, container["resources"]["requests"].get("nvidia.com/gpu"), container["resources"]["limits"].get("nvidia.com/gpu"))
+        (
+            role,
+            container["resources"]["requests"].get("nvidia.com/gpu"),
+            container["resources"]["limits"].get("nvidia.com/gpu"),
+        )
         for role, container in ray_containers(objects)
     ]
 
@@ -884,4 +996,6 @@ def test_cluster_overlays_run_full_epochs_on_gpu_workers_against_external_s3(ove
             assert requests == limits and int(limits) >= 1, "GPUs requested and limited alike"
     values = knobs(objects)
     assert values["GAN_JOB_USE_GPU"] == "true" and "GAN_JOB_EPOCHS" not in values and "GAN_JOB_LIMIT" not in values
-    assert not named(objects, "Secret") and not named(objects, "Deployment"), "S3 is external; its Secret is the operator's"
+    assert not named(objects, "Secret") and not named(objects, "Deployment"), (
+        "S3 is external; its Secret is the operator's"
+    )

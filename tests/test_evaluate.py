@@ -34,7 +34,12 @@ def test_evaluating_a_run_prints_one_json_object_and_stores_it_with_the_classifi
     tmp_path, small_fashion_dir, cached_classifier, quiet_run, capsys
 ):
     run = quiet_run
-    assert evaluate_main(["--from", run.uri, "--data", "fashion-mnist", "--data-dir", str(small_fashion_dir), "--num", "200"]) == 0
+    assert (
+        evaluate_main(
+            ["--from", run.uri, "--data", "fashion-mnist", "--data-dir", str(small_fashion_dir), "--num", "200"]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])
@@ -66,7 +71,9 @@ def test_evaluating_a_checkpoint_folder_writes_nothing_and_defaults_to_the_runs_
     assert not (tmp_path / "runs" / "r1" / "artifacts" / "eval.json").exists()
 
 
-def test_the_ema_generator_is_evaluated_when_the_checkpoint_has_one(tmp_path, small_fashion_dir, cached_classifier, quiet_run, capsys):
+def test_the_ema_generator_is_evaluated_when_the_checkpoint_has_one(
+    tmp_path, small_fashion_dir, cached_classifier, quiet_run, capsys
+):
     folder = checkpoint_folders(quiet_run)[0]
     _, state = load_from(folder.uri)
     constant = Generator(state["config"]["noise_dim"])
@@ -143,9 +150,13 @@ def test_a_conditional_model_is_scored_on_the_labels_it_was_asked_for_next_to_th
     assert result["conditional"] is True and "cas" not in result  # CAS only with --cas
     assert len(generated["per_class"]) == 10 and generated["count_per_class"] == [20] * 10  # every class alike
     assert all(0 <= a <= 1 for a in generated["per_class"]) and 0 <= generated["overall"] <= 1
-    assert sum(real["count_per_class"]) == 500 and real["overall"] > 0.6  # the classifier on the real test split: the ceiling
+    assert (
+        sum(real["count_per_class"]) == 500 and real["overall"] > 0.6
+    )  # the classifier on the real test split: the ceiling
     keys = list(result)
-    assert keys.index("inception_fid") < keys.index("label_accuracy") < keys.index("conditional") < keys.index("reference")
+    assert (
+        keys.index("inception_fid") < keys.index("label_accuracy") < keys.index("conditional") < keys.index("reference")
+    )
     assert json.loads((conditional_run / "artifacts" / "eval.json").read_text()) == result
 
 
@@ -172,7 +183,9 @@ def test_cas_scores_the_conditional_generator_against_the_real_test_split_with_t
     assert result["cas"] == {"generated": {"overall": 0.5}, "real": {"overall": 0.8}}
     ((source, real_classifier, real_test, real_test_labels, kwargs),) = calls
     assert source.num_classes == 10 and not source.training  # the checkpoint's conditional G, in inference mode
-    assert isinstance(real_classifier, TrainedClassifier) and real_classifier.seed == 0  # the project classifier: CAS's real side
+    assert (
+        isinstance(real_classifier, TrainedClassifier) and real_classifier.seed == 0
+    )  # the project classifier: CAS's real side
     assert real_test.shape == (500, 1, 28, 28) and real_test_labels.shape == (500,)
     assert kwargs == {"num_classes": 10, "noise_seed": 7}  # the default 60,000 images
     keys = list(result)
@@ -191,7 +204,9 @@ def test_cas_on_an_unconditional_model_is_refused_in_one_line_before_anything_is
     assert evaluate_main(["--from", quiet_run.uri, "--data-dir", small_fashion_dir, "--cas"]) == 2
     captured = capsys.readouterr()
     (line,) = captured.err.strip().splitlines()
-    assert line.startswith("gan-job") and "--cas" in line and "--conditional" in line and "Traceback" not in captured.err
+    assert (
+        line.startswith("gan-job") and "--cas" in line and "--conditional" in line and "Traceback" not in captured.err
+    )
     assert captured.out == "" and sorted(artifacts.list_names()) == before and not artifacts.child("eval.json").exists()
 
 

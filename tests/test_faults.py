@@ -132,7 +132,9 @@ def _damage(folder: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["truncated", "one-byte-flipped", "emptied", "digest-missing"])
-def test_generate_from_a_run_with_a_damaged_latest_checkpoint_uses_the_previous_one(killed_worker_run, how, tmp_path, capsys):
+def test_generate_from_a_run_with_a_damaged_latest_checkpoint_uses_the_previous_one(
+    killed_worker_run, how, tmp_path, capsys
+):
     _, _, run, _ = killed_worker_run
     copy = shutil.copytree(run, tmp_path / run.name)
     latest, previous = (Path(folder.path) for folder in checkpoint_folders(resolve_location(str(copy)))[:2])
@@ -172,11 +174,15 @@ def test_resume_falls_back_from_a_damaged_latest_checkpoint_and_repeats_nothing(
 # The driver killed, then the same command again ---------------------------------------------
 
 
-def test_a_killed_driver_rerun_with_the_same_command_resumes_and_repeats_nothing(ray_cluster, fashion_mnist_dir, tmp_path):
+def test_a_killed_driver_rerun_with_the_same_command_resumes_and_repeats_nothing(
+    ray_cluster, fashion_mnist_dir, tmp_path
+):
     run_name = f"kill-driver-{uuid.uuid4().hex[:6]}"
     run = tmp_path / "runs" / run_name
     # One worker, 2,048 images: 8 steps an epoch.
-    argv = _train_argv(fashion_mnist_dir, str(tmp_path / "runs"), run_name, 3, "--limit", "2048", "--cpus-per-worker", "1")
+    argv = _train_argv(
+        fashion_mnist_dir, str(tmp_path / "runs"), run_name, 3, "--limit", "2048", "--cpus-per-worker", "1"
+    )
     env = job_env(RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     command = [sys.executable, "-m", "job", *argv]
     earlier_actors = set(ray_actor_pids("RayTrainWorker", "TrainController"))  # finished runs' may linger
@@ -193,7 +199,11 @@ def test_a_killed_driver_rerun_with_the_same_command_resumes_and_repeats_nothing
     assert first.returncode == -signal.SIGKILL
     assert rows_at_kill in ([1], [1, 2])  # killed while training ran: epoch 3 was not recorded
     # Ray ends a dead driver's job, its controller and workers; wait for that, so the old run writes no more.
-    wait_until(lambda: not set(ray_actor_pids("RayTrainWorker", "TrainController")) - earlier_actors, 60, "the killed driver's actors to exit")
+    wait_until(
+        lambda: not set(ray_actor_pids("RayTrainWorker", "TrainController")) - earlier_actors,
+        60,
+        "the killed driver's actors to exit",
+    )
     registered = _registered_epochs(run)[-1]
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -217,7 +227,9 @@ def test_an_s3_outage_during_a_checkpoint_upload_is_retried_and_no_partial_check
     a complete run whose registered checkpoints are all whole.
     """
     upstream_port = int(s3_server.url.rsplit(":", 1)[1])
-    proxy = FaultProxy(upstream_port, lambda method, target: method == "PUT" and bool(CHECKPOINT_UPLOAD.search(target)), outage_s=1.0)
+    proxy = FaultProxy(
+        upstream_port, lambda method, target: method == "PUT" and bool(CHECKPOINT_UPLOAD.search(target)), outage_s=1.0
+    )
     run_name = f"s3-outage-{uuid.uuid4().hex[:6]}"
     try:
         argv = _train_argv(
@@ -300,7 +312,11 @@ def test_a_checkpoint_read_that_fails_in_the_workers_past_the_retries_ends_in_on
     err = capfd.readouterr().err
     ours = [line for line in err.splitlines() if line.startswith("gan-job:")]
     assert code == 1, err[-3000:]
-    assert len(ours) == 1 and "training failed after 1 restart(s): reading s3://" in ours[0] and "state.pt failed after" in ours[0]
+    assert (
+        len(ours) == 1
+        and "training failed after 1 restart(s): reading s3://" in ours[0]
+        and "state.pt failed after" in ours[0]
+    )
     # Both attempts read, retried within the workers' budget, and gave up: none started the run over.
     assert len(proxy.dropped) >= 4 and proxy.dropped[-1].at_s - proxy.dropped[0].at_s >= RAY_RETRY_BUDGET_S
     assert not ray_worker_log_lines(f"run s3://{s3_server.bucket}/{prefix} has no complete checkpoint left")
@@ -324,7 +340,9 @@ def test_a_checkpoint_read_that_fails_in_the_workers_for_a_blip_is_retried_and_t
     assert ray_worker_log_lines(f"Ray Train names no checkpoint of run s3://{s3_server.bucket}/{prefix}")
     assert ray_worker_log_lines(f"resuming run {name} at epoch 2 (step 2)")
     _assert_each_epoch_once(s3_server.metrics_rows(prefix), 2, 2)
-    assert set(first_checkpoint) <= set(s3_server.keys(f"{prefix}/"))  # epoch 1's checkpoint kept (--keep-checkpoints 2)
+    assert set(first_checkpoint) <= set(
+        s3_server.keys(f"{prefix}/")
+    )  # epoch 1's checkpoint kept (--keep-checkpoints 2)
 
 
 # A request the cluster can never place ----------------------------------------------------------
@@ -338,7 +356,9 @@ def test_a_checkpoint_read_that_fails_in_the_workers_for_a_blip_is_retried_and_t
         (["--use-gpu"], "--use-gpu"),
     ],
 )
-def test_a_request_the_cluster_can_never_place_fails_at_once_with_exit_2(ray_cluster, tiny_data_dir, tmp_path, capsys, flags, named):
+def test_a_request_the_cluster_can_never_place_fails_at_once_with_exit_2(
+    ray_cluster, tiny_data_dir, tmp_path, capsys, flags, named
+):
     storage = tmp_path / "runs"
     started_s = time.monotonic()
     assert main(_train_argv(tiny_data_dir, str(storage), "never-placed", 1, *flags)) == 2

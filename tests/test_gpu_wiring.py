@@ -50,7 +50,6 @@ def test_trainer_uses_gloo_and_no_gpu_on_cpu(tmp_path):
     assert not trainer.scaling_config.use_gpu and trainer.backend_config.backend == "gloo"
 
 
-
 def test_cuda_graphs_on_without_use_gpu_is_refused_in_one_line_naming_the_flag(tmp_path, capsys):
     from job.cli import main
 

@@ -57,7 +57,11 @@ def test_guards_roll_back_at_most_max_rollbacks_times_then_stop_and_note_each_ro
         guards.rolled_back(to_epoch=1)
         healthy_row = {**HEALTHY, "epoch": 2}
         assert guards.judge(healthy_row, {}) is None and guards.trusted
-        assert healthy_row["after_rollback"] == {"cause": row["guard"]["cause"], "diverged_at_epoch": 2, "resumed_from_epoch": 1}
+        assert healthy_row["after_rollback"] == {
+            "cause": row["guard"]["cause"],
+            "diverged_at_epoch": 2,
+            "resumed_from_epoch": 1,
+        }
     row = {"epoch": 3}
     verdict = guards.judge(row, nan_stats)
     assert verdict.action == "stop" and verdict.cause.endswith(f"after {MAX_ROLLBACKS} rollbacks")
@@ -83,7 +87,9 @@ def nan_at_epoch_2(monkeypatch):
     monkeypatch.setattr(gan.step, "generator_loss", planted)
 
 
-def test_rollback_on_a_nan_loss_restores_the_last_checkpoint_and_records_the_cause(tmp_path, tiny_data_dir, nan_at_epoch_2):
+def test_rollback_on_a_nan_loss_restores_the_last_checkpoint_and_records_the_cause(
+    tmp_path, tiny_data_dir, nan_at_epoch_2
+):
     rows = _run(tmp_path, tiny_data_dir, on_divergence="rollback")
     assert [r["epoch"] for r in rows] == [1, 2, 3]  # each epoch once, epoch 2 trained again
     assert rows[1]["after_rollback"]["diverged_at_epoch"] == 2 and "non-finite" in rows[1]["after_rollback"]["cause"]
@@ -129,12 +135,16 @@ def test_collapse_with_stop_ends_the_run_after_patience(tmp_path, tiny_data_dir,
 def test_collapse_with_warn_is_recorded_and_training_goes_on(tmp_path, tiny_data_dir, coverage_collapses_after_epoch_2):
     rows = _run(tmp_path, tiny_data_dir, epochs=5, eval_every=1)  # warn is the default
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
-    cause = "class coverage 1 at epoch 4 is below 0.5 x the recent best 9 for 2 evaluations"  # from the planted 9, 9, 2, 1
+    cause = (
+        "class coverage 1 at epoch 4 is below 0.5 x the recent best 9 for 2 evaluations"  # from the planted 9, 9, 2, 1
+    )
     assert rows[3]["guard"] == {"guard": "collapse", "cause": cause, "action": "warn"}
     assert not any("guard" in r for r in rows[:3] + rows[4:])
 
 
-def test_collapse_with_rollback_returns_to_the_last_checkpoint(tmp_path, tiny_data_dir, coverage_collapses_after_epoch_2):
+def test_collapse_with_rollback_returns_to_the_last_checkpoint(
+    tmp_path, tiny_data_dir, coverage_collapses_after_epoch_2
+):
     rows = _run(tmp_path, tiny_data_dir, epochs=5, eval_every=1, on_collapse="rollback")
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
     assert rows[2]["after_rollback"]["diverged_at_epoch"] == 4 and rows[2]["after_rollback"]["resumed_from_epoch"] == 2

@@ -43,7 +43,11 @@ def evaluator(fashion):
     model = train_classifier(train_set.images, train_set.labels, seed=0, epochs=1)
     trained = TrainedClassifier(model, weights_digest(model), train_set.fingerprint, 0, 1, None)
     return QualityEvaluator(
-        trained, to_unit_range(test_set.images), to_unit_range(train_set.images), seed=0, test_fingerprint=test_set.fingerprint
+        trained,
+        to_unit_range(test_set.images),
+        to_unit_range(train_set.images),
+        seed=0,
+        test_fingerprint=test_set.fingerprint,
     )
 
 
@@ -156,7 +160,9 @@ def test_a_damaged_cache_file_is_replaced_by_a_trained_classifier(fashion):
     path = cache_path("fashion-mnist", "300:abc", 0)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a checkpoint")
-    trained = load_or_train_classifier("fashion-mnist", train_set.images[:300], train_set.labels[:300], "300:abc", seed=0, epochs=1)
+    trained = load_or_train_classifier(
+        "fashion-mnist", train_set.images[:300], train_set.labels[:300], "300:abc", seed=0, epochs=1
+    )
     assert classifier_from_bytes(path.read_bytes()).digest == trained.digest
 
 

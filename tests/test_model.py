@@ -7,7 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gan.models import ConditionalBatchNorm, Discriminator, FlattenLinear, Generator, LeakyReLUDropout, count_trainable_parameters
+from gan.models import (
+    ConditionalBatchNorm,
+    Discriminator,
+    FlattenLinear,
+    Generator,
+    LeakyReLUDropout,
+    count_trainable_parameters,
+)
 
 
 def test_trainable_parameter_counts_equal_the_tutorials_keras_models():
@@ -48,9 +55,15 @@ def test_conditional_networks_add_class_batch_norms_to_g_and_a_projection_to_d()
     # A gain and a shift per class for each BatchNorm's 12,544 + 128 + 64 features, in place of its one pair.
     assert extra_g == (10 - 1) * 2 * (12544 + 128 + 64) == 229_248
     assert extra_d == 10 * 6272 == 62_720  # one 6272-vector per class
-    assert set(Discriminator(num_classes=10).state_dict()) - set(Discriminator().state_dict()) == {"label_projection.weight"}
+    assert set(Discriminator(num_classes=10).state_dict()) - set(Discriminator().state_dict()) == {
+        "label_projection.weight"
+    }
     conditional_g = Generator(100, num_classes=10)
-    assert [name for name, m in conditional_g.named_modules() if isinstance(m, ConditionalBatchNorm)] == ["project.1", "upsample.1", "upsample.4"]
+    assert [name for name, m in conditional_g.named_modules() if isinstance(m, ConditionalBatchNorm)] == [
+        "project.1",
+        "upsample.1",
+        "upsample.4",
+    ]
     assert conditional_g.project[0].in_features == 100  # the noise enters alone
 
 
@@ -70,14 +83,19 @@ def test_conditional_batch_norm_scales_and_shifts_each_image_by_its_class():
     torch.nn.init.normal_(norm.gain.weight)
     torch.nn.init.normal_(norm.shift.weight)
     x, labels = torch.randn(5, 3, 2, 2), torch.tensor([0, 3, 1, 3, 2])
-    normalised = (x - norm.norm.running_mean.view(1, 3, 1, 1)) / torch.sqrt(norm.norm.running_var.view(1, 3, 1, 1) + 1e-3)
+    normalised = (x - norm.norm.running_mean.view(1, 3, 1, 1)) / torch.sqrt(
+        norm.norm.running_var.view(1, 3, 1, 1) + 1e-3
+    )
     expected = normalised * norm.gain.weight[labels].view(5, 3, 1, 1) + norm.shift.weight[labels].view(5, 3, 1, 1)
     torch.testing.assert_close(norm(x, labels), expected)
 
 
 def test_a_fresh_conditional_batch_norm_is_the_plain_one_for_every_class():
     # Gains start at 1 and shifts at 0: training starts from the tutorial's G, the classes then pull apart.
-    plain, conditional = torch.nn.BatchNorm1d(6, eps=1e-3), ConditionalBatchNorm(torch.nn.BatchNorm1d, 6, num_classes=10)
+    plain, conditional = (
+        torch.nn.BatchNorm1d(6, eps=1e-3),
+        ConditionalBatchNorm(torch.nn.BatchNorm1d, 6, num_classes=10),
+    )
     x = torch.randn(8, 6)
     torch.testing.assert_close(conditional(x, torch.arange(8)), plain(x))
 
@@ -95,13 +113,20 @@ def test_conditional_generator_output_depends_on_the_label():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_projection_discriminator_adds_the_inner_product_of_the_label_embedding_and_the_features(channels_last):
-    discriminator = Discriminator(num_classes=10).eval().double()  # eval: no dropout, so both paths see the same features
+    discriminator = (
+        Discriminator(num_classes=10).eval().double()
+    )  # eval: no dropout, so both paths see the same features
     images = torch.rand(6, 1, 28, 28, dtype=torch.float64) * 2 - 1
     labels = torch.tensor([0, 1, 2, 7, 8, 9])
     features = discriminator.layers[:-1](images).flatten(1)  # φ(x): (N, 6272) in (C, H, W) order
-    expected = discriminator.layers[-1](features) + (discriminator.label_projection(labels) * features).sum(1, keepdim=True)
+    expected = discriminator.layers[-1](features) + (discriminator.label_projection(labels) * features).sum(
+        1, keepdim=True
+    )
     if channels_last:
-        discriminator, images = discriminator.to(memory_format=torch.channels_last), images.to(memory_format=torch.channels_last)
+        discriminator, images = (
+            discriminator.to(memory_format=torch.channels_last),
+            images.to(memory_format=torch.channels_last),
+        )
     torch.testing.assert_close(discriminator(images, labels), expected)
 
 
@@ -148,7 +173,14 @@ def test_keras_defaults_are_used_for_batchnorm_and_leaky_relu():
 
 def test_discriminator_keeps_the_state_dict_keys_of_its_sequential_layout():
     keys = set(Discriminator().state_dict())
-    assert keys == {"layers.0.weight", "layers.0.bias", "layers.3.weight", "layers.3.bias", "layers.7.weight", "layers.7.bias"}
+    assert keys == {
+        "layers.0.weight",
+        "layers.0.bias",
+        "layers.3.weight",
+        "layers.3.bias",
+        "layers.7.weight",
+        "layers.7.bias",
+    }
 
 
 def test_leaky_relu_dropout_keeps_seventy_percent_scaled_to_preserve_the_mean():

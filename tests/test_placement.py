@@ -74,7 +74,9 @@ def test_an_autoscaler_whose_node_types_cannot_be_seen_is_trusted_and_waited_for
 def test_a_fixed_cluster_is_judged_by_its_live_nodes():
     live = (NodeType("head", 2, 0, 1),)
     check_fits(config(num_workers=2, cpus_per_worker=1), ClusterView(None, None, "live nodes", live))
-    with pytest.raises(UsageError, match="cannot be placed: the cluster has 2 CPUs and 0 GPUs on 1 nodes and no autoscaler"):
+    with pytest.raises(
+        UsageError, match="cannot be placed: the cluster has 2 CPUs and 0 GPUs on 1 nodes and no autoscaler"
+    ):
         check_fits(config(num_workers=2, cpus_per_worker=2), ClusterView(None, None, "live nodes", live))
 
 
@@ -118,5 +120,9 @@ def test_a_head_without_an_autoscaling_config_is_a_fixed_cluster():
     from job.runtime.placement import is_read_only
 
     head = "a" * 56
-    assert is_read_only({"autoscaler_report": {"node_type_mapping": {head: f"node_{head}", "b" * 56: f"node_{'b' * 56}"}}})
-    assert not is_read_only({"autoscaler_report": {"node_type_mapping": {head: "ray.head.default", "f" * 56: "workers"}}})
+    assert is_read_only(
+        {"autoscaler_report": {"node_type_mapping": {head: f"node_{head}", "b" * 56: f"node_{'b' * 56}"}}}
+    )
+    assert not is_read_only(
+        {"autoscaler_report": {"node_type_mapping": {head: "ray.head.default", "f" * 56: "workers"}}}
+    )

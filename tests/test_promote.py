@@ -19,7 +19,9 @@ NUM = "64"  # generated images per evaluation: enough for the numbers, quick on 
 @pytest.fixture(scope="session")
 def template_run(small_fashion_dir, tmp_path_factory):
     """One finished one-epoch run, trained once; tests copy it under the names they need."""
-    return resolve_location(str(train_one_process(tmp_path_factory.mktemp("template") / "runs", small_fashion_dir, "r1", limit=64)))
+    return resolve_location(
+        str(train_one_process(tmp_path_factory.mktemp("template") / "runs", small_fashion_dir, "r1", limit=64))
+    )
 
 
 @pytest.fixture
@@ -39,7 +41,9 @@ def promote_main(*argv):
 def promote_run(storage, name, data_dir, capsys, *extra):
     """Promote `<storage>/<name>` to `<storage>/job/LATEST`; the printed decision."""
     capsys.readouterr()
-    status = promote_main("--run", storage / name, "--target", storage / "job" / "LATEST", "--data-dir", data_dir, "--num", NUM, *extra)
+    status = promote_main(
+        "--run", storage / name, "--target", storage / "job" / "LATEST", "--data-dir", data_dir, "--num", NUM, *extra
+    )
     assert status == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
@@ -67,9 +71,15 @@ def test_a_finished_run_is_evaluated_and_promoted_when_there_is_no_latest(storag
     stored = json.loads((storage / "a" / "artifacts" / "eval.json").read_text())
     assert stored["num_images"] == int(NUM) and stored["fid_classifier"] == decision["fid_classifier"]
     pointer = latest(storage)
-    assert pointer["run"] == str(storage / "a") and pointer["fid_classifier"] == stored["fid_classifier"] and pointer["promoted_at"]
+    assert (
+        pointer["run"] == str(storage / "a")
+        and pointer["fid_classifier"] == stored["fid_classifier"]
+        and pointer["promoted_at"]
+    )
     assert [json.loads(line) for line in (storage / "job" / "promotions.jsonl").read_text().splitlines()] == [decision]
-    assert pointer["decision"] == decision  # LATEST carries the decision that made it (until it is logged: job/storage/pointer.py)
+    assert (
+        pointer["decision"] == decision
+    )  # LATEST carries the decision that made it (until it is logged: job/storage/pointer.py)
 
 
 def test_a_better_run_replaces_latest(storage, small_fashion_dir, capsys):
@@ -143,13 +153,29 @@ def test_a_failing_write_leaves_the_old_latest_whole_and_readable(storage, small
     monkeypatch.setattr(
         os,
         "fdopen",
-        lambda fd, mode="r", *a, **k: HalfWrite(real_fdopen(fd, mode, *a, **k)) if "w" in mode else real_fdopen(fd, mode, *a, **k),
+        lambda fd, mode="r", *a, **k: (
+            HalfWrite(real_fdopen(fd, mode, *a, **k)) if "w" in mode else real_fdopen(fd, mode, *a, **k)
+        ),
     )
     capsys.readouterr()
-    assert promote_main("--run", storage / "b", "--target", storage / "job" / "LATEST", "--data-dir", small_fashion_dir, "--num", NUM) == 1
+    assert (
+        promote_main(
+            "--run",
+            storage / "b",
+            "--target",
+            storage / "job" / "LATEST",
+            "--data-dir",
+            small_fashion_dir,
+            "--num",
+            NUM,
+        )
+        == 1
+    )
     monkeypatch.undo()
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "No space left on device" in lines[0] and "LATEST" in lines[0], lines  # at once, no retries
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "LATEST" in lines[0], (
+        lines
+    )  # at once, no retries
     assert (storage / "job" / "LATEST").read_bytes() == before
     assert resolve_latest(str(storage / "job" / "LATEST")) == str(storage / "a")
     assert not [p for p in (storage / "job").iterdir() if p.name.startswith(".tmp-")]
@@ -169,7 +195,10 @@ def test_resolve_latest_follows_the_pointer_and_leaves_folders_as_they_are(stora
         (["--run", "{s}/a", "--target", "{s}/job/LATEST", "--margin", "nan"], "--margin"),
         (["--run", "{s}/a", "--target", "{s}/job/LATEST", "--num", "0"], "--num"),
         (["--run", "{s}/a", "--target", "{s}/job/LATEST", "--num", str(10**9)], "--num"),
-        (["--run", "{s}/a", "--target", "{s}/job/LATEST", "--seed", str(2**64)], "--seed"),  # torch.manual_seed would raise
+        (
+            ["--run", "{s}/a", "--target", "{s}/job/LATEST", "--seed", str(2**64)],
+            "--seed",
+        ),  # torch.manual_seed would raise
         (["--run", "{s}/a", "--target", "{s}/job/LATEST", "--margin", "1e9"], "--margin"),
         (["--run", "{s}/a", "--target", "{s}/a/artifacts/model.json"], "--target"),  # not a pointer
     ],
@@ -179,19 +208,37 @@ def test_bad_input_is_refused_naming_the_flag_and_writes_nothing(storage, argv, 
     captured = capsys.readouterr()
     (line,) = captured.err.strip().splitlines()
     assert line.startswith("gan-job") and flag in line and "Traceback" not in captured.err
-    assert not (storage / "job" / "promotions.jsonl").exists() and not (storage / "a" / "artifacts" / "eval.json").exists()
+    assert (
+        not (storage / "job" / "promotions.jsonl").exists() and not (storage / "a" / "artifacts" / "eval.json").exists()
+    )
 
 
 @pytest.mark.s3
-def test_promotion_into_a_bucket_writes_the_pointer_object_that_resolve_latest_follows(storage, small_fashion_dir, s3_server, capsys):
+def test_promotion_into_a_bucket_writes_the_pointer_object_that_resolve_latest_follows(
+    storage, small_fashion_dir, s3_server, capsys
+):
     client = s3_server.client()
     for path in (storage / "a").rglob("*"):
         if path.is_file():
-            client.put_object(Bucket=s3_server.bucket, Key=f"promote/runs/a/{path.relative_to(storage / 'a')}", Body=path.read_bytes())
+            client.put_object(
+                Bucket=s3_server.bucket, Key=f"promote/runs/a/{path.relative_to(storage / 'a')}", Body=path.read_bytes()
+            )
     run, target = f"s3://{s3_server.bucket}/promote/runs/a", f"s3://{s3_server.bucket}/promote/job/LATEST"
     capsys.readouterr()
     assert (
-        promote_main("--run", run, "--target", target, "--data-dir", small_fashion_dir, "--num", NUM, "--s3-endpoint", s3_server.url) == 0
+        promote_main(
+            "--run",
+            run,
+            "--target",
+            target,
+            "--data-dir",
+            small_fashion_dir,
+            "--num",
+            NUM,
+            "--s3-endpoint",
+            s3_server.url,
+        )
+        == 0
     )
     assert json.loads(capsys.readouterr().out)["promoted"] is True
     objects = s3_server.objects()
@@ -243,7 +290,11 @@ def test_train_promote_to_promotes_the_finished_run_with_promotes_defaults(stora
     (decision,) = printed_decisions(capsys.readouterr().out)
     assert decision["promoted"] is True and decision["margin"] == 0.0 and decision["run"] == str(storage / "a")
     pointer = latest(storage)
-    assert pointer["run"] == str(storage / "a") and pointer["evaluation"]["num_images"] == int(NUM) and pointer["evaluation"]["seed"] == 0
+    assert (
+        pointer["run"] == str(storage / "a")
+        and pointer["evaluation"]["num_images"] == int(NUM)
+        and pointer["evaluation"]["seed"] == 0
+    )
     assert pointer["evaluation"]["data"] == "fashion-mnist", "the run's data"
     assert [json.loads(line) for line in (storage / "job" / "promotions.jsonl").read_text().splitlines()] == [decision]
 
@@ -263,20 +314,30 @@ def test_train_exits_0_when_the_promotion_is_declined_and_the_margin_is_promotes
     assert len((storage / "job" / "promotions.jsonl").read_text().splitlines()) == 3, "every decision logged"
 
 
-def test_train_exits_3_when_training_finished_but_the_promotion_failed(storage, small_fashion_dir, ray_train_replaced, capsys):
+def test_train_exits_3_when_training_finished_but_the_promotion_failed(
+    storage, small_fashion_dir, ray_train_replaced, capsys
+):
     from job.commands.train import PROMOTION_FAILED
 
     target = storage / "job" / "LATEST"
-    ray_train_replaced.on_fit = lambda: target.write_text("damaged while the run trained")  # checked before training, broken after
+    ray_train_replaced.on_fit = lambda: target.write_text(
+        "damaged while the run trained"
+    )  # checked before training, broken after
     assert train_main(storage, "a", small_fashion_dir, "--promote-to", target) == PROMOTION_FAILED == 3
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err and not printed_decisions(captured.out)
     (line,) = [line for line in captured.err.splitlines() if line.startswith("gan-job")]
-    assert "run a finished, but promoting it" in line and "exit status 3" in line and f"gan-job promote --run {storage / 'a'}" in line
+    assert (
+        "run a finished, but promoting it" in line
+        and "exit status 3" in line
+        and f"gan-job promote --run {storage / 'a'}" in line
+    )
     assert target.read_text() == "damaged while the run trained" and not (storage / "job" / "promotions.jsonl").exists()
 
 
-def test_train_exits_3_on_an_unexpected_promotion_failure_too(storage, small_fashion_dir, ray_train_replaced, monkeypatch, capsys):
+def test_train_exits_3_on_an_unexpected_promotion_failure_too(
+    storage, small_fashion_dir, ray_train_replaced, monkeypatch, capsys
+):
     import job.commands.train
 
     def broken(args):

@@ -171,7 +171,9 @@ def assert_serial(log, latest):
     assert latest["run"] == current["run"] and latest["decision"] == current
 
 
-@pytest.mark.parametrize("first, second", [("bad", "good"), ("good", "bad")], ids=["worse-writes-first", "better-writes-first"])
+@pytest.mark.parametrize(
+    "first, second", [("bad", "good"), ("good", "bad")], ids=["worse-writes-first", "better-writes-first"]
+)
 def test_two_overlapping_promotions_keep_both_decisions_and_latest_at_the_better_run(
     where, first, second, small_fashion_dir, monkeypatch
 ):
@@ -193,7 +195,9 @@ def test_two_overlapping_promotions_keep_both_decisions_and_latest_at_the_better
     assert_serial(log, latest)
 
 
-def test_two_overlapping_refusals_are_both_logged_and_latest_is_left_alone(where, small_fashion_dir, monkeypatch, capsys):
+def test_two_overlapping_refusals_are_both_logged_and_latest_is_left_alone(
+    where, small_fashion_dir, monkeypatch, capsys
+):
     assert promote(where, "good", small_fashion_dir) == 0
     before = where.read("LATEST")
     decisions = overlapped(monkeypatch, where, "bad", "worst", small_fashion_dir)
@@ -206,7 +210,9 @@ def test_two_overlapping_refusals_are_both_logged_and_latest_is_left_alone(where
     assert_serial(log, where.latest())
 
 
-def test_a_promotion_that_dies_between_latest_and_the_log_is_logged_by_the_next_one(runs, small_fashion_dir, monkeypatch):
+def test_a_promotion_that_dies_between_latest_and_the_log_is_logged_by_the_next_one(
+    runs, small_fashion_dir, monkeypatch
+):
     place = Place(str(runs), None)
 
     def die(*_):
@@ -216,7 +222,9 @@ def test_a_promotion_that_dies_between_latest_and_the_log_is_logged_by_the_next_
     with pytest.raises(KeyboardInterrupt):
         promote(place, "bad", small_fashion_dir)
     monkeypatch.undo()
-    assert place.latest()["run"] == place.uri("bad") and place.read("promotions.jsonl") is None  # LATEST carries the decision
+    assert (
+        place.latest()["run"] == place.uri("bad") and place.read("promotions.jsonl") is None
+    )  # LATEST carries the decision
 
     assert promote(place, "good", small_fashion_dir) == 0
     log = place.log()
@@ -240,7 +248,9 @@ def test_a_write_that_landed_although_its_reply_was_lost_is_not_repeated(runs, s
     assert lost and len(log) == 1 and log[0]["attempt"] == 1 and place.latest()["decision"] == log[0]
 
 
-def test_a_promotion_that_keeps_losing_gives_up_with_one_line_and_writes_nothing(runs, small_fashion_dir, monkeypatch, capsys):
+def test_a_promotion_that_keeps_losing_gives_up_with_one_line_and_writes_nothing(
+    runs, small_fashion_dir, monkeypatch, capsys
+):
     place = Place(str(runs), None)
     assert promote(place, "bad", small_fashion_dir) == 0
     latest = runs / "job" / "LATEST"
@@ -295,7 +305,9 @@ class IgnoresConditions:
 
 
 @pytest.mark.s3
-def test_an_s3_store_that_ignores_conditional_writes_is_refused_before_anything_is_written(runs, s3_server, small_fashion_dir, monkeypatch):
+def test_an_s3_store_that_ignores_conditional_writes_is_refused_before_anything_is_written(
+    runs, s3_server, small_fashion_dir, monkeypatch
+):
     """A UsageError is one line on stderr and exit status 2 (job.cli.main)."""
     import job.storage.s3_preflight
 
@@ -323,6 +335,10 @@ def test_a_file_system_that_ignores_locks_is_refused_before_anything_is_written(
     with pytest.raises(UsageError) as refused:
         promote(place, "good", small_fashion_dir)
     message = str(refused.value)
-    assert message.startswith(f"--target {place.target}: ") and "does not enforce file locks" in message and "\n" not in message
+    assert (
+        message.startswith(f"--target {place.target}: ")
+        and "does not enforce file locks" in message
+        and "\n" not in message
+    )
     assert not (runs / "job").exists()  # no LATEST, no log, no probe, not even its folder left behind
     assert (runs / "good" / "artifacts" / "eval.json").read_bytes() == stored  # nothing evaluated

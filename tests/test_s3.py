@@ -129,7 +129,17 @@ def test_a_damaged_file_in_the_bucket_is_refused(s3_server, tmp_path):
 
 def _train_to(storage: str, data_dir: Path, tmp_path: Path, capsys, env: dict | None = None) -> tuple[int, str, float]:
     start = time.monotonic()
-    argv = ["train", "--data", "fashion-mnist", "--data-dir", str(data_dir), "--storage", storage, "--run-name", "never"]
+    argv = [
+        "train",
+        "--data",
+        "fashion-mnist",
+        "--data-dir",
+        str(data_dir),
+        "--storage",
+        storage,
+        "--run-name",
+        "never",
+    ]
     code = main(argv)
     return code, capsys.readouterr().err.strip(), time.monotonic() - start
 
@@ -151,7 +161,12 @@ def test_wrong_credentials_are_named_without_showing_them(s3_server, tiny_data_d
 
 def test_missing_bucket_is_named_and_create_bucket_creates_it(s3_server, tiny_data_dir, tmp_path, capsys):
     code, err, took_s = _train_to("s3://no-such-bucket-here/runs", tiny_data_dir, tmp_path, capsys)
-    assert code == 2 and len(err.splitlines()) == 1 and "'no-such-bucket-here' does not exist" in err and "--create-bucket" in err
+    assert (
+        code == 2
+        and len(err.splitlines()) == 1
+        and "'no-such-bucket-here' does not exist" in err
+        and "--create-bucket" in err
+    )
     assert took_s < 30
     from job.storage.s3_preflight import check_bucket
 

@@ -106,7 +106,11 @@ def _copy_run(s3_server, run: S3Run, new_name: str) -> str:
     client = s3_server.client()
     new_prefix = f"security/{new_name}"
     for key in s3_server.keys(run.prefix + "/"):
-        client.copy_object(Bucket=s3_server.bucket, Key=new_prefix + key[len(run.prefix) :], CopySource={"Bucket": s3_server.bucket, "Key": key})
+        client.copy_object(
+            Bucket=s3_server.bucket,
+            Key=new_prefix + key[len(run.prefix) :],
+            CopySource={"Bucket": s3_server.bucket, "Key": key},
+        )
     return new_prefix
 
 
@@ -127,7 +131,9 @@ def _plant(s3_server, checkpoint_prefix: str, payload: bytes) -> None:
 @pytest.mark.ray
 @pytest.mark.parametrize("kind", PAYLOADS)
 @pytest.mark.parametrize("target", ["run folder", "checkpoint folder"])
-def test_generate_refuses_a_payload_in_a_real_checkpoint_and_never_runs_it(s3_server, s3_run, kind, target, tmp_path, capsys):
+def test_generate_refuses_a_payload_in_a_real_checkpoint_and_never_runs_it(
+    s3_server, s3_run, kind, target, tmp_path, capsys
+):
     prefix = _copy_run(s3_server, s3_run, f"gen-{uuid.uuid4().hex[:6]}")
     marker = tmp_path / "executed"
     checkpoints = _checkpoint_prefixes(s3_server, prefix)
@@ -190,7 +196,9 @@ def _assert_nowhere(needles: list[str], texts: list[str], objects: dict[str, byt
     assert not files_containing(roots, [needle.encode() for needle in needles])
 
 
-def test_a_planted_secret_appears_nowhere_when_the_credentials_are_refused(s3_server, tiny_data_dir, tmp_path, monkeypatch, capfd):
+def test_a_planted_secret_appears_nowhere_when_the_credentials_are_refused(
+    s3_server, tiny_data_dir, tmp_path, monkeypatch, capfd
+):
     planted = f"planted-FAKE-secret-{uuid.uuid4().hex}"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", planted)
     before = tree_state(tmp_path)
@@ -213,7 +221,9 @@ def test_a_planted_secret_appears_nowhere_when_the_credentials_are_refused(s3_se
     assert not s3_server.keys("refused/")
     import ray
 
-    _assert_nowhere([planted], outputs, s3_server.objects(), [tmp_path, *([ray_session_dir()] if ray.is_initialized() else [])])
+    _assert_nowhere(
+        [planted], outputs, s3_server.objects(), [tmp_path, *([ray_session_dir()] if ray.is_initialized() else [])]
+    )
 
 
 @pytest.mark.ray
@@ -237,7 +247,9 @@ def _calls(tree: ast.AST, name: str) -> list[ast.Call]:
 
 
 def test_every_torch_load_in_the_package_is_weights_only_and_nothing_else_unpickles():
-    sources = {path: ast.parse(path.read_text()) for folder in ("gan", "job") for path in sorted((REPO / folder).rglob("*.py"))}
+    sources = {
+        path: ast.parse(path.read_text()) for folder in ("gan", "job") for path in sorted((REPO / folder).rglob("*.py"))
+    }
     loads = []
     for path, tree in sources.items():
         for call in _calls(tree, "load") + _calls(tree, "loads"):
@@ -246,13 +258,19 @@ def test_every_torch_load_in_the_package_is_weights_only_and_nothing_else_unpick
             if module == "torch":
                 loads.append(path.relative_to(REPO).as_posix())
                 weights_only = {kw.arg: kw.value for kw in call.keywords}.get("weights_only")
-                assert isinstance(weights_only, ast.Constant) and weights_only.value is True, f"{path}: {ast.unparse(call)}"
+                assert isinstance(weights_only, ast.Constant) and weights_only.value is True, (
+                    f"{path}: {ast.unparse(call)}"
+                )
             if module in ("np", "numpy"):
                 allow = {kw.arg: kw.value for kw in call.keywords}.get("allow_pickle")
-                assert allow is None or (isinstance(allow, ast.Constant) and allow.value is False), f"{path}: {ast.unparse(call)}"
+                assert allow is None or (isinstance(allow, ast.Constant) and allow.value is False), (
+                    f"{path}: {ast.unparse(call)}"
+                )
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [alias.name for alias in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+                names = [alias.name for alias in node.names] + (
+                    [node.module] if isinstance(node, ast.ImportFrom) else []
+                )
                 assert not {"pickle", "dill", "cloudpickle"} & set(names), f"{path} imports an unpickler"
     assert "job/storage/checkpoint.py" in loads  # the checkpoint reader is found: the scan reaches the subpackages
 
@@ -262,6 +280,13 @@ def test_every_dependency_declares_a_lower_bound():
     from packaging.requirements import Requirement
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    requirements = [*project["dependencies"], *[r for extra in project.get("optional-dependencies", {}).values() for r in extra]]
-    unbounded = [r for r in requirements if not any(spec.operator in (">=", "==", "~=", ">") for spec in Requirement(r).specifier)]
+    requirements = [
+        *project["dependencies"],
+        *[r for extra in project.get("optional-dependencies", {}).values() for r in extra],
+    ]
+    unbounded = [
+        r
+        for r in requirements
+        if not any(spec.operator in (">=", "==", "~=", ">") for spec in Requirement(r).specifier)
+    ]
     assert not unbounded, f"no lower bound: {unbounded}"

@@ -40,7 +40,14 @@ def test_each_network_moves_by_the_gradient_of_its_own_loss_only():
     before_g = [p.detach().clone() for p in generator.parameters()]
     before_d = [p.detach().clone() for p in discriminator.parameters()]
     torch.manual_seed(123)
-    train_step(generator, discriminator, torch.optim.SGD(generator.parameters(), lr=1.0), torch.optim.SGD(discriminator.parameters(), lr=1.0), real, noise)
+    train_step(
+        generator,
+        discriminator,
+        torch.optim.SGD(generator.parameters(), lr=1.0),
+        torch.optim.SGD(discriminator.parameters(), lr=1.0),
+        real,
+        noise,
+    )
     for old, new, grad in zip(before_g, generator.parameters(), grads_g):
         torch.testing.assert_close(old - new.detach(), grad, rtol=1e-4, atol=1e-6)
     for old, new, grad in zip(before_d, discriminator.parameters(), grads_d):
@@ -62,7 +69,14 @@ def test_generator_keeps_its_full_gradient_where_d_is_certain_the_images_are_fak
 
     before = [p.detach().clone() for p in generator.parameters()]
     torch.manual_seed(5)
-    train_step(generator, discriminator, torch.optim.SGD(generator.parameters(), lr=1.0), torch.optim.SGD(discriminator.parameters(), lr=0.0), real, noise)
+    train_step(
+        generator,
+        discriminator,
+        torch.optim.SGD(generator.parameters(), lr=1.0),
+        torch.optim.SGD(discriminator.parameters(), lr=0.0),
+        real,
+        noise,
+    )
     for old, new, grad in zip(before, generator.parameters(), grads_g):
         torch.testing.assert_close(old - new.detach(), grad, rtol=1e-4, atol=1e-6)
 
@@ -84,7 +98,15 @@ def test_adam_uses_keras_epsilon():
 
 def test_bf16_autocast_step_gives_finite_float32_losses():
     generator, discriminator, real, noise = _setup()
-    stats = train_step(generator, discriminator, make_optimizer(generator), make_optimizer(discriminator), real, noise, amp_dtype=torch.bfloat16)
+    stats = train_step(
+        generator,
+        discriminator,
+        make_optimizer(generator),
+        make_optimizer(discriminator),
+        real,
+        noise,
+        amp_dtype=torch.bfloat16,
+    )
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in stats.values())
     assert all(p.dtype == torch.float32 for p in generator.parameters())  # weights stay float32
 
@@ -95,7 +117,10 @@ def test_auto_precision_is_bf16_only_on_a_cpu_that_does_bf16_natively(monkeypatc
     monkeypatch.setattr(gan.step, "bf16_is_native", lambda device: native)
     assert amp_dtype_for("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
     assert amp_dtype_for("auto", torch.device("cuda")) is None
-    assert amp_dtype_for("bf16", torch.device("cuda")) == torch.bfloat16 and amp_dtype_for("fp32", torch.device("cpu")) is None
+    assert (
+        amp_dtype_for("bf16", torch.device("cuda")) == torch.bfloat16
+        and amp_dtype_for("fp32", torch.device("cpu")) is None
+    )
 
 
 def test_generator_ema_moves_a_fraction_of_the_way_and_copies_batchnorm_statistics():
@@ -134,7 +159,13 @@ def test_generator_ema_warms_up_so_early_updates_follow_the_live_weights():
 def _conditional_setup(seed=0):
     torch.manual_seed(seed)
     generator, discriminator = Generator(noise_dim=8, num_classes=10), Discriminator(num_classes=10)
-    return generator, discriminator, torch.rand(6, 1, 28, 28) * 2 - 1, torch.tensor([0, 1, 2, 3, 4, 9]), torch.randn(6, 8)
+    return (
+        generator,
+        discriminator,
+        torch.rand(6, 1, 28, 28) * 2 - 1,
+        torch.tensor([0, 1, 2, 3, 4, 9]),
+        torch.randn(6, 8),
+    )
 
 
 def test_conditional_step_updates_every_parameter_of_both_networks():
@@ -142,9 +173,15 @@ def test_conditional_step_updates_every_parameter_of_both_networks():
     generator, discriminator, real, labels, noise = _conditional_setup()
     named = [*generator.named_parameters(prefix="g"), *discriminator.named_parameters(prefix="d")]
     before = {name: p.detach().clone() for name, p in named}
-    stats = train_step(generator, discriminator, make_optimizer(generator), make_optimizer(discriminator), real, noise, None, labels)
+    stats = train_step(
+        generator, discriminator, make_optimizer(generator), make_optimizer(discriminator), real, noise, None, labels
+    )
     after = dict(named)
-    assert "g.upsample.4.gain.weight" in after and "g.project.1.shift.weight" in after and "d.label_projection.weight" in after
+    assert (
+        "g.upsample.4.gain.weight" in after
+        and "g.project.1.shift.weight" in after
+        and "d.label_projection.weight" in after
+    )
     assert [name for name, old in before.items() if torch.equal(old, after[name])] == []
     assert all(v.dim() == 0 and torch.isfinite(v) for v in stats.values())
 
@@ -175,7 +212,9 @@ def test_conditional_step_moves_each_network_by_the_gradient_of_its_own_loss_onl
 def test_conditional_step_draws_fake_labels_for_as_many_images_as_noise_vectors():
     generator, discriminator, real, labels, _ = _conditional_setup()
     noise = torch.randn(4, 8)  # fewer fakes than real images, as the last batch of a shard may have
-    stats = train_step(generator, discriminator, make_optimizer(generator), make_optimizer(discriminator), real, noise, labels=labels)
+    stats = train_step(
+        generator, discriminator, make_optimizer(generator), make_optimizer(discriminator), real, noise, labels=labels
+    )
     assert torch.isfinite(stats["loss_g"])
 
 
@@ -198,5 +237,7 @@ def test_step_with_labels_unwraps_a_wrapped_generator_for_its_number_of_classes(
 
     generator, discriminator, real, labels, noise = _conditional_setup()
     wrapped_g, wrapped_d = Wrapper(generator), Wrapper(discriminator)
-    stats = train_step(wrapped_g, wrapped_d, make_optimizer(generator), make_optimizer(discriminator), real, noise, labels=labels)
+    stats = train_step(
+        wrapped_g, wrapped_d, make_optimizer(generator), make_optimizer(discriminator), real, noise, labels=labels
+    )
     assert torch.isfinite(stats["loss_d"])

@@ -64,7 +64,9 @@ PATHS = {
     "promote's reads of LATEST": ["reset", "503 SlowDown", "500 InternalError", "stall"],
     "data from the bucket": ["reset", "503 SlowDown", "500 InternalError", "stall", "listing fails"],
 }
-CASES = [(path, fault, duration) for path, faults in PATHS.items() for fault in faults for duration in ("blip", "outage")]
+CASES = [
+    (path, fault, duration) for path, faults in PATHS.items() for fault in faults for duration in ("blip", "outage")
+]
 
 
 def _proxy(s3_url: str, token: str, fault: str, duration: str) -> FaultProxy:
@@ -82,7 +84,9 @@ def _proxy(s3_url: str, token: str, fault: str, duration: str) -> FaultProxy:
         return True
 
     upstream = int(s3_url.rsplit(":", 1)[1])
-    return FaultProxy(upstream, hits, outage_s=BLIP_S if duration == "blip" else OUTAGE_S, fault=kind, affects=hits, stall_s=STALL_S)
+    return FaultProxy(
+        upstream, hits, outage_s=BLIP_S if duration == "blip" else OUTAGE_S, fault=kind, affects=hits, stall_s=STALL_S
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +98,10 @@ def stored_run(s3_service, small_fashion_dir):
         eval_every=0, storage=f"s3://{s3_service.bucket}/faults", run_name=name,
     )  # fmt: skip
     with s3_service.environment():
-        run_worker(config, LocalSession(resolve_location(config.storage).child(name), torch.device("cpu"), config.keep_checkpoints))
+        run_worker(
+            config,
+            LocalSession(resolve_location(config.storage).child(name), torch.device("cpu"), config.keep_checkpoints),
+        )
     return config
 
 
@@ -132,7 +139,9 @@ def low_bounds(s3_server, monkeypatch):
 def _copy_run(s3, source: str, target: str) -> None:
     client = s3.client()
     for key in s3.keys(f"{source}/"):
-        client.copy_object(Bucket=s3.bucket, Key=target + key[len(source) :], CopySource={"Bucket": s3.bucket, "Key": key})
+        client.copy_object(
+            Bucket=s3.bucket, Key=target + key[len(source) :], CopySource={"Bucket": s3.bucket, "Key": key}
+        )
 
 
 def _one_line_exit_1(code: int, err: str) -> None:
@@ -205,7 +214,9 @@ def test_fault_matrix(path, fault, duration, stored_run, bucket_data, promoted_j
             )
         else:
             assert isinstance(outcome, StorageFailed)
-            assert not cache.exists() or not [p for p in cache.iterdir() if not p.name.startswith(".")], list(cache.iterdir())
+            assert not cache.exists() or not [p for p in cache.iterdir() if not p.name.startswith(".")], list(
+                cache.iterdir()
+            )
 
 
 def _play(path: str, token: str, stored_run: TrainConfig, run_uri: str, data_uri: str, data_dir: Path, tmp_path: Path):

@@ -16,11 +16,24 @@ from botocore.exceptions import (
 )  # fmt: skip
 
 from job.errors import StorageFailed, StorageRefused
-from job.storage.retry import ABSENT, FAILED, REFUSED, RETRY, RetryBounds, classify, longest_wait_s, retried, retry_bounds
+from job.storage.retry import (
+    ABSENT,
+    FAILED,
+    REFUSED,
+    RETRY,
+    RetryBounds,
+    classify,
+    longest_wait_s,
+    retried,
+    retry_bounds,
+)
 
 PYARROW = "When reading information for key 'run/a' in bucket 'runs': AWS Error {} during HeadObject operation: {}"
 PYARROW_MESSAGES = {
-    "reset": (PYARROW.format("NETWORK_CONNECTION", "curlCode: 52, Server returned nothing (no headers, no data)"), RETRY),
+    "reset": (
+        PYARROW.format("NETWORK_CONNECTION", "curlCode: 52, Server returned nothing (no headers, no data)"),
+        RETRY,
+    ),
     "503 on a HEAD": (PYARROW.format("UNKNOWN (HTTP status 503)", "No response body."), RETRY),
     "503 SlowDown": (PYARROW.format("SLOW_DOWN", "Please reduce your request rate."), RETRY),
     "500 on a HEAD": (PYARROW.format("UNKNOWN (HTTP status 500)", "No response body."), RETRY),
@@ -31,8 +44,14 @@ PYARROW_MESSAGES = {
     "stall": (PYARROW.format("NETWORK_CONNECTION", "curlCode: 28, Timeout was reached"), RETRY),
     "nothing listens": (PYARROW.format("NETWORK_CONNECTION", "curlCode: 7, Could not connect to server"), RETRY),
     "403 on a HEAD": (PYARROW.format("ACCESS_DENIED", "No response body."), REFUSED),
-    "InvalidAccessKeyId": (PYARROW.format("INVALID_ACCESS_KEY_ID", "The AWS Access Key Id you provided does not exist"), REFUSED),
-    "SignatureDoesNotMatch": (PYARROW.format("SIGNATURE_DOES_NOT_MATCH", "The request signature we calculated"), REFUSED),
+    "InvalidAccessKeyId": (
+        PYARROW.format("INVALID_ACCESS_KEY_ID", "The AWS Access Key Id you provided does not exist"),
+        REFUSED,
+    ),
+    "SignatureDoesNotMatch": (
+        PYARROW.format("SIGNATURE_DOES_NOT_MATCH", "The request signature we calculated"),
+        REFUSED,
+    ),
     "NoSuchBucket": (PYARROW.format("NO_SUCH_BUCKET", "The specified bucket does not exist"), REFUSED),
     "403 unnamed": (PYARROW.format("UNKNOWN (HTTP status 403)", "No response body."), REFUSED),
 }
@@ -75,7 +94,9 @@ def test_a_botocore_client_error_is_classed_by_its_code(code, status, expected):
 def test_botocore_connection_errors():
     assert classify(ConnectionClosedError(endpoint_url="http://x")) == RETRY  # a reset
     assert classify(ReadTimeoutError(endpoint_url="http://x")) == RETRY  # a stall
-    assert classify(EndpointConnectionError(endpoint_url="http://x")) == RETRY  # an outage, once the endpoint was reached
+    assert (
+        classify(EndpointConnectionError(endpoint_url="http://x")) == RETRY
+    )  # an outage, once the endpoint was reached
     assert classify(EndpointConnectionError(endpoint_url="http://x"), unreachable_is_refused=True) == REFUSED
     assert classify(NoCredentialsError()) == REFUSED
 
@@ -143,7 +164,9 @@ def test_the_attempts_are_bounded_too(monkeypatch):
     assert flaky.calls == 3
 
 
-@pytest.mark.parametrize("error", [OSError(PYARROW_MESSAGES["403 on a HEAD"][0]), OSError(errno.EACCES, "Permission denied")])
+@pytest.mark.parametrize(
+    "error", [OSError(PYARROW_MESSAGES["403 on a HEAD"][0]), OSError(errno.EACCES, "Permission denied")]
+)
 def test_a_refusal_fails_at_once_without_a_retry(error):
     flaky = Flaky(error, failures=1)
     with pytest.raises(StorageRefused, match="reading s3://runs/a was refused"):
@@ -161,7 +184,11 @@ def test_a_full_disk_fails_at_once_saying_so():
 def test_absent_is_believed_only_after_the_caller_confirmed_it():
     confirmed = []
     with pytest.raises(FileNotFoundError):
-        retried(Flaky(_client_error("NoSuchKey", 404), failures=1), "reading s3://runs/a", confirm_absent=lambda: confirmed.append(1))
+        retried(
+            Flaky(_client_error("NoSuchKey", 404), failures=1),
+            "reading s3://runs/a",
+            confirm_absent=lambda: confirmed.append(1),
+        )
     assert confirmed == [1]
 
 

@@ -55,7 +55,9 @@ def ray_head(s3_service, tmp_path_factory):
     for name, port in ports.items():
         args += [f"--{name}", str(port)]
     log = open(temp / "head.log", "w")
-    head = subprocess.Popen(args, env={**env, **s3_service.env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = subprocess.Popen(
+        args, env={**env, **s3_service.env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
         fake_cluster.wait_for_http(f"{address}/api/version", 120)
@@ -75,18 +77,26 @@ def ray_head(s3_service, tmp_path_factory):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def submit(ray_head: dict, entrypoint: str, env: dict[str, str], run_name: str, timeout_s: float = 420) -> subprocess.CompletedProcess:
+def submit(
+    ray_head: dict, entrypoint: str, env: dict[str, str], run_name: str, timeout_s: float = 420
+) -> subprocess.CompletedProcess:
     """`ray job submit --working-dir .` through a shell, as KubeRay's submitter pod runs it."""
     # Knobs go with the job; S3 credentials stay in the head's environment, as on Kubernetes.
-    runtime_env = {"env_vars": {"RAY_ADDRESS": ray_head["gcs"], **{k: v for k, v in env.items() if k.startswith("GAN_JOB_")}}}
+    runtime_env = {
+        "env_vars": {"RAY_ADDRESS": ray_head["gcs"], **{k: v for k, v in env.items() if k.startswith("GAN_JOB_")}}
+    }
     command = " ".join([
         shlex.quote(str(BIN / "ray")), "job", "submit", "--address", ray_head["address"], "--working-dir", shlex.quote(str(REPO)),
         "--runtime-env-json", shlex.quote(json.dumps(runtime_env)), "--", entrypoint,
     ])  # fmt: skip
-    return subprocess.run(["bash", "-c", command], env={**env, "RAYJOB_NAME": run_name}, capture_output=True, text=True, timeout=timeout_s)
+    return subprocess.run(
+        ["bash", "-c", command], env={**env, "RAYJOB_NAME": run_name}, capture_output=True, text=True, timeout=timeout_s
+    )
 
 
-def test_rayjob_entrypoint_trains_checkpoints_to_s3_and_promotes_under_ray_job_submit(ray_head, s3_service, small_fashion_dir):
+def test_rayjob_entrypoint_trains_checkpoints_to_s3_and_promotes_under_ray_job_submit(
+    ray_head, s3_service, small_fashion_dir
+):
     entrypoint, knobs = rayjob_and_knobs("local")
     # The manifest's knobs, shortened for CI: fewer images, one epoch, the data a real Fashion-MNIST
     # subset (small, so that the promotion trains its classifier in seconds).
@@ -107,7 +117,9 @@ def test_rayjob_entrypoint_trains_checkpoints_to_s3_and_promotes_under_ray_job_s
 
 def test_submission_without_the_token_is_refused(ray_head):
     env = {k: v for k, v in ray_head["env"].items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
-    env["HOME"] = str(Path(ray_head["env"].get("TMPDIR", "/tmp")) / f"no-token-home-{os.getpid()}")  # no ~/.ray/auth_token either
+    env["HOME"] = str(
+        Path(ray_head["env"].get("TMPDIR", "/tmp")) / f"no-token-home-{os.getpid()}"
+    )  # no ~/.ray/auth_token either
     done = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", ray_head["address"], "--", "true"],
         env=env, capture_output=True, text=True, timeout=120,

@@ -31,7 +31,14 @@ def two_worker_run(ray_cluster, fashion_mnist_dir, tmp_path_factory):
 def test_two_worker_run_writes_checkpoints_and_every_artifact(two_worker_run):
     _, run = two_worker_run
     assert any(p.name.startswith("checkpoint_") and (p / "state.pt").is_file() for p in run.iterdir())
-    for name in ("metrics.jsonl", "samples/epoch_001.png", "samples/epoch_002.png", "losses.png", "generator.pt", "model.json"):
+    for name in (
+        "metrics.jsonl",
+        "samples/epoch_001.png",
+        "samples/epoch_002.png",
+        "losses.png",
+        "generator.pt",
+        "model.json",
+    ):
         assert (run / "artifacts" / name).is_file(), name
     assert [row["epoch"] for row in metrics_rows(run)] == [1, 2]
 
@@ -61,7 +68,9 @@ def test_same_run_name_resumes_at_epoch_3_from_the_stored_state(two_worker_run):
     assert latest["epoch"] == 3 and latest["step"] == 12
 
 
-def test_a_rollback_on_two_workers_retrains_the_epoch_once_and_keeps_the_ranks_in_sync(ray_cluster, fashion_mnist_dir, tmp_path, monkeypatch):
+def test_a_rollback_on_two_workers_retrains_the_epoch_once_and_keeps_the_ranks_in_sync(
+    ray_cluster, fashion_mnist_dir, tmp_path, monkeypatch
+):
     """A non-finite loss in epoch 2 on both ranks (4 steps an epoch): roll back to epoch 1's checkpoint, train epoch 2 again."""
     real_loop = job.runtime.ray_session.train_loop_per_worker
 
@@ -92,6 +101,10 @@ def test_a_rollback_on_two_workers_retrains_the_epoch_once_and_keeps_the_ranks_i
     assert rows[1]["after_rollback"]["diverged_at_epoch"] == 2 and rows[1]["after_rollback"]["resumed_from_epoch"] == 1
     assert "non-finite" in rows[1]["after_rollback"]["cause"]
     assert all(math.isfinite(r["loss_g"]) for r in rows) and not any("guard" in r for r in rows)
-    assert [r["step"] for r in rows] == [4, 8, 12]  # 256 images, 32 a step on each of 2 ranks; the NaN steps not counted
+    assert [r["step"] for r in rows] == [
+        4,
+        8,
+        12,
+    ]  # 256 images, 32 a step on each of 2 ranks; the NaN steps not counted
     digests = json.loads((tmp_path / "rolled" / "artifacts" / "model.json").read_text())["param_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]

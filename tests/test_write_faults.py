@@ -49,6 +49,7 @@ def _first_and_second(kind: str, location_of, uri: str) -> tuple:
         rows = {1: [row(1, 0.5)], 2: [row(1, 0.5), row(2, 0.4)]}
         return lambda version: write_tensorboard(location_of(uri).child("artifacts"), rows[version], {"epochs": 2})
     if kind == "LATEST":
+
         def write(version: int) -> None:
             store = Store()  # a client of the endpoint in force now
             target = location_of(uri).child("job", "LATEST")
@@ -59,7 +60,12 @@ def _first_and_second(kind: str, location_of, uri: str) -> tuple:
 
 
 KINDS = ["metrics.jsonl", "sample grid", "TensorBoard file", "LATEST"]
-KEY_OF = {"metrics.jsonl": "metrics.jsonl", "sample grid": "epoch_001.png", "TensorBoard file": "events.out", "LATEST": "LATEST"}
+KEY_OF = {
+    "metrics.jsonl": "metrics.jsonl",
+    "sample grid": "epoch_001.png",
+    "TensorBoard file": "events.out",
+    "LATEST": "LATEST",
+}
 
 
 @pytest.mark.s3
@@ -129,7 +135,9 @@ CHECKPOINT_ROOM = "40m"  # one checkpoint of the tutorial's networks (about 30 M
 
 def _mount_small_tmpfs(folder: Path) -> bool:
     folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={CHECKPOINT_ROOM}", "tmpfs", str(folder)], capture_output=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={CHECKPOINT_ROOM}", "tmpfs", str(folder)], capture_output=True
+    )
     return mounted.returncode == 0
 
 
@@ -144,7 +152,10 @@ def test_a_disk_that_fills_up_during_a_checkpoint_write_fails_the_attempt_saying
             real = resolve_location(str(storage)).__class__._write_once
 
             def fill_up(self, data):
-                if self.path.endswith("state.pt") and len(checkpoint_folders(resolve_location(str(storage)).child("run"))) >= 1:
+                if (
+                    self.path.endswith("state.pt")
+                    and len(checkpoint_folders(resolve_location(str(storage)).child("run"))) >= 1
+                ):
                     raise OSError(errno.ENOSPC, "No space left on device")
                 return real(self, data)
 
@@ -171,7 +182,10 @@ def test_a_disk_that_fills_up_during_a_checkpoint_write_fails_the_attempt_saying
         else:
             monkeypatch.undo()
         run_worker(config.replace(epochs=2), LocalSession(run, torch.device("cpu"), config.keep_checkpoints))
-        assert [(r["epoch"], r["step"]) for r in metrics_rows(storage / "run")] == [(1, 3), (2, 6)]  # 96 images, 32 a step
+        assert [(r["epoch"], r["step"]) for r in metrics_rows(storage / "run")] == [
+            (1, 3),
+            (2, 6),
+        ]  # 96 images, 32 a step
         assert json.loads((storage / "run" / "artifacts" / "model.json").read_text())["epochs"] == 2
     finally:
         if mounted:

@@ -28,7 +28,9 @@ DATA_DIR = Setting("folder with the IDX files (with --data)")
 NOISE_DIM = Setting("noise vector length", kind=int, low=1, high=MAX_NOISE_DIM)
 LR = Setting("Adam learning rate", kind=float, low=0, low_open=True, high=1.0)
 PRECISION = Setting("as train's --precision", choices=PRECISIONS)
-CUDA_GRAPHS = Setting("as train's --cuda-graphs: the step replayed as CUDA graphs (on needs --device cuda)", choices=CUDA_GRAPHS_MODES)
+CUDA_GRAPHS = Setting(
+    "as train's --cuda-graphs: the step replayed as CUDA graphs (on needs --device cuda)", choices=CUDA_GRAPHS_MODES
+)
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,8 +98,15 @@ def measure(
 
 
 def bench_stepper(
-    device: torch.device, batch_size: int, precision: str = "auto", cuda_graphs: str = "off", noise_dim: int = 100,
-    lr: float = 1e-4, images_u8: torch.Tensor | None = None, seed: int = 0, ema_decay: float = 0.0,
+    device: torch.device,
+    batch_size: int,
+    precision: str = "auto",
+    cuda_graphs: str = "off",
+    noise_dim: int = 100,
+    lr: float = 1e-4,
+    images_u8: torch.Tensor | None = None,
+    seed: int = 0,
+    ema_decay: float = 0.0,
 ) -> tuple[Stepper, Callable[[int], None]]:
     """The networks and step exactly as train builds them, and `run(steps)`, which steps through the images'
     full batches in order and waits for the device once at its end."""
@@ -112,7 +121,10 @@ def bench_stepper(
     graphed = graphs_wanted(cuda_graphs, device)
     generator = Generator(noise_dim).to(device, memory_format=torch.channels_last)
     discriminator = Discriminator().to(device, memory_format=torch.channels_last)
-    optimizer_g, optimizer_d = make_optimizer(generator, lr, capturable=graphed), make_optimizer(discriminator, lr, capturable=graphed)
+    optimizer_g, optimizer_d = (
+        make_optimizer(generator, lr, capturable=graphed),
+        make_optimizer(discriminator, lr, capturable=graphed),
+    )
     ema = GeneratorEMA(generator, ema_decay) if ema_decay > 0 else None  # train's tutorial recipe has none
     stepper = Stepper(generator, discriminator, optimizer_g, optimizer_d, images_u8, noise_dim, amp_dtype_for(precision, device), ema,
                       cuda_graphs=graphed)  # fmt: skip

@@ -116,7 +116,9 @@ def check_creatable(path: str, flag_value: str) -> None:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--storage {flag_value} cannot be created or written ({existing} is not a writable folder); pass a writable folder")
+        raise UsageError(
+            f"--storage {flag_value} cannot be created or written ({existing} is not a writable folder); pass a writable folder"
+        )
 
 
 def prepare_storage(config: TrainConfig) -> None:
@@ -126,7 +128,9 @@ def prepare_storage(config: TrainConfig) -> None:
         try:
             os.makedirs(storage.path, exist_ok=True)
         except OSError as err:
-            raise UsageError(f"--storage {config.storage} cannot be created ({err.strerror}); pass a writable folder") from None
+            raise UsageError(
+                f"--storage {config.storage} cannot be created ({err.strerror}); pass a writable folder"
+            ) from None
 
 
 def connect_ray() -> None:
@@ -191,7 +195,6 @@ def build_trainer(config: TrainConfig):  # -> ray.train.torch.TorchTrainer (Ray 
     import ray.train  # lazy: Ray stays off the start-up path of every command
     from ray.train.torch import TorchConfig, TorchTrainer  # lazy: as ray.train
 
-
     storage = resolve_location(config.storage, config.s3_endpoint)
     return TorchTrainer(
         train_loop_per_worker,
@@ -233,7 +236,9 @@ def run_training(config: TrainConfig, promotion: Promotion | None = None) -> int
     target = check_promotion(promotion, config.s3_endpoint) if promotion is not None else None
     run = preflight(config)
     if target is not None:
-        check_target(target, config.s3_endpoint, flag="--promote-to")  # a LATEST that is no pointer, a store that cannot do it
+        check_target(
+            target, config.s3_endpoint, flag="--promote-to"
+        )  # a LATEST that is no pointer, a store that cannot do it
     config = absolute_locations(config)
     if is_s3(config.storage) or is_s3(config.data_dir):
         # Workers use the endpoint the driver checked, whatever their own environment says.
@@ -263,7 +268,10 @@ def run_training(config: TrainConfig, promotion: Promotion | None = None) -> int
         cause = worker_failure(err)
         if isinstance(cause, (UsageError, DataError, StorageRefused)):
             raise UsageError(str(cause)) from None
-        print(f"gan-job: training failed after {config.max_failures} restart(s): {last_error_line(cause)}", file=sys.stderr)
+        print(
+            f"gan-job: training failed after {config.max_failures} restart(s): {last_error_line(cause)}",
+            file=sys.stderr,
+        )
         return 1
     except ray.exceptions.RayError as err:  # Ray Train's controller lost, e.g. to storage it could not reach
         print(

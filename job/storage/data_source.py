@@ -38,7 +38,9 @@ def fetch_from_bucket(uri: str, s3_endpoint: str | None = None) -> Path:
         if all(find_idx_file(target, stem) for stem in IDX_FILES.values()):
             return target
         client = s3_client(s3_endpoint)
-        listing = retried(lambda: client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""), f"listing {uri}")
+        listing = retried(
+            lambda: client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""), f"listing {uri}"
+        )
         sizes = {obj["Key"].rsplit("/", 1)[-1]: (obj["Key"], obj["Size"]) for obj in listing.get("Contents", [])}
         target.mkdir(parents=True, exist_ok=True)
         for stem in IDX_FILES.values():

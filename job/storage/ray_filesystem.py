@@ -78,7 +78,9 @@ def _handler_class() -> type:
             self._retried(f"deleting s3://{path}", lambda: self.inner.delete_dir(path))
 
         def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
-            self._retried(f"deleting s3://{path}", lambda: self.inner.delete_dir_contents(path, missing_dir_ok=missing_dir_ok))
+            self._retried(
+                f"deleting s3://{path}", lambda: self.inner.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+            )
 
         def delete_root_dir_contents(self) -> None:
             raise PermissionError("gan-job never empties a whole bucket")

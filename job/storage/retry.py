@@ -149,7 +149,8 @@ def reason_of(err: BaseException) -> str:
 def retried(
     operation: Callable[[], T],  # one attempt: returns the result or raises what the client raised
     what: str,  # the operation and the location, for messages: "reading s3://bucket/run/state.pt"
-    confirm_absent: Callable[[], None] | None = None,  # called before "absent" is believed (raises if the bucket is gone)
+    confirm_absent: Callable[[], None]
+    | None = None,  # called before "absent" is believed (raises if the bucket is gone)
     unreachable_is_refused: bool = False,  # see `classify`
     keep_refusals: bool = False,  # raise a refusal as the client raised it (for a caller that explains it), not as StorageRefused
 ) -> T:

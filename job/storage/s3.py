@@ -58,7 +58,9 @@ def s3_filesystem(explicit_endpoint: str | None = None) -> "pyarrow.fs.S3FileSys
     return pyarrow.fs.S3FileSystem(**options)
 
 
-def s3_client(explicit_endpoint: str | None = None, max_attempts: int = ONE_ATTEMPT, read_timeout_s: float | None = None):
+def s3_client(
+    explicit_endpoint: str | None = None, max_attempts: int = ONE_ATTEMPT, read_timeout_s: float | None = None
+):
     """A boto3 S3 client (typed loosely to keep boto3 lazy) for the same endpoint; one attempt a call unless told
     otherwise, and the request timeout in force unless `read_timeout_s` is given."""
     import boto3  # lazy: boto3 loads only when S3 is used
@@ -70,4 +72,6 @@ def s3_client(explicit_endpoint: str | None = None, max_attempts: int = ONE_ATTE
         retries={"max_attempts": max_attempts, "mode": "standard"},
     )
     # A fresh session reads the credentials now, not once per process (boto3's default caches them).
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url(explicit_endpoint), region_name=region(), config=config)
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint_url(explicit_endpoint), region_name=region(), config=config
+    )

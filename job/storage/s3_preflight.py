@@ -27,7 +27,9 @@ def _explain(err: Exception, where: str, bucket: str, flag: str) -> UsageError:
     from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError  # lazy: as above
 
     if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
-        return UsageError(f"{flag}: no S3 credentials found for {where}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        return UsageError(
+            f"{flag}: no S3 credentials found for {where}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
     if isinstance(err, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError)):
         return UsageError(f"{flag}: cannot reach the S3 endpoint {where}; check AWS_ENDPOINT_URL or --s3-endpoint")
     if isinstance(err, ClientError):
@@ -36,8 +38,14 @@ def _explain(err: Exception, where: str, bucket: str, flag: str) -> UsageError:
         if code in ("404", "NoSuchBucket") or status == 404:
             fix = "create it or pass --create-bucket" if flag == "--storage" else "create it, or check the bucket name"
             return UsageError(f"{flag}: bucket {bucket!r} does not exist at {where}; {fix}")
-        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken") or status == 403:
-            return UsageError(f"{flag}: the S3 credentials were refused for bucket {bucket!r} at {where} ({code or status}); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        if (
+            code
+            in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken")
+            or status == 403
+        ):
+            return UsageError(
+                f"{flag}: the S3 credentials were refused for bucket {bucket!r} at {where} ({code or status}); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            )
         return UsageError(f"{flag}: S3 error {code or status} for bucket {bucket!r} at {where}")
     return UsageError(f"{flag}: S3 check of bucket {bucket!r} at {where} failed ({type(err).__name__})")
 
@@ -47,7 +55,9 @@ def _call(operation: Callable[[], T], what: str) -> T:
     return retried(operation, what, unreachable_is_refused=True, keep_refusals=True)
 
 
-def check_bucket(uri: str, endpoint: str | None, flag: str = "--storage", create: bool = False, write: bool = True) -> None:
+def check_bucket(
+    uri: str, endpoint: str | None, flag: str = "--storage", create: bool = False, write: bool = True
+) -> None:
     """Raise a `UsageError` unless the bucket of `uri` is reachable (and writable when `write`); `StorageFailed`
     when the store keeps failing past the retry bounds."""
     bucket, prefix = split_s3_uri(uri, flag)
