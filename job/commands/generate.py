@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gan.plots import image_grid_png
+from gan.grid import image_grid_png
 from gan.sampling import labels_split_evenly, sample, seeded_noise
 from job.errors import UsageError
 from job.runtime.state import checkpoint_num_classes, generator_from_checkpoint
@@ -24,6 +24,7 @@ from job.storage.s3_preflight import check_readable
 
 GRID_MAX = 64  # the grid shows at most an 8x8 of the images
 GRID_PER_CLASS = 10  # a conditional model's grid: one row per class asked for, its first 10 images
+GRID_SCALE = 4  # pixels per image pixel: a 28-pixel image shows as 112, about the old matplotlib cell (100)
 GRID_MAX_ROWS = 16  # more classes than this: the grid is the first GRID_MAX images, as for an unconditional model
 DEFAULT_NUM = 64  # images of an unconditional model; a conditional one makes GRID_PER_CLASS per class asked for
 NUM = Setting(
@@ -136,7 +137,7 @@ def generate(args: argparse.Namespace) -> int:
     labels = labels_split_evenly(num, classes) if classes else None
     images = sample(generator, seeded_noise(num, generator.noise_dim, args.seed), labels)
     shown, columns = grid_of(images, classes)
-    Path(args.out).write_bytes(image_grid_png(shown, columns=columns))
+    Path(args.out).write_bytes(image_grid_png(shown, columns=columns, scale=GRID_SCALE))
     written = [args.out]
     if args.npy:
         np.save(args.npy, images[:, 0].numpy().astype(np.float32))
