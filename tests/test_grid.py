@@ -22,7 +22,8 @@ def decoded(png: bytes) -> np.ndarray:
 
 def test_a_square_grid_by_default_and_one_row_per_class_when_given_columns():
     assert decoded(image_grid_png(torch.zeros(16, 1, 28, 28))).shape == (GAP_PX + 4 * CELL,) * 2
-    assert decoded(image_grid_png(torch.zeros(30, 1, 28, 28), columns=10)).shape == (GAP_PX + 3 * CELL, GAP_PX + 10 * CELL)
+    per_class = decoded(image_grid_png(torch.zeros(30, 1, 28, 28), columns=10))
+    assert per_class.shape == (GAP_PX + 3 * CELL, GAP_PX + 10 * CELL)
 
 
 def test_pixels_map_minus_one_to_black_and_one_to_white_on_white_gaps_in_row_order():

@@ -1,7 +1,7 @@
-"""TensorBoard event files rebuilt from the metrics rows: read back as TensorBoard reads them.
+"""TensorBoard events logged as each epoch is recorded, one writer per attempt: read back as TensorBoard reads them.
 
 Three readers: tbparse (the folder loaded from scratch, file by file), TensorBoard's own Python
-loader (`EventMultiplexer`, reloaded after each write as a live TensorBoard reloads) and, where its
+loader (`EventMultiplexer`, reloaded after each epoch as a live TensorBoard reloads) and, where its
 binary is installed, TensorBoard's data server (`--load_fast`, the default for a local logdir).
 """
 
@@ -17,10 +17,8 @@ from pathlib import Path
 import pytest
 
 import job.runtime.quality
-import job.runtime.recorder
-from job.storage import tensorboard
-from job.storage.location import resolve_location
-from job.storage.tensorboard import build_event_file, write_tensorboard
+from job.storage.location import Location, resolve_location
+from job.storage.tensorboard import EpochWriter
 from tests.conftest import metrics_rows, train_one_process
 
 ROW_TAGS = {"train/loss_d", "train/loss_g", "train/d_real_prob", "train/d_fake_prob", "speed/images_per_s", "speed/epoch_time_s"}
@@ -72,13 +70,6 @@ def image_steps(logdir: Path) -> dict[str, list[int]]:
     return {tag: sorted(s) for tag, s in steps.items()}
 
 
-def holds_data(path: Path) -> bool:
-    """Whether an event file has any summary or session event (a placeholder has none)."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-
-    return any(e.HasField("summary") or e.HasField("session_log") for e in EventFileLoader(str(path)).Load())
-
-
 class LiveTensorBoard:
     """TensorBoard's Python loader on one logdir, kept between reloads as a running TensorBoard keeps it."""
 
@@ -110,94 +101,92 @@ def points(rows: list[dict], field: str) -> list[tuple[int, float]]:
     return [(r["epoch"], pytest.approx(float(r[field]), rel=1e-6)) for r in rows]
 
 
-# The resume of the brief: epochs 1-2, then the rows rewritten to epoch 1 (a resume from its
-# checkpoint), then epochs 2-3 trained again with other values.
-RESUME = [
-    [row(1, 1.0, first_step_at=1000.0), row(2, 2.0)],
-    [row(1, 1.0, first_step_at=1000.0)],
-    [row(1, 1.0, first_step_at=1000.0), row(2, 20.0, first_step_at=2000.0, resumed={"from_epoch": 1})],
-    [row(1, 1.0, first_step_at=1000.0), row(2, 20.0, first_step_at=2000.0, resumed={"from_epoch": 1}), row(3, 30.0)],
+# A resume: epochs 1-2 logged by the first attempt, whose checkpoint of epoch 2 was lost, then epochs
+# 2-3 trained again with other values by a second attempt that resumed from epoch 1.
+ATTEMPTS = [
+    (1, [row(1, 1.0), row(2, 2.0)]),
+    (2, [row(2, 20.0, resumed={"from_epoch": 1}), row(3, 30.0)]),
 ]
+FINAL = [row(1, 1.0), row(2, 20.0), row(3, 30.0)]
 
 
-def test_one_event_file_from_hand_made_rows_holds_each_epoch_once(tmp_path):
+def log_attempts(artifacts: Location, after_each=None) -> list[list[dict]]:
+    """Log ATTEMPTS as the recorder does, one writer each; calls `after_each(rows so far)` after every epoch."""
+    shown: list[dict] = []
+    for first_epoch, rows in ATTEMPTS:
+        writer = EpochWriter(artifacts, first_epoch, {"epochs": 3})
+        shown = [r for r in shown if r["epoch"] < first_epoch]
+        for r in rows:
+            writer.log_epoch(r, PNG_1x1)
+            shown.append(r)
+            if after_each:
+                after_each(list(shown))
+        writer.close()
+    return shown
+
+
+def test_one_writer_logs_each_epoch_with_its_numbers_notes_grid_and_config(tmp_path):
     rows = [
-        row(1, 1.5, first_step_at=1_700_000_000.0, first_step_s=3.0, checkpoint_time_s=0.5),
+        row(1, 1.5, first_step_s=3.0, checkpoint_time_s=0.5),
         row(2, 1.2, loss_g="nan", quality={"fid_classifier": 12.5, "modes_covered": 7, "class_histogram": [0.5, 0.5]},
             guard={"guard": "divergence", "cause": "non-finite loss", "action": "warn"}),
         row(3, 0.9),
     ]  # fmt: skip
     config = {"epochs": 3, "lr": 0.0001, "run_name": "hand"}
-    data = build_event_file(rows, config, {1: PNG_1x1, 3: PNG_1x1})
-    assert data == build_event_file(rows, config, {1: PNG_1x1, 3: PNG_1x1})  # deterministic
-    (tmp_path / "events.out.tfevents.1.test").write_bytes(data)
+    writer = EpochWriter(resolve_location(str(tmp_path)), 1, config)
+    for r in rows:
+        writer.log_epoch(r, PNG_1x1 if r["epoch"] != 2 else None)
+    writer.close()
+    logdir = tmp_path / "tensorboard"
 
-    found = scalars(tmp_path)
+    found = scalars(logdir)
     assert set(found) == ROW_TAGS | {"quality/fid_classifier", "quality/modes_covered"}
     assert all([step for step, _ in found[tag]] == [1, 2, 3] for tag in ROW_TAGS)
     assert found["quality/fid_classifier"] == [(2, 12.5)] and found["quality/modes_covered"] == [(2, 7.0)]
     assert found["train/loss_d"] == [(1, 1.5), (2, pytest.approx(1.2)), (3, pytest.approx(0.9))]
     assert math.isnan(found["train/loss_g"][1][1])  # the loop's "nan" for a non-finite loss shows, as NaN
-    assert image_steps(tmp_path) == {"samples": [1, 3]}
-    text = texts(tmp_path)
-    assert [step for step, _ in text["config"]] == [0] and json.loads(text["config"][0][1]) == config
+    assert image_steps(logdir) == {"samples": [1, 3]}
+    text = texts(logdir)
+    assert [step for step, _ in text["config"]] == [1] and json.loads(text["config"][0][1]) == config
     assert [step for step, _ in text["notes"]] == [2] and "non-finite loss" in text["notes"][0][1]
 
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    events = list(EventFileLoader(str(tmp_path / "events.out.tfevents.1.test")).Load())
-    by_step = {e.step: e.wall_time for e in events if e.HasField("summary") and e.step}
-    # Wall times from the rows: the attempt's first step, plus each epoch's and checkpoint's time.
-    assert by_step == {1: 1_700_000_002.5, 2: 1_700_000_004.5, 3: 1_700_000_006.5}
-
-
-def test_a_resume_leaves_each_epoch_once_with_the_final_values_for_every_reader(tmp_path):
+def test_a_resume_shows_each_epoch_once_with_the_final_values_in_a_live_and_a_new_tensorboard(tmp_path):
     artifacts = resolve_location(str(tmp_path / "run" / "artifacts"))
     logdir = tmp_path / "run" / "artifacts" / "tensorboard"
     live = LiveTensorBoard(str(logdir))
     live_multifile = LiveTensorBoard(str(logdir), multifile=True)
-    for rows in RESUME:
-        write_tensorboard(artifacts, rows, {"epochs": 3})
-        assert live.reload()["train/loss_d"] == points(rows, "loss_d")
-        assert live_multifile.reload()["train/loss_d"] == points(rows, "loss_d")
 
-    final = RESUME[-1]
-    found = scalars(logdir)  # a reader that starts now
-    assert set(found) == ROW_TAGS
-    for tag, field in (("train/loss_d", "loss_d"), ("train/loss_g", "loss_g"), ("speed/images_per_s", "images_per_s")):
-        assert found[tag] == points(final, field)
-    notes = texts(logdir)["notes"]
-    assert [step for step, _ in notes] == [2] and "from_epoch" in notes[0][1]
-    files = sorted(logdir.iterdir())
-    assert [f.name for f in files] == [tensorboard.event_file_name(g) for g in (1, 2, 3, 4)]
-    assert [holds_data(f) for f in files] == [False, False, False, True]  # older names kept as placeholders
-    assert all(f.stat().st_size > 0 for f in files)  # of their old size, for a live reader's offset
+    def reload(shown):
+        assert live.reload()["train/loss_d"] == points(shown, "loss_d")
+        assert live_multifile.reload()["train/loss_d"] == points(shown, "loss_d")
+
+    log_attempts(artifacts, reload)
+    assert LiveTensorBoard(str(logdir)).reload()["train/loss_g"] == points(FINAL, "loss_g")  # one started now
+
+    # One file per attempt, in the order they were opened; tbparse reads each whole (it knows no purge):
+    # the second starts at its purge step, 2, with the new values.
+    first, second = sorted(logdir.iterdir())
+    assert [step for step, _ in scalars_of(first)["train/loss_d"]] == [1, 2]
+    assert scalars_of(second)["train/loss_d"] == points(FINAL[1:], "loss_d")
+    assert image_steps(logdir) == {"samples": [1, 2, 2, 3]}
 
 
-def test_old_event_files_beyond_the_kept_few_are_deleted(tmp_path):
-    artifacts = resolve_location(str(tmp_path / "artifacts"))
-    rows = []
-    for epoch in range(1, tensorboard.KEEP_PLACEHOLDERS + 4):
-        rows.append(row(epoch, 1.0 / epoch, first_step_at=1000.0) if epoch == 1 else row(epoch, 1.0 / epoch))
-        written = write_tensorboard(artifacts, rows, {})
-    names = sorted(p.name for p in (tmp_path / "artifacts" / "tensorboard").iterdir())
-    assert len(names) == tensorboard.KEEP_PLACEHOLDERS + 1 and names[-1] == Path(written.path).name
-    found = scalars(tmp_path / "artifacts" / "tensorboard")
-    assert [step for step, _ in found["train/loss_g"]] == list(range(1, tensorboard.KEEP_PLACEHOLDERS + 4))
+def scalars_of(event_file: Path) -> dict[str, list[tuple[int, float]]]:
+    """tbparse's scalars of one event file."""
+    folder = event_file.parent.parent / f"only-{event_file.name}"
+    folder.mkdir()
+    shutil.copy(event_file, folder)
+    return scalars(folder)
 
 
-def test_a_whole_older_file_left_by_a_crash_becomes_a_placeholder_and_no_rows_write_nothing(tmp_path):
-    artifacts = resolve_location(str(tmp_path / "artifacts"))
-    logdir = tmp_path / "artifacts" / "tensorboard"
-    assert write_tensorboard(artifacts, [], {}) is None and not logdir.exists()
-    logdir.mkdir(parents=True)
-    left = logdir / tensorboard.event_file_name(7)  # a crash came between writing it and tidying the one before
-    left.write_bytes(build_event_file(RESUME[0], {}, {}))
-    (logdir / tensorboard.event_file_name(6)).write_bytes(build_event_file(RESUME[0], {}, {}))
-    written = write_tensorboard(artifacts, RESUME[-1], {})
-    assert Path(written.path).name == tensorboard.event_file_name(8)
-    assert [holds_data(f) for f in sorted(logdir.iterdir())] == [False, False, True]
-    assert scalars(logdir)["train/loss_d"] == points(RESUME[-1], "loss_d")
+def test_writers_opened_in_the_same_second_never_share_a_file(tmp_path):
+    artifacts = resolve_location(str(tmp_path))
+    for first_epoch in (1, 1, 1):
+        writer = EpochWriter(artifacts, first_epoch, {})
+        writer.log_epoch(row(1, 1.0), None)
+        writer.close()
+    assert len(list((tmp_path / "tensorboard").iterdir())) == 3
 
 
 def data_server_binary() -> Path | None:
@@ -214,8 +203,8 @@ DATA_SERVER = data_server_binary()
 
 
 @pytest.mark.skipif(DATA_SERVER is None, reason="TensorBoard's data server (tensorboard-data-server) is not installed")
-def test_a_live_data_server_follows_the_rewrites(tmp_path):
-    """TensorBoard's default loader for a local logdir (Rust, `--load_fast`) sees each rewrite."""
+def test_a_live_data_server_follows_a_resume(tmp_path):
+    """TensorBoard's default loader for a local logdir (Rust, `--load_fast`) shows each epoch once, live."""
     import grpc
     from tensorboard import context
     from tensorboard.data import grpc_provider
@@ -242,37 +231,37 @@ def test_a_live_data_server_follows_the_rewrites(tmp_path):
             found = provider.read_scalars(context.RequestContext(), experiment_id="", plugin_name="scalars", downsample=100)
             return [(d.step, d.value) for run in found.values() for d in run.get("train/loss_d", [])]
 
-        for rows in RESUME:
-            write_tensorboard(artifacts, rows, {"epochs": 3})
+        def wait_for(rows):
             deadline = time.monotonic() + 20
             while shown() != points(rows, "loss_d"):
                 assert time.monotonic() < deadline, f"the data server shows {shown()} for rows {[r['epoch'] for r in rows]}"
                 time.sleep(0.1)
+
+        log_attempts(artifacts, wait_for)
     finally:
         server.terminate()
         server.wait(timeout=10)
 
 
 @pytest.fixture
-def tensorboard_after_each_metrics_write(monkeypatch):
-    """A live TensorBoard (Python loader) reloaded after each rewrite of the event file by the recorder
-    (after every metrics.jsonl write: each epoch, a resume, a rollback). Returns that TensorBoard's views."""
+def tensorboard_after_each_epoch(monkeypatch):
+    """A live TensorBoard (Python loader) reloaded after each epoch the recorder logs. Returns its views."""
     views: list[dict] = []
+    log_epoch = EpochWriter.log_epoch
 
-    def write_and_reload(artifacts, rows, config):
-        written = write_tensorboard(artifacts, rows, config)
-        logdir = artifacts.child("tensorboard").path
+    def log_and_reload(self, row, grid_png):
+        log_epoch(self, row, grid_png)
+        logdir = self.folder.path
         if not views or views[-1]["logdir"] != logdir:
             views.append({"logdir": logdir, "live": LiveTensorBoard(logdir)})
         views[-1]["shown"] = views[-1]["live"].reload()
-        return written
 
-    monkeypatch.setattr(job.runtime.recorder, "write_tensorboard", write_and_reload)
+    monkeypatch.setattr(EpochWriter, "log_epoch", log_and_reload)
     return views
 
 
 def test_a_real_run_resumed_after_losing_its_last_checkpoint_shows_each_epoch_once(
-    tmp_path, tiny_data_dir, tensorboard_after_each_metrics_write
+    tmp_path, tiny_data_dir, tensorboard_after_each_epoch
 ):
     run = train_one_process(tmp_path / "runs", tiny_data_dir, "real", epochs=3, checkpoint_every=1)
     before = metrics_rows(run)
@@ -283,17 +272,14 @@ def test_a_real_run_resumed_after_losing_its_last_checkpoint_shows_each_epoch_on
     assert [r["epoch"] for r in rows] == [1, 2, 3] and "resumed" in rows[2] and rows[2]["first_step_at"] > before[0]["first_step_at"]
 
     logdir = run / "artifacts" / "tensorboard"
-    found = scalars(logdir)
-    assert set(found) == ROW_TAGS
+    shown = LiveTensorBoard(str(logdir)).reload()  # a TensorBoard started now
     for tag, field in (("train/loss_d", "loss_d"), ("train/d_fake_prob", "d_fake_prob"), ("speed/epoch_time_s", "epoch_time_s")):
-        assert found[tag] == points(rows, field)
-    assert image_steps(logdir) == {"samples": [1, 2, 3]}
-    assert tensorboard_after_each_metrics_write[-1]["shown"]["train/loss_d"] == points(rows, "loss_d")  # the live one too
+        assert shown[tag] == points(rows, field)
+    assert tensorboard_after_each_epoch[-1]["shown"]["train/loss_d"] == points(rows, "loss_d")  # the live one too
+    assert set(scalars(logdir)) == ROW_TAGS and image_steps(logdir) == {"samples": [1, 2, 3, 3]}  # epoch 3 in both files
 
 
-def test_a_real_rollback_shows_the_redone_epoch_once_with_quality(
-    tmp_path, tiny_data_dir, monkeypatch, tensorboard_after_each_metrics_write
-):
+def test_a_real_rollback_shows_the_redone_epoch_once_with_quality(tmp_path, tiny_data_dir, monkeypatch, tensorboard_after_each_epoch):
     """The collapse guard rolls epochs 3-4 back to epoch 2's checkpoint: epoch 3 is recorded, then dropped, then redone."""
 
     modes = iter([9, 9, 2, 1, 1, 1, 1, 1])
@@ -308,16 +294,18 @@ def test_a_real_rollback_shows_the_redone_epoch_once_with_quality(
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5] and rows[2]["after_rollback"]["resumed_from_epoch"] == 2
 
     logdir = run / "artifacts" / "tensorboard"
-    found = scalars(logdir)
-    assert set(found) == ROW_TAGS | {"quality/modes_covered", "quality/fid_classifier", "quality/fid_classifier_floor"}
-    assert found["quality/modes_covered"] == points([{"epoch": r["epoch"], "m": r["quality"]["modes_covered"]} for r in rows], "m")
-    assert found["train/loss_g"] == points(rows, "loss_g")
-    notes = texts(logdir)["notes"]
-    assert [step for step, _ in notes] == [3] and "resumed_from_epoch" in notes[0][1]  # the rollback, at the epoch after it
-    assert tensorboard_after_each_metrics_write[-1]["shown"]["quality/modes_covered"] == found["quality/modes_covered"]
+    shown = LiveTensorBoard(str(logdir)).reload()
+    assert set(shown) == ROW_TAGS | {"quality/modes_covered", "quality/fid_classifier", "quality/fid_classifier_floor"}
+    assert shown["quality/modes_covered"] == points([{"epoch": r["epoch"], "m": r["quality"]["modes_covered"]} for r in rows], "m")
+    assert shown["train/loss_g"] == points(rows, "loss_g")
+    assert tensorboard_after_each_epoch[-1]["shown"]["quality/modes_covered"] == shown["quality/modes_covered"]
+    after_rollback = sorted(logdir.iterdir())[-1]  # the writer opened by the rollback, from epoch 3
+    notes = texts(after_rollback.parent)["notes"]
+    assert [step for step, _ in notes] == [3] and "resumed_from_epoch" in notes[0][1]
+    assert [step for step, _ in scalars_of(after_rollback)["train/loss_g"]] == [3, 4, 5]
 
 
-def test_a_real_run_with_training_time_quality_writes_every_numeric_quality_entry(tmp_path, tiny_data_dir):
+def test_a_real_run_with_training_time_quality_logs_every_numeric_quality_entry(tmp_path, tiny_data_dir):
     run = train_one_process(tmp_path / "runs", tiny_data_dir, "q", epochs=2, eval_every=1, eval_num=100)
     rows = metrics_rows(run)
     found = scalars(run / "artifacts" / "tensorboard")
@@ -326,8 +314,8 @@ def test_a_real_run_with_training_time_quality_writes_every_numeric_quality_entr
     assert all([step for step, _ in found[f"quality/{name}"]] == [1, 2] for name in numeric)
 
 
-def test_a_plain_run_leaves_event_files_with_every_epoch_once_and_its_config(tmp_path, tiny_data_dir):
-    """No patch: the recorder itself rewrites artifacts/tensorboard/ after each epoch."""
+def test_a_plain_run_leaves_one_event_file_with_every_epoch_once_and_its_config(tmp_path, tiny_data_dir):
+    """No patch: the recorder itself logs each epoch to artifacts/tensorboard/."""
     run = train_one_process(tmp_path / "runs", tiny_data_dir, "plain", epochs=3)
     rows, logdir = metrics_rows(run), run / "artifacts" / "tensorboard"
     found = scalars(logdir)
@@ -336,16 +324,15 @@ def test_a_plain_run_leaves_event_files_with_every_epoch_once_and_its_config(tmp
         assert found[tag] == points(rows, field)
     assert image_steps(logdir) == {"samples": [1, 2, 3]}
     ((step, config),) = texts(logdir)["config"]
-    assert step == 0 and '"run_name": "plain"' in config
-    assert sum(holds_data(path) for path in logdir.iterdir()) == 1  # one whole file; the older ones are placeholders
+    assert step == 1 and '"run_name": "plain"' in config
+    assert len(list(logdir.iterdir())) == 1
 
 
 def test_a_failed_tensorboard_write_is_one_warning_and_training_goes_on(tmp_path, tiny_data_dir, monkeypatch, capsys):
-    def fail(artifacts, rows, config):
-        if rows:  # as the real one, which writes nothing without rows (the run's start)
-            raise OSError("disk full")
+    def fail(self, row, grid_png):
+        raise OSError("disk full")
 
-    monkeypatch.setattr(job.runtime.recorder, "write_tensorboard", fail)
+    monkeypatch.setattr(EpochWriter, "log_epoch", fail)
     run = train_one_process(tmp_path / "runs", tiny_data_dir, "failing", epochs=2)
     warnings = [line for line in capsys.readouterr().err.splitlines() if "TensorBoard" in line]
     assert len(warnings) == 2 and all(line.startswith("warning: ") and "disk full" in line for line in warnings)
@@ -353,24 +340,35 @@ def test_a_failed_tensorboard_write_is_one_warning_and_training_goes_on(tmp_path
 
 
 @pytest.mark.s3
-def test_a_resume_in_a_bucket_leaves_one_whole_file_and_tensorboard_reads_it_from_s3(s3_server, tmp_path, monkeypatch):
+def test_a_resume_in_a_bucket_puts_each_attempts_file_whole_once_an_epoch_and_tensorboard_reads_it(
+    s3_server, tmp_path, monkeypatch
+):
     prefix = "tensorboard-test/run/artifacts"
     artifacts = resolve_location(f"s3://{s3_server.bucket}/{prefix}")
-    for epoch in (1, 2, 3):
-        artifacts.child(tensorboard.sample_grid_name(epoch)).write_bytes(PNG_1x1)
+    puts: list[tuple[str, int]] = []
+    write_bytes = Location.write_bytes
+
+    def counted(self, data):
+        puts.append((self.path.rsplit("/", 1)[1], len(data)))
+        write_bytes(self, data)
+
+    monkeypatch.setattr(Location, "write_bytes", counted)
     # TensorBoard's own S3 reader (boto3) takes its endpoint from S3_ENDPOINT, not AWS_ENDPOINT_URL.
     monkeypatch.setenv("S3_ENDPOINT", s3_server.url)
     live = LiveTensorBoard(f"s3://{s3_server.bucket}/{prefix}/tensorboard")
-    for rows in RESUME:
-        write_tensorboard(artifacts, rows, {"epochs": 3})
-        assert live.reload()["train/loss_d"] == points(rows, "loss_d")
+
+    def reload(shown):
+        assert live.reload()["train/loss_d"] == points(shown, "loss_d")
+
+    log_attempts(artifacts, reload)
 
     keys = s3_server.keys(f"{prefix}/tensorboard/")
-    assert keys == [f"{prefix}/tensorboard/{tensorboard.event_file_name(g)}" for g in (1, 2, 3, 4)]
+    assert len(keys) == 2 and len(puts) == 4  # one object per attempt, one PUT per epoch
+    assert [name for name, _ in puts] == [keys[0].rsplit("/", 1)[1]] * 2 + [keys[1].rsplit("/", 1)[1]] * 2
+    assert puts[1][1] > puts[0][1]  # the whole file each time, grown by the epoch
     download = tmp_path / "tensorboard"
     download.mkdir()
     for key in keys:
         (download / key.rsplit("/", 1)[1]).write_bytes(s3_server.read(key))
-    found = scalars(download)
-    assert found["train/loss_d"] == points(RESUME[-1], "loss_d") and found["train/loss_g"] == points(RESUME[-1], "loss_g")
-    assert image_steps(download) == {"samples": [1, 2, 3]}
+    assert LiveTensorBoard(str(download)).reload()["train/loss_g"] == points(FINAL, "loss_g")
+    assert image_steps(download) == {"samples": [1, 2, 2, 3]}

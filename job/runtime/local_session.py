@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import datetime
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
-from job.storage.checkpoint import CHECKPOINT_PREFIX, checkpoint_folders, latest_checkpoint_or_refuse, upload_checkpoint
+from job.runtime.state import HostSnapshot
+from job.storage.checkpoint import (
+    CHECKPOINT_PREFIX, checkpoint_folders, latest_checkpoint_or_refuse, upload_checkpoint, write_checkpoint,
+)  # fmt: skip
 from job.storage.location import Location
 
 
@@ -31,11 +35,14 @@ class LocalSession:
         found = latest_checkpoint_or_refuse(self.run, "run")  # never starts over beside damaged checkpoints
         return found[1] if found else None
 
-    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
-        if checkpoint_dir is None:
+    def report(self, metrics: dict, checkpoint: HostSnapshot | None) -> None:
+        """Store the checkpoint at once (in this process there is no upload pool to hand it to)."""
+        if checkpoint is None:
             return
         name = CHECKPOINT_PREFIX + datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f")
+        checkpoint_dir = Path(tempfile.mkdtemp(prefix="gan-ckpt-"))
         try:
+            write_checkpoint(checkpoint_dir, checkpoint.wait())
             upload_checkpoint(checkpoint_dir, self.run.child(name))
         finally:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)

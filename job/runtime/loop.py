@@ -4,14 +4,13 @@ Under Ray Train the session is `job.runtime.ray_session.RaySession`; in one proc
 fast tests) it is `job.runtime.local_session.LocalSession`. The loop is the same either way. It
 reads as the story of an epoch; each part lives in its own module: the training state and its
 checkpoint (`state`), one epoch of plain PyTorch (`gan.epoch`), the guards' policy (`guards`), and
-what an epoch and a run leave behind (`recorder`).
+what rank 0 writes after an epoch and at the end (`recorder`). The collective calls are all made here.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -21,11 +20,11 @@ from gan.epoch import STAT_NAMES, train_epoch
 from gan.step import amp_dtype_for
 from gan.stepper import prepare_cuda
 from job.config import TrainConfig
-from job.runtime.distributed import broadcast_object, mean_across_ranks, print0
+from job.runtime.distributed import broadcast_object, gather_objects, mean_across_ranks, print0
 from job.runtime.guards import Guards
 from job.runtime.quality import QualityProbe
 from job.runtime.recorder import Recorder
-from job.runtime.state import TrainingState
+from job.runtime.state import HostSnapshot, TrainingState, rng_state
 from job.storage.data_source import local_data_folder
 from job.storage.location import Location
 
@@ -44,22 +43,27 @@ class WorkerSession(Protocol):
     def load_checkpoint(self) -> dict | None:
         """The state to resume from, or None for a fresh run."""
 
-    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
-        """Hand over the epoch's metrics and (rank 0, when due) a checkpoint folder; all ranks call it.
+    def report(self, metrics: dict, checkpoint: HostSnapshot | None) -> None:
+        """Hand over the epoch's metrics and (rank 0, when due) a checkpoint's host snapshot; all ranks call it.
 
-        The session owns the folder from then on and removes it once the checkpoint is stored.
+        The session serialises and stores the snapshot, on Ray Train in the background.
         """
 
 
 def run_worker(config: TrainConfig, session: WorkerSession) -> None:
-    """Train from the latest checkpoint (or from scratch) to `config.epochs`."""
+    """Train from the latest checkpoint (or from scratch) to `config.epochs`.
+
+    The collective calls, which every rank makes in the same order: per epoch the steps' all-reduces (DDP's and
+    the stats' mean), the quality broadcast when evaluated, the RNG gather when a checkpoint is due, the report;
+    at the end the digests' and the nodes' gathers.
+    """
     started_s = time.perf_counter()  # this attempt's startup cost runs from here to its first step
     if config.cpus_per_worker:
         torch.set_num_threads(config.cpus_per_worker)  # Ray leaves one thread per worker otherwise
     torch.manual_seed(config.seed + session.rank)  # each rank draws its own noise and dropout masks
     prepare_cuda(session.device)  # cuDNN's kernel choice on each shape's first step, before any capture
 
-    # Load the data once, as uint8 on the device (and a conditional run's labels with it); batches are cut from it there.
+    # Load the data once, as uint8 on the device (and a conditional run's labels with it); batches are cut there.
     train_set = load_split(local_data_folder(config), "train", config.limit)
     images_u8 = train_set.images.to(session.device)
     labels = train_set.labels.to(session.device, torch.long) if config.conditional else None
@@ -71,7 +75,7 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
     resumed = state.resume(checkpoint) if checkpoint is not None else None  # noted in this attempt's first row
     state.wrap_ddp()
     stepper = state.build_stepper(images_u8, labels, amp_dtype_for(config.precision, session.device))
-    recorder = Recorder(config, session.run, session.rank, session.report, train_set, state.epoch)
+    recorder = Recorder(config, session.run, train_set, state.epoch) if session.rank == 0 else None  # rank 0 writes
     guards = Guards(config.on_divergence, config.on_collapse)
     quality = QualityProbe(config, session.device) if config.eval_every else None
 
@@ -85,41 +89,79 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
         clock.start_epoch(epoch)
         indices = shard_indices(num_images, session.rank, session.world_size, epoch, config.seed, config.shard_multiple)
         totals = train_epoch(stepper, indices, batch_per_rank, clock.on_step)
-        stats = dict(zip(STAT_NAMES, (mean_across_ranks(totals.sums) / totals.steps).tolist()))  # waits for the device, once per epoch
+        means = (mean_across_ranks(totals.sums) / totals.steps).tolist()  # waits for the device, once per epoch
+        stats = dict(zip(STAT_NAMES, means))
         state.epoch, state.step = epoch, state.step + totals.steps
 
         # Measure the epoch: losses, speed and, every eval_every epochs, quality.
         row = clock.epoch_row(epoch, state.step, stats, resumed)
+        laps = Laps(row)  # where the rest of the epoch's time goes, part by part, into the row
         if quality and (epoch % config.eval_every == 0 or epoch == config.epochs):
-            row["quality"] = broadcast_object(quality.evaluate(state.sampler) if session.rank == 0 else None)
+            row["quality"] = broadcast_object(quality.evaluate(state.sampler) if recorder else None)
+            laps.lap("evaluation_time_s")
 
         # Ask the guards what now: go on (warned or not), roll back to the last good state, or stop.
         verdict = guards.judge(row, stats)
         if verdict and verdict.action == "rollback":
             state.roll_back(guards.rollbacks)
             guards.rolled_back(to_epoch=state.epoch)
-            recorder.forget_after(state.epoch)
+            if recorder:
+                recorder.forget_after(state.epoch)
             continue
 
-        # Record the epoch: sample grid, checkpoint when due, metrics line, status line.
+        # Record the epoch: the sample grid, the checkpoint when due (a host snapshot), the metrics line, the report.
         stopped = verdict is not None and verdict.action == "stop"
         checkpoint_due = epoch % config.checkpoint_every == 0 or epoch == config.epochs or stopped
-        recorder.record_epoch(state, row, checkpoint_due)
+        grid_png = recorder.sample_grid(state) if recorder else None
+        laps.lap("sample_grid_time_s")
+        snapshot = None
+        if checkpoint_due:
+            rng_states = gather_objects(rng_state())  # every rank's random streams: part of the checkpoint
+            snapshot = state.checkpoint(rng_states) if recorder else None  # copies; written on the session's side
+            laps.lap("checkpoint_time_s")  # what training waits for: serialising and storing go on behind it
+        if recorder:
+            recorder.write_epoch(row, grid_png)  # the metrics line before the checkpoint is reported
+        laps.lap("artifacts_time_s")  # here and below: in metrics.jsonl from its next rewrite on
+        session.report(dict(row), snapshot)  # a copy: Ray may read it on its upload thread while the row gains a lap
+        laps.lap("report_time_s")
         if checkpoint_due and guards.trusted:
             state.keep_as_last_good()  # only states no guard has doubts about
-        recorder.status_line(row, stats, clock.epoch_time_s, clock.epoch_recorded())
+        clock.end_epoch()
+        if recorder:
+            recorder.status_line(row, stats, clock.epoch_time_s, clock.eta_s())
         if stopped:
             print0(f"stopped by the {verdict.guard} guard: {verdict.cause}")
+            if recorder:
+                recorder.close()
             return
 
-    # Finish: the model a consumer needs without Ray, and proof that the ranks agree.
-    recorder.finish(state, session.node_id)
+    # Finish: proof that the ranks agree, and the model a consumer needs without Ray.
+    digests = gather_objects(state.parameter_digest())
+    nodes = gather_objects(session.node_id)
+    if recorder:
+        recorder.finish(state, digests, nodes)
+
+
+class Laps:
+    """Times the parts of an epoch after its steps, each into the row as `<part>_time_s`."""
+
+    def __init__(self, row: dict) -> None:
+        self.row = row
+        self.since_s = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        """Record the time since the last lap (or since the steps) as `row[name]`, in seconds."""
+        now_s = time.perf_counter()
+        self.row[name] = round(now_s - self.since_s, 3)
+        self.since_s = now_s
 
 
 class Clock:
     """Wall-clock bookkeeping of one attempt: its startup cost, live step progress, epoch times, ETA."""
 
-    def __init__(self, config: TrainConfig, world_size: int, num_images: int, batch_per_rank: int, started_s: float) -> None:
+    def __init__(
+        self, config: TrainConfig, world_size: int, num_images: int, batch_per_rank: int, started_s: float
+    ) -> None:
         self.config = config
         self.world_size = world_size
         self.per_rank_images = (num_images - num_images % config.shard_multiple) // world_size
@@ -144,7 +186,9 @@ class Clock:
         now_s = time.perf_counter()
         if now_s - self.last_progress_s >= PROGRESS_EVERY_S:
             rate = done * self.config.batch_size / (now_s - self.epoch_start_s)
-            print0(f"  epoch {self.epoch}/{self.config.epochs} step {done}/{self.steps_per_epoch} ({100 * done // self.steps_per_epoch}%) {rate:.0f} img/s")
+            percent = 100 * done // self.steps_per_epoch
+            steps = f"step {done}/{self.steps_per_epoch} ({percent}%)"
+            print0(f"  epoch {self.epoch}/{self.config.epochs} {steps} {rate:.0f} img/s")
             self.last_progress_s = now_s
 
     def epoch_row(self, epoch: int, step: int, stats: dict[str, float], resumed: dict | None) -> dict:
@@ -157,6 +201,7 @@ class Clock:
             "images_per_s": round(self.per_rank_images * self.world_size / self.epoch_time_s, 1),
             "world_size": self.world_size,
             "epoch_time_s": round(self.epoch_time_s, 3),
+            "step_time_s": round(self.epoch_time_s, 3),  # the breakdown's first part (the laps follow): the same span
         }
         if not self.epoch_wall_s:
             row["first_step_s"] = round(self.first_step_s or 0.0, 3)  # startup cost of this attempt
@@ -165,7 +210,10 @@ class Clock:
                 row["resumed"] = resumed
         return row
 
-    def epoch_recorded(self) -> float:
-        """Close the epoch's wall time; returns the ETA of the run in seconds."""
+    def end_epoch(self) -> None:
+        """Close the epoch's wall time: its steps through its report."""
         self.epoch_wall_s.append(time.perf_counter() - self.epoch_start_s)
+
+    def eta_s(self) -> float:
+        """The run's remaining time in seconds, from the mean wall time of the epochs so far."""
         return (self.config.epochs - self.epoch) * sum(self.epoch_wall_s) / len(self.epoch_wall_s)

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import posixpath
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
-from job.storage.checkpoint import CheckpointError, latest_checkpoint_or_refuse, read_checkpoint, upload_checkpoint
+from job.storage.checkpoint import (
+    CheckpointError, latest_checkpoint_or_refuse, read_checkpoint, upload_checkpoint, write_checkpoint,
+)  # fmt: skip
 from job.config import TrainConfig
 from job.console import warn
 from job.runtime.distributed import print0, select_device
+from job.runtime.state import HostSnapshot
 from job.storage.location import Location, resolve_location
 from job.runtime.loop import run_worker
 from job.runtime.ray_logging import quiet_ray_train_reports
@@ -54,38 +60,49 @@ class RaySession:
         found = latest_checkpoint_or_refuse(self.run, "run")  # raises when only damaged ones are left
         if found is None and named is not None:
             raise CheckpointError(
-                f"run {self.run.uri}: Ray Train's checkpoint {named} is unusable and no other checkpoint of the run loads; "
-                "starting over would overwrite the run's history: restore a checkpoint_* folder, or use a new --run-name"
+                f"run {self.run.uri}: Ray Train's checkpoint {named} is unusable and no other checkpoint of the run "
+                "loads; starting over would overwrite the run's history: restore a checkpoint_* folder, "
+                "or use a new --run-name"
             )
         if found is not None and named is None:
-            print0(f"Ray Train names no checkpoint of run {self.run.uri}; resuming from its newest in storage, {found[0].uri}")
+            print0(
+                f"Ray Train names no checkpoint of run {self.run.uri}; "
+                f"resuming from its newest in storage, {found[0].uri}"
+            )
         return found[1] if found else None
 
-    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
-        """Ray Train's report, with the checkpoint uploaded in the background (all ranks call it)."""
+    def report(self, metrics: dict, checkpoint: HostSnapshot | None) -> None:
+        """Ray Train's report; a checkpoint is serialised, hashed and stored on Ray's upload pool (all ranks call)."""
         import ray.train  # why: Ray stays a lazy import (see __init__)
 
-        if checkpoint_dir is None:
+        if checkpoint is None:
             ray.train.report(metrics)
             return
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
-        # Uploaded in the background while the next epoch trains; Ray removes the local folder
-        # afterwards, registers checkpoints in report order, waits for the last upload before the
-        # run ends, and fails the worker group (which then resumes) if an upload fails.
-        ray.train.report(
-            metrics,
-            checkpoint=checkpoint,
-            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-            delete_local_checkpoint_after_upload=True,
-            checkpoint_upload_fn=self._upload,
-        )
+        # An empty folder for Ray to hand to the upload function, which fills and stores it in the background
+        # while the next epoch trains. Ray then removes the folder, registers checkpoints in report order,
+        # waits for the last upload before the run ends, and fails the worker group (which then resumes) if
+        # an upload fails.
+        checkpoint_dir = tempfile.mkdtemp(prefix="gan-ckpt-")
+        try:
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                delete_local_checkpoint_after_upload=True,
+                checkpoint_upload_fn=functools.partial(self._upload, checkpoint),
+            )
+        except BaseException:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            raise
 
-    def _upload(self, checkpoint, checkpoint_dir_name: str):  # (ray.train.Checkpoint, str) -> ray.train.Checkpoint
-        """Ray Train's upload step, done so that a failed write fails the report (see `upload_checkpoint`)."""
+    def _upload(self, snapshot: HostSnapshot, checkpoint, checkpoint_dir_name: str):  # -> ray.train.Checkpoint
+        """Ray Train's upload step: serialise and hash the snapshot, then store it so that a failed write fails
+        the report (see `upload_checkpoint`): the state first, its digest last."""
         import ray.train  # why: Ray stays a lazy import (see __init__)
 
         storage = ray.train.get_context().get_storage()
         path = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
+        write_checkpoint(Path(checkpoint.path), snapshot.wait())  # the one writer: state.pt, then its digest
         # Through this run's own filesystem (one attempt a call, under job.storage.retry's loop), not Ray's, whose
         # calls retry inside pyarrow: retries never multiply.
         upload_checkpoint(Path(checkpoint.path), Location(f"{self.run.uri}/{checkpoint_dir_name}", self.run.fs, path))

@@ -1,92 +1,62 @@
-"""What a run leaves behind: after each epoch its sample grid, checkpoint (when due), metrics line,
-TensorBoard event file and status line; at the end the model a consumer needs without Ray. Rank 0
-writes; every rank calls each method, since checkpoints and the end gather values from all ranks.
+"""What rank 0 writes: after each epoch its sample grid, metrics line, TensorBoard events and status line;
+at the end the model a consumer needs without Ray. It makes no collective call: the loop makes those
+(`job.runtime.loop.run_worker`), and hands the end's gathered values in.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import time
-from pathlib import Path
-from typing import Callable
-
 from gan.data import ImageSet
-from gan.plots import image_grid_png, loss_curves_png, quality_curves_png
+from gan.grid import image_grid_png
+from gan.plots import loss_curves_png, quality_curves_png
 from gan.sampling import sample
 from job.config import TrainConfig
 from job.console import warn
-from job.runtime.distributed import gather_objects, print0
+from job.runtime.distributed import print0
 from job.runtime.state import TrainingState
 from job.storage.artifacts import RunArtifacts
-from job.storage.checkpoint import write_checkpoint
 from job.storage.location import Location
-from job.storage.tensorboard import write_tensorboard
-
-Report = Callable[[dict, Path | None], None]  # WorkerSession.report: hands over metrics and a checkpoint folder
+from job.storage.tensorboard import EpochWriter
 
 
 class Recorder:
-    """Writes `<run>/artifacts/` and hands checkpoints to the session, in an order that survives a crash."""
+    """Writes `<run>/artifacts/` (rank 0 only); its metrics rows are `metrics.jsonl` as written."""
 
-    def __init__(self, config: TrainConfig, run: Location, rank: int, report: Report, train_set: ImageSet, resumed_epoch: int) -> None:
+    def __init__(self, config: TrainConfig, run: Location, train_set: ImageSet, resumed_epoch: int) -> None:
         self.config = config
-        self.rank = rank
-        self.report = report
-        self.data = {"name": config.data, "fingerprint": train_set.fingerprint, "num_images": int(train_set.images.shape[0])}
+        num_images = int(train_set.images.shape[0])
+        self.data = {"name": config.data, "fingerprint": train_set.fingerprint, "num_images": num_images}
         self.artifacts = RunArtifacts(run)
-        self.rows: list[dict] = self.artifacts.metrics_through(resumed_epoch) if rank == 0 else []
-        if rank == 0:
-            self.artifacts.write_metrics(self.rows)  # drops epochs a crash left behind without a checkpoint
-            self.rewrite_tensorboard(self.rows)
+        self.rows: list[dict] = self.artifacts.metrics_through(resumed_epoch)
+        self.artifacts.write_metrics(self.rows)  # drops epochs a crash left behind without a checkpoint
+        self.tensorboard: EpochWriter | None = None
+        self._open_tensorboard(resumed_epoch + 1)
 
     def forget_after(self, epoch: int) -> None:
-        """Drop the rows of epochs after `epoch` (rolled back: they are trained again)."""
+        """Drop the rows of epochs after `epoch` (rolled back: they are trained again), here and in TensorBoard."""
         self.rows = [r for r in self.rows if r["epoch"] <= epoch]
-        if self.rank == 0:
-            self.artifacts.write_metrics(self.rows)
-            self.rewrite_tensorboard(self.rows)
+        self.artifacts.write_metrics(self.rows)
+        self._open_tensorboard(epoch + 1)
 
-    def record_epoch(self, state: TrainingState, row: dict, checkpoint_due: bool) -> None:
-        """Sample grid, checkpoint when due, metrics line, then the session's report (which takes the checkpoint)."""
-        checkpoint = state.checkpoint() if checkpoint_due else None  # every rank: it gathers their RNG states
-        checkpoint_dir = None
-        try:
-            if self.rank == 0:
-                images = sample(state.sampler, state.fixed_noise, state.fixed_labels)  # never the DDP wrapper: only rank 0 draws
-                grid = image_grid_png(images, title=f"epoch {state.epoch}", columns=state.grid_columns)  # conditional: a row per class
-                self.artifacts.write_sample_grid(state.epoch, grid)
-                if checkpoint is not None:
-                    checkpoint_start_s = time.perf_counter()
-                    checkpoint_dir = Path(tempfile.mkdtemp(prefix="gan-ckpt-"))
-                    write_checkpoint(checkpoint_dir, checkpoint)
-                    # What training waits for: the upload to storage goes on in the background.
-                    row["checkpoint_time_s"] = round(time.perf_counter() - checkpoint_start_s, 3)
-            # The metrics line goes in before the checkpoint: a crash in between re-runs the epoch,
-            # and the resume drops the line again.
-            self.rows.append(row)
-            self.epoch_recorded(self.rows)
-        except BaseException:
-            if checkpoint_dir is not None:
-                shutil.rmtree(checkpoint_dir, ignore_errors=True)
-            raise
-        self.report(row, checkpoint_dir)  # takes the folder over
+    def sample_grid(self, state: TrainingState) -> bytes:
+        """Draw and store the epoch's grid of fixed-noise samples; returns its PNG bytes."""
+        images = sample(state.sampler, state.fixed_noise, state.fixed_labels)  # never the DDP wrapper: rank 0 draws
+        png = image_grid_png(images, columns=state.grid_columns)  # conditional: a row per class
+        self.artifacts.write_sample_grid(state.epoch, png)
+        return png
 
-    def epoch_recorded(self, rows: list[dict]) -> None:
-        """Called once per recorded epoch with every row so far: the one place for their sinks (metrics.jsonl, TensorBoard)."""
-        if self.rank == 0:
-            self.artifacts.write_metrics(rows)
-            self.rewrite_tensorboard(rows)  # after the grid and metrics.jsonl, which it is rebuilt from
-
-    def rewrite_tensorboard(self, rows: list[dict]) -> None:
-        """Rebuild `artifacts/tensorboard/` from every row so far (rank 0); a failure is a warning, not a failed run."""
-        try:
-            write_tensorboard(self.artifacts.folder, rows, self.config.to_dict())
-        except Exception as err:  # the next epoch rewrites the whole file
-            warn(f"could not write the TensorBoard event file in {self.artifacts.folder.uri} ({type(err).__name__}: {err})")
+    def write_epoch(self, row: dict, grid_png: bytes | None) -> None:
+        """The epoch's metrics line, then its TensorBoard events. Before the checkpoint is reported: a crash in
+        between re-runs the epoch, and the resume drops the line again."""
+        self.rows.append(row)
+        self.artifacts.write_metrics(self.rows)
+        if self.tensorboard is not None:
+            try:
+                self.tensorboard.log_epoch(row, grid_png)
+            except Exception as err:
+                self._tensorboard_failed(err)
 
     def status_line(self, row: dict, stats: dict[str, float], epoch_time_s: float, eta_s: float) -> None:
-        """The epoch's one console line (rank 0); `stats` unrounded, as the row may hold "nan"."""
+        """The epoch's one console line; `stats` unrounded, as the row may hold "nan"."""
         quality = row.get("quality")
         print0(
             f"epoch {row['epoch']}/{self.config.epochs}  loss_d {stats['loss_d']:.4f}  loss_g {stats['loss_g']:.4f}  "
@@ -95,13 +65,10 @@ class Recorder:
             + (f"  modes {quality['modes_covered']} fid {quality['fid_classifier']:.2f}" if quality else "")
         )
 
-    def finish(self, state: TrainingState, node_id: str) -> None:
-        """The model a consumer needs without Ray (generator.pt, model.json, plots), and proof that the ranks agree."""
-        digests = gather_objects(state.parameter_digest())
-        nodes = gather_objects(node_id)
-        if self.rank != 0:
-            return
-        rows = self.artifacts.read_metrics() or self.rows
+    def finish(self, state: TrainingState, digests: list[str], nodes: list[str]) -> None:
+        """The model a consumer needs without Ray (generator.pt, model.json, plots); `digests` and `nodes` by rank."""
+        self.close()
+        rows = self.rows
         self.artifacts.write_generator(state.sampler.state_dict())
         self.artifacts.write_json("model.json", {
             "config": self.config.to_dict(),
@@ -114,7 +81,8 @@ class Recorder:
             "conditional": self.config.conditional,  # G takes labels (N,) of classes 0..num_classes-1 with its noise
             "num_classes": state.num_classes,  # 0 when unconditional
             "generator": {
-                "class": "gan.models.Generator", "kwargs": {"noise_dim": self.config.noise_dim, "num_classes": state.num_classes},
+                "class": "gan.models.Generator",
+                "kwargs": {"noise_dim": self.config.noise_dim, "num_classes": state.num_classes},
                 "ema": state.ema is not None,
             },
         })  # fmt: skip
@@ -123,6 +91,31 @@ class Recorder:
         if self.config.eval_every and any("quality" in r for r in rows):
             self.artifacts.write_png("quality.png", quality_curves_png(rows))
         print0(f"done: {self.config.epochs} epochs, {state.step} steps; artifacts in {self.artifacts.folder.uri}")
+
+    def close(self) -> None:
+        """Rewrite the metrics with the last epoch's artifacts and report times, and close the TensorBoard writer."""
+        self.artifacts.write_metrics(self.rows)
+        self._close_tensorboard()
+
+    def _open_tensorboard(self, first_epoch: int) -> None:
+        """A writer from `first_epoch` on: readers drop what earlier writers logged there and after."""
+        self._close_tensorboard()
+        try:
+            self.tensorboard = EpochWriter(self.artifacts.folder, first_epoch, self.config.to_dict())
+        except Exception as err:
+            self._tensorboard_failed(err)
+
+    def _close_tensorboard(self) -> None:
+        if self.tensorboard is not None:
+            try:
+                self.tensorboard.close()
+            except Exception as err:
+                self._tensorboard_failed(err)
+            self.tensorboard = None
+
+    def _tensorboard_failed(self, err: Exception) -> None:
+        # TensorBoard is for looking at: a warning, not a failed run (on S3 the next epoch sends the whole file again).
+        warn(f"could not write the TensorBoard events in {self.artifacts.folder.uri} ({type(err).__name__}: {err})")
 
 
 def format_duration(seconds: float) -> str:

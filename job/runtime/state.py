@@ -27,7 +27,7 @@ from gan.step import GeneratorEMA, make_optimizer, set_capturable
 from gan.stepper import DDP_WARMUP_STEPS, WARMUP_STEPS, Stepper, graphs_wanted
 from job.config import SHAPE_FIELDS, TrainConfig
 from job.errors import UsageError, flag_name
-from job.runtime.distributed import gather_objects, parameter_digest, print0, unwrap, wrap_ddp
+from job.runtime.distributed import parameter_digest, print0, unwrap, wrap_ddp
 from job.storage.checkpoint import FORMAT_VERSION
 
 NUM_SAMPLES = 16  # the tutorial's 4x4 grid of fixed-noise samples
@@ -40,11 +40,16 @@ EARLIER_CONDITIONING_KEY = "label_embedding.weight"  # G's label embedding in th
 def check_resumable(config: TrainConfig, checkpoint: dict) -> None:
     """Refuse a checkpoint whose shapes this configuration cannot load, naming the fields."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    stored = {f: checkpoint["config"].get(f, defaults[f]) for f in SHAPE_FIELDS}  # missing from an older config: its default
+    stored = {f: checkpoint["config"].get(f, defaults[f]) for f in SHAPE_FIELDS}  # not in an older config: default
     differing = [f for f in SHAPE_FIELDS if stored[f] != getattr(config, f)]
     if differing:
-        details = ", ".join(f"{flag_name(f)} {_shown(stored[f])} (run) vs {_shown(getattr(config, f))} (now)" for f in differing)
-        raise UsageError(f"run {config.run_name!r} cannot resume with this configuration: {details}; use the run's values or a new --run-name")
+        details = ", ".join(
+            f"{flag_name(f)} {_shown(stored[f])} (run) vs {_shown(getattr(config, f))} (now)" for f in differing
+        )
+        raise UsageError(
+            f"run {config.run_name!r} cannot resume with this configuration: {details}; "
+            "use the run's values or a new --run-name"
+        )
     classes = checkpoint_num_classes(checkpoint)
     if classes and classes != dataset_info(config.data).num_classes:
         raise UsageError(
@@ -69,7 +74,8 @@ def checkpoint_num_classes(checkpoint: dict) -> int:
     if EARLIER_CONDITIONING_KEY in checkpoint.get("generator", {}):
         raise UsageError(
             "this checkpoint is of the first conditional scheme (the label joined to G's noise), which made one image "
-            "per class and which this version cannot load; train the run again with --conditional under a new --run-name"
+            "per class and which this version cannot load; "
+            "train the run again with --conditional under a new --run-name"
         )
     return int(checkpoint.get("num_classes", 0))
 
@@ -94,8 +100,56 @@ def rng_state() -> dict:
     """This rank's random number generator states (CPU and, where present, CUDA)."""
     return {
         "cpu": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else torch.empty(0, dtype=torch.uint8),
+        "cuda": (
+            torch.cuda.get_rng_state()
+            if torch.cuda.is_available() and torch.cuda.is_initialized()
+            else torch.empty(0, dtype=torch.uint8)
+        ),
     }
+
+
+@dataclass(frozen=True)
+class HostSnapshot:
+    """A checkpoint dict whose tensors are host copies, still filling where they came from a GPU.
+
+    Training goes on at once: the copies are queued on the device's stream (into pinned memory, so
+    they do not wait), ahead of the next step that changes the weights. Whoever serialises it calls
+    `wait()` first: on Ray Train that is the upload thread, off the step's path.
+    """
+
+    state: dict
+    copied: torch.cuda.Event | None  # recorded after the last copy; None when every tensor was on the CPU
+
+    @classmethod
+    def of(cls, state: dict) -> HostSnapshot:
+        on_gpu: list[bool] = []
+        copy = _host_copy(state, on_gpu)
+        event = None
+        if any(on_gpu):
+            event = torch.cuda.Event()
+            event.record()
+        return cls(copy, event)
+
+    def wait(self) -> dict:
+        """The checkpoint dict, once its copies have landed."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.state
+
+
+def _host_copy(value: object, on_gpu: list[bool]) -> object:
+    """`value` with each tensor copied to the host: a clone on the CPU, a non-blocking copy from a GPU."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "cpu":
+            return value.detach().clone()  # the weights change in place next step: never share them
+        on_gpu.append(True)
+        host = torch.empty_strided(value.size(), value.stride(), dtype=value.dtype, device="cpu", pin_memory=True)
+        return host.copy_(value.detach(), non_blocking=True)
+    if isinstance(value, dict):
+        return {key: _host_copy(item, on_gpu) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(item, on_gpu) for item in value)
+    return value
 
 
 @dataclass
@@ -122,7 +176,9 @@ class TrainingState:
     last_good: dict = field(default_factory=dict, repr=False)  # what a rollback returns to
 
     @classmethod
-    def build(cls, config: TrainConfig, data_fingerprint: str, rank: int, world_size: int, device: torch.device) -> TrainingState:
+    def build(
+        cls, config: TrainConfig, data_fingerprint: str, rank: int, world_size: int, device: torch.device
+    ) -> TrainingState:
         """Fresh networks for `config` on `device`, drawn from the global RNG (seed it first)."""
         num_classes = dataset_info(config.data).num_classes if config.conditional else 0
         cuda_graphs = graphs_wanted(config.cuda_graphs, device)
@@ -180,21 +236,30 @@ class TrainingState:
         self._load(checkpoint)
         self._restore_rng(checkpoint["rng"])
         if checkpoint["data_fingerprint"] != self.data_fingerprint:
-            print0(f"warning: run {self.config.run_name} was trained on other data ({checkpoint['data_fingerprint']}); continuing on {self.data_fingerprint}")
-        print0(f"resuming run {self.config.run_name} at epoch {self.epoch + 1} (step {self.step}) on {self.world_size} worker(s)")
-        return {"from_epoch": self.epoch, "from_step": self.step, "world_size_before": checkpoint["rng"].get("world_size")}
+            print0(
+                f"warning: run {self.config.run_name} was trained on other data ({checkpoint['data_fingerprint']}); "
+                f"continuing on {self.data_fingerprint}"
+            )
+        print0(
+            f"resuming run {self.config.run_name} at epoch {self.epoch + 1} (step {self.step}) "
+            f"on {self.world_size} worker(s)"
+        )
+        before = checkpoint["rng"].get("world_size")
+        return {"from_epoch": self.epoch, "from_step": self.step, "world_size_before": before}
 
-    def checkpoint(self) -> dict:
-        """The checkpoint of this state. Every rank calls it: it gathers each rank's RNG states."""
-        rng_states = gather_objects(rng_state())
-        return {
+    def checkpoint(self, rng_states: list[dict]) -> HostSnapshot:
+        """The checkpoint of this state, copied to host memory without waiting (rank 0).
+
+        `rng_states` are every rank's `rng_state()`, gathered by the caller (a collective call).
+        """
+        return HostSnapshot.of({
             "format_version": FORMAT_VERSION,
             **self._weights_and_position(),
             "rng": {"world_size": self.world_size, "states": rng_states},
             "config": self.config.to_dict(),
             "data_fingerprint": self.data_fingerprint,
             **({"num_classes": self.num_classes} if self.num_classes else {}),  # unconditional: format 2's keys exactly
-        }
+        })
 
     def keep_as_last_good(self) -> None:
         """Remember this state (a private copy) as the one a rollback returns to."""
