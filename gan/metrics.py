@@ -103,6 +103,15 @@ def precision_recall(
     rows: int = CDIST_ROWS,  # generated rows per distance block, to bound memory at rows x N
 ) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN balls in feature space."""
+    precision, recall = precision_recall_on_device(real, generated, k, real_radii, rows)
+    return float(precision), float(recall)
+
+
+def precision_recall_on_device(
+    real: torch.Tensor, generated: torch.Tensor, k: int = K_NEAREST, real_radii: torch.Tensor | None = None,
+    rows: int = CDIST_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`precision_recall` as two 0-d float32 tensors on the features' device: nothing waits for them."""
     real_radii = knn_radii(real, k, rows) if real_radii is None else real_radii
     generated_radii = knn_radii(generated, k, rows)
     generated_is_realistic = torch.zeros(generated.shape[0], dtype=torch.bool, device=generated.device)
@@ -112,7 +121,7 @@ def precision_recall(
         distances = torch.cdist(generated[start : start + rows], real)  # (rows, N)
         generated_is_realistic[start : start + rows] = (distances <= real_radii[None, :]).any(dim=1)
         real_is_covered |= (distances <= generated_radii[start : start + rows, None]).any(dim=0)
-    return float(generated_is_realistic.float().mean()), float(real_is_covered.float().mean())
+    return generated_is_realistic.float().mean(), real_is_covered.float().mean()
 
 
 def check_state_dict_file(path: str | Path) -> None:
@@ -228,13 +237,18 @@ class QualityEvaluator:
         if generated.shape[0] < MIN_IMAGES:
             raise ValueError(f"metrics need at least {MIN_IMAGES} generated images, got {generated.shape[0]}")
         num_images = int(generated.shape[0])
-        floor = self.fid_floor(num_images)  # first: it uses the same generated-side state
+        floor = self.fid_floor(num_images)  # first: it uses the same generated-side state (cached after the first call)
         self._fid.reset()
+        # Everything is queued on the device first; the host waits once, in FID's eigenvalues (torchmetrics), and
+        # then reads the rest back in one transfer.
         features = self._add_to_fid(generated, real=False)
-        fid = float(self._fid.compute())
-        histogram = class_histogram(self.model.head(features))
+        counts = torch.bincount(self.model.head(features).argmax(dim=1), minlength=NUM_CLASSES)
         real_features, real_radii = self._real_subset(num_images)
-        precision, recall = precision_recall(real_features, features, real_radii=real_radii)
+        precision, recall = precision_recall_on_device(real_features, features, real_radii=real_radii)
+        fid = self._fid.compute()
+        numbers = torch.cat([counts.double(), torch.stack([precision.double(), recall.double(), fid.double()])])
+        *counted, precision, recall, fid = numbers.tolist()
+        histogram = [count / sum(counted) for count in counted]
         return {
             "fid_classifier": round(fid, 4),
             "fid_classifier_floor": round(floor, 4),

@@ -17,24 +17,31 @@ def seeded_noise(num: int, noise_dim: int, seed: int) -> torch.Tensor:
     return torch.randn(num, noise_dim, generator=torch.Generator().manual_seed(seed))
 
 
-def sample(generator: nn.Module, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Images (N, 1, 28, 28) as float32 on the CPU, in [-1, 1], from G in inference mode.
+def sample(
+    generator: nn.Module, noise: torch.Tensor, labels: torch.Tensor | None = None, on_device: bool = False
+) -> torch.Tensor:
+    """Images (N, 1, 28, 28) as float32 on the CPU (`on_device`: on G's, without waiting), in [-1, 1], from G in
+    inference mode.
 
     Inference mode means BatchNorm's running statistics, not the chunk's: an image does not
     depend on which other images share its pass. G's mode is put back as it was. `labels` (N,)
     are the classes a conditional G makes, one per noise vector; None for an unconditional G.
     """
     device = next(generator.parameters()).device
+    to = device if on_device else torch.device("cpu")
     was_training = generator.training
     generator.eval()
     try:
         with torch.no_grad():
             if labels is None:
-                return torch.cat([generator(chunk.to(device)).float().cpu() for chunk in noise.split(CHUNK)])
+                return torch.cat([generator(chunk.to(device)).float().to(to) for chunk in noise.split(CHUNK)])
             if labels.shape != noise.shape[:1]:
-                raise ValueError(f"labels of shape {tuple(labels.shape)} for {noise.shape[0]} noise vectors; pass one label per vector")
+                raise ValueError(
+                    f"labels of shape {tuple(labels.shape)} for {noise.shape[0]} noise vectors; "
+                    "pass one label per vector"
+                )
             return torch.cat([
-                generator(chunk.to(device), labels=chunk_labels.to(device, torch.long)).float().cpu()
+                generator(chunk.to(device), labels=chunk_labels.to(device, torch.long)).float().to(to)
                 for chunk, chunk_labels in zip(noise.split(CHUNK), labels.split(CHUNK))
             ])  # fmt: skip
     finally:

@@ -34,7 +34,9 @@ class QualityProbe:
         self._evaluator = None
 
     def evaluate(self, generator: nn.Module) -> dict:
-        """Metrics of `generator` (used in inference mode, then put back as it was)."""
+        """Metrics of `generator` (used in inference mode, then put back as it was); the images stay on the device,
+        and the host waits once, at the end (`QualityEvaluator.compute`)."""
         if self._evaluator is None:  # may train the classifier: outside no_grad
-            self._evaluator = build_evaluator(self.config.data, local_data_folder(self.config), seed=EVAL_SEED, device=self.device)
-        return self._evaluator.compute(sample(generator, self.noise, self.labels))
+            folder = local_data_folder(self.config)
+            self._evaluator = build_evaluator(self.config.data, folder, seed=EVAL_SEED, device=self.device)
+        return self._evaluator.compute(sample(generator, self.noise, self.labels, on_device=True))
