@@ -48,11 +48,10 @@ class EpochWriter:
         from tensorboardX.proto import event_pb2  # lazy: as above
 
         self.folder = artifacts.child(FOLDER)
-        self.staging = None if self.folder.is_local else Path(tempfile.mkdtemp(prefix="gan-tensorboard-"))
-        if self.staging is None:
-            Path(self.folder.path).mkdir(parents=True, exist_ok=True)
-        prefix = str(Path(self.staging or self.folder.path) / "events")
-        self.writer = EventsWriter(prefix, filename_suffix=f".{time.time_ns()}.gan-job")  # writes the file version
+        logdir = Path(self.folder.path) if self.folder.is_local else Path(tempfile.mkdtemp(prefix="gan-tensorboard-"))
+        logdir.mkdir(parents=True, exist_ok=True)
+        self.staging = None if self.folder.is_local else logdir  # a bucket's file is written here, then sent whole
+        self.writer = EventsWriter(str(logdir / "events"), f".{time.time_ns()}.gan-job")  # writes the file version
         start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
         self.writer.write_event(event_pb2.Event(wall_time=time.time(), step=first_epoch, session_log=start))
         self._write(first_epoch, [_text(CONFIG_TAG, _config_markdown(config))])
@@ -90,13 +89,12 @@ class EpochWriter:
 
 def _number(value: Any) -> float | None:
     """A float for a metric value; the loop writes a non-finite loss as the string "nan" or "inf"."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         return None
-    if isinstance(value, (int, float)):
+    try:
         return float(value)
-    if isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
-        return float(value)
-    return None
+    except ValueError:
+        return None
 
 
 def _row_scalars(row: Mapping[str, Any]) -> list[tuple[str, float]]:
