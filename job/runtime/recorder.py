@@ -28,14 +28,15 @@ class Recorder:
         self.artifacts = RunArtifacts(run)
         self.rows: list[dict] = self.artifacts.metrics_through(resumed_epoch)
         self.artifacts.write_metrics(self.rows)  # drops epochs a crash left behind without a checkpoint
-        self.tensorboard: EpochWriter | None = None
-        self._open_tensorboard(resumed_epoch + 1)
+        self.tensorboard: EpochWriter | None = None  # opened by the first epoch it logs
+        self.tensorboard_from = resumed_epoch + 1  # its purge step: readers drop what was logged there and after
 
     def forget_after(self, epoch: int) -> None:
         """Drop the rows of epochs after `epoch` (rolled back: they are trained again), here and in TensorBoard."""
         self.rows = [r for r in self.rows if r["epoch"] <= epoch]
         self.artifacts.write_metrics(self.rows)
-        self._open_tensorboard(epoch + 1)
+        self._close_tensorboard()
+        self.tensorboard_from = epoch + 1
 
     def sample_grid(self, state: TrainingState) -> bytes:
         """Draw and store the epoch's grid of fixed-noise samples; returns its PNG bytes."""
@@ -49,11 +50,12 @@ class Recorder:
         between re-runs the epoch, and the resume drops the line again."""
         self.rows.append(row)
         self.artifacts.write_metrics(self.rows)
-        if self.tensorboard is not None:
-            try:
-                self.tensorboard.log_epoch(row, grid_png)
-            except Exception as err:
-                self._tensorboard_failed(err)
+        try:
+            if self.tensorboard is None:
+                self.tensorboard = EpochWriter(self.artifacts.folder, self.tensorboard_from, self.config.to_dict())
+            self.tensorboard.log_epoch(row, grid_png)
+        except Exception as err:
+            self._tensorboard_failed(err)
 
     def status_line(self, row: dict, stats: dict[str, float], epoch_time_s: float, eta_s: float) -> None:
         """The epoch's one console line; `stats` unrounded, as the row may hold "nan"."""
@@ -96,14 +98,6 @@ class Recorder:
         """Rewrite the metrics with the last epoch's artifacts and report times, and close the TensorBoard writer."""
         self.artifacts.write_metrics(self.rows)
         self._close_tensorboard()
-
-    def _open_tensorboard(self, first_epoch: int) -> None:
-        """A writer from `first_epoch` on: readers drop what earlier writers logged there and after."""
-        self._close_tensorboard()
-        try:
-            self.tensorboard = EpochWriter(self.artifacts.folder, first_epoch, self.config.to_dict())
-        except Exception as err:
-            self._tensorboard_failed(err)
 
     def _close_tensorboard(self) -> None:
         if self.tensorboard is not None:
