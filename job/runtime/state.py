@@ -122,12 +122,12 @@ class HostSnapshot:
 
     @classmethod
     def of(cls, state: dict) -> HostSnapshot:
-        on_gpu: list[bool] = []
-        copy = _host_copy(state, on_gpu)
+        devices: list[torch.device] = []
+        copy = _host_copy(state, devices)
         event = None
-        if any(on_gpu):
+        if devices:
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(devices[0]))  # the stream the copies were queued on
         return cls(copy, event)
 
     def wait(self) -> dict:
@@ -137,18 +137,18 @@ class HostSnapshot:
         return self.state
 
 
-def _host_copy(value: object, on_gpu: list[bool]) -> object:
+def _host_copy(value: object, devices: list[torch.device]) -> object:
     """`value` with each tensor copied to the host: a clone on the CPU, a non-blocking copy from a GPU."""
     if isinstance(value, torch.Tensor):
         if value.device.type == "cpu":
             return value.detach().clone()  # the weights change in place next step: never share them
-        on_gpu.append(True)
+        devices.append(value.device)
         host = torch.empty_strided(value.size(), value.stride(), dtype=value.dtype, device="cpu", pin_memory=True)
         return host.copy_(value.detach(), non_blocking=True)
     if isinstance(value, dict):
-        return {key: _host_copy(item, on_gpu) for key, item in value.items()}
+        return {key: _host_copy(item, devices) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_host_copy(item, on_gpu) for item in value)
+        return type(value)(_host_copy(item, devices) for item in value)
     return value
 
 
