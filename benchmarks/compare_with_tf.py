@@ -59,7 +59,8 @@ def main() -> None:
         ours = last_json(ours_command)
         our_rates.append(ours["images_per_s"])
         print(
-            f"round {round_index}: tensorflow {tf_rates[-1]:.0f} img/s, gan-job {our_rates[-1]:.0f} img/s ({ours['precision']})",
+            f"round {round_index}: tensorflow {tf_rates[-1]:.0f} img/s, "
+            f"gan-job {our_rates[-1]:.0f} img/s ({ours['precision']})",
             flush=True,
         )
     tf_median, our_median = statistics.median(tf_rates), statistics.median(our_rates)

@@ -1,7 +1,8 @@
 """How should G and D be told the class? Train each conditioning scheme with `--recipe conditional`
 and compare their training-time FID and recall: the sweep that chose the scheme of `--conditional`.
 
-    python benchmarks/conditioning_sweep.py --data-dir /usr/share/datasets/fashion-mnist --out /tmp/sweep [--epochs 5] [--device cuda]
+    python benchmarks/conditioning_sweep.py --data-dir /usr/share/datasets/fashion-mnist --out /tmp/sweep
+        [--epochs 5] [--device cuda]
 
 Each variant is a run of the project's own training loop in one process (`job.runtime.loop.run_worker`
 with `LocalSession`), all variants at once, one process each: on a GPU they share it well (each

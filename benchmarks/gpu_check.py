@@ -16,7 +16,8 @@ Stages:
   1 versions and flags: torch, CUDA, cuDNN, NCCL, the GPU, TF32;
   2 bench: eager against graphed, fp32 against bf16 (and TF32 matmuls), batch 64 and 256, kernels per step;
   3 equivalence over 20 steps from one seed and state: graphed against eager, deterministic and with cudnn.benchmark;
-  4 three full-loop epochs at batch 256 in one process (LocalSession), eager then graphed, on synthetic MNIST-shaped data;
+  4 three full-loop epochs at batch 256 in one process (LocalSession), eager then graphed, on synthetic
+    MNIST-shaped data;
   5 one epoch of steps under torch.cuda.set_sync_debug_mode("warn"), counting host syncs;
   6 Ray Train: `python3 -m job train --use-gpu --num-workers 1` (NCCL) to the end of a short run, then resumed; and,
     in this process, the graphed step under DDP forced on over a world-size-1 NCCL group, with the project's
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     failed = [name for name, stage in check.results["stages"].items() if stage["status"] == "error"]
     print(
-        f"gpu_check: {len(check.results['stages'])} stages in {check.results['total_s']} s; failed: {failed or 'none'}; {args.out}"
+        f"gpu_check: {len(check.results['stages'])} stages in {check.results['total_s']} s; "
+        f"failed: {failed or 'none'}; {args.out}"
     )
     return 1 if failed else 0
 
@@ -162,7 +164,8 @@ class Check:
 
 
 def unpack_wheels(folder: Path, site: Path) -> Path:
-    """Unzip every wheel in `folder` into `site`, keeping the executable bits (Ray's raylet and GCS server need them)."""
+    """Unzip every wheel in `folder` into `site`, keeping the executable bits
+    (Ray's raylet and GCS server need them)."""
     wheels = sorted(folder.glob("*.whl"))
     if not wheels:
         raise SystemExit(f"gpu_check: --wheels {folder} holds no .whl files; run benchmarks/pack_gpu_wheels.py first")
@@ -184,21 +187,37 @@ def stage_versions(check: Check) -> dict:
     import torch
 
     found: dict = {
-        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "cuda_available": torch.cuda.is_available(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "tf32_cudnn_allowed": torch.backends.cudnn.allow_tf32, "tf32_matmul_allowed": torch.backends.cuda.matmul.allow_tf32,
-    }  # fmt: skip
+        "tf32_cudnn_allowed": torch.backends.cudnn.allow_tf32,
+        "tf32_matmul_allowed": torch.backends.cuda.matmul.allow_tf32,
+    }
     if check.device.type == "cuda":
         properties = torch.cuda.get_device_properties(check.device)
         found.update(
-            gpu=properties.name, capability=f"{properties.major}.{properties.minor}",
+            gpu=properties.name,
+            capability=f"{properties.major}.{properties.minor}",
             gpu_memory_gib=round(properties.total_memory / 2**30, 1),
-            cudnn=torch.backends.cudnn.version(), nccl=".".join(map(str, torch.cuda.nccl.version())), gpus=torch.cuda.device_count(),
-        )  # fmt: skip
-    for module, distribution in (("ray", "ray"), ("pydantic", "pydantic"), ("jsonschema", "jsonschema"), ("tensorboardX", "tensorboardX"),
-                                 ("pyarrow", "pyarrow"), ("pandas", "pandas"), ("matplotlib", "matplotlib"),
-                                 ("torchmetrics", "torchmetrics"), ("torchvision", "torchvision")):  # fmt: skip
+            cudnn=torch.backends.cudnn.version(),
+            nccl=".".join(map(str, torch.cuda.nccl.version())),
+            gpus=torch.cuda.device_count(),
+        )
+    for module, distribution in (
+        ("ray", "ray"),
+        ("pydantic", "pydantic"),
+        ("jsonschema", "jsonschema"),
+        ("tensorboardX", "tensorboardX"),
+        ("pyarrow", "pyarrow"),
+        ("pandas", "pandas"),
+        ("matplotlib", "matplotlib"),
+        ("torchmetrics", "torchmetrics"),
+        ("torchvision", "torchvision"),
+    ):
         # Found on the path, without importing it (Ray alone takes seconds): stage 6 shows whether it works.
         if importlib.util.find_spec(module) is None:
             found[f"{module}_version"] = "missing"
@@ -369,10 +388,19 @@ def stage_full_loop(check: Check) -> dict:
     found: dict = {"data": "synthetic, MNIST's shape" if not check.quick else "synthetic, 512 + 200 images"}
     for graphs in ("off", "on") if cuda else ("off",):
         config = TrainConfig(
-            data="mnist", data_dir=str(data), epochs=3, batch_size=256, storage=str(check.work / "runs"), run_name=f"loop-{graphs}",
-            eval_every=1, eval_num=64 if check.quick else 2000, checkpoint_every=1, use_gpu=cuda, cuda_graphs=graphs,
+            data="mnist",
+            data_dir=str(data),
+            epochs=3,
+            batch_size=256,
+            storage=str(check.work / "runs"),
+            run_name=f"loop-{graphs}",
+            eval_every=1,
+            eval_num=64 if check.quick else 2000,
+            checkpoint_every=1,
+            use_gpu=cuda,
+            cuda_graphs=graphs,
             cpus_per_worker=None if cuda else 1,
-        )  # fmt: skip
+        )
         session = TimedSession(
             resolve_location(config.storage).child(config.run_name), check.device, config.keep_checkpoints
         )
@@ -385,7 +413,8 @@ def stage_full_loop(check: Check) -> dict:
         walls = [round(b - a, 3) for a, b in zip([start_s, *session.reported_at], session.reported_at)]
         found[f"graphs_{graphs}"] = {
             "run_s": round(time.perf_counter() - start_s, 2),
-            "epoch_wall_s": walls,  # from the previous epoch's report to this one's: steps, evaluation, grid, checkpoint, report
+            # from the previous epoch's report to this one's: steps, evaluation, grid, checkpoint, report
+            "epoch_wall_s": walls,
             "rows": [
                 {k: v for k, v in row.items() if k.endswith("_s") or k in ("epoch", "step", "images_per_s")}
                 for row in rows
@@ -430,9 +459,8 @@ def stage_syncs(check: Check) -> dict:
     found = {}
     for graphs in ("off", "on"):
         stepper, _ = bench_stepper(check.device, 256, "fp32", graphs, images_u8=images, ema_decay=0.999)
-        train_epoch(
-            stepper, shard_indices(MNIST_TRAIN, 0, 1, 1, 0)[: 256 * 8], 256
-        )  # warm-up and capture, outside the count
+        # warm-up and capture, outside the count
+        train_epoch(stepper, shard_indices(MNIST_TRAIN, 0, 1, 1, 0)[: 256 * 8], 256)
         indices = shard_indices(MNIST_TRAIN, 0, 1, 2, 0)
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
@@ -463,8 +491,8 @@ def stage_ray_train(check: Check) -> dict:
 
     data = synthetic_mnist(check.work / "mnist-ray", *((128, 64) if check.quick else (MNIST_TRAIN, MNIST_TEST)))
     storage = check.work / "ray-runs"
-    common = ["--data", "mnist", "--data-dir", str(data), "--storage", str(storage), "--run-name", "ray-gpu", "--eval-every", "0",
-              "--num-workers", "1", "--max-failures", "0"]  # fmt: skip
+    common = ["--data", "mnist", "--data-dir", str(data), "--storage", str(storage), "--run-name", "ray-gpu",
+              "--eval-every", "0", "--num-workers", "1", "--max-failures", "0"]  # fmt: skip
     if cuda:
         common += ["--use-gpu", "--cuda-graphs", "on", "--batch-size", "256"]
     else:
@@ -474,8 +502,14 @@ def stage_ray_train(check: Check) -> dict:
         timeout_s = max(10.0, check.left_s() - 5)
         start_s = time.perf_counter()
         try:
-            done = subprocess.run([sys.executable, "-m", "job", "train", *common, "--epochs", str(epochs)], env=env, cwd=check.work,
-                                  capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
+            done = subprocess.run(
+                [sys.executable, "-m", "job", "train", *common, "--epochs", str(epochs)],
+                env=env,
+                cwd=check.work,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+            )
             outcome = {"exit": done.returncode, "output_tail": (done.stdout + done.stderr)[-2500:]}
         except subprocess.TimeoutExpired as err:
             outcome = {"exit": "timeout", "output_tail": str(err.output or "")[-2500:]}
@@ -497,7 +531,8 @@ def stage_ray_train(check: Check) -> dict:
 
 
 def ddp_world_size_one(check: Check) -> dict:
-    """The graphed step under DDP forced on over a world-size-1 group (NCCL on a GPU), and the project's collectives over it."""
+    """The graphed step under DDP forced on over a world-size-1 group (NCCL on a GPU),
+    and the project's collectives over it."""
     import torch
     import torch.distributed as dist
 
@@ -526,8 +561,19 @@ def ddp_world_size_one(check: Check) -> dict:
                 stream = plain.stream
                 generator = distributed.wrap_ddp(plain.generator, check.device, stream, force=True)
                 discriminator = distributed.wrap_ddp(plain.discriminator, check.device, stream, force=True)
-                stepper = Stepper(generator, discriminator, plain.optimizer_g, plain.optimizer_d, plain.images_u8, plain.noise_dim,
-                                  plain.amp_dtype, plain.ema, cuda_graphs=plain.cuda_graphs, warmup_steps=DDP_WARMUP_STEPS, stream=stream)  # fmt: skip
+                stepper = Stepper(
+                    generator,
+                    discriminator,
+                    plain.optimizer_g,
+                    plain.optimizer_d,
+                    plain.images_u8,
+                    plain.noise_dim,
+                    plain.amp_dtype,
+                    plain.ema,
+                    cuda_graphs=plain.cuda_graphs,
+                    warmup_steps=DDP_WARMUP_STEPS,
+                    stream=stream,
+                )
             batches = torch.arange(plain.images_u8.shape[0], device=check.device).split(batch)
             for index in range(steps):
                 stepper.step(batches[index % len(batches)])

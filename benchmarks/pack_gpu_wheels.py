@@ -28,11 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 BUDGET_BYTES = 64 * 2**20
 # Inside the Ray wheel: what a Python job on one machine never imports.
 RAY_DROPPED = ("ray/jars/", "ray/dashboard/client/build/", "ray/rllib/", "ray/serve/", "ray/llm/")
-# What the GPU machine lacks besides Ray (from each wheel's METADATA: ray's core and train needs, tensorboardX for the recorder).
+# What the GPU machine lacks besides Ray (from each wheel's METADATA: ray's core and train needs,
+# tensorboardX for the recorder).
 MISSING = ("jsonschema", "jsonschema-specifications", "referencing", "rpds-py", "attrs", "pydantic", "pydantic-core",
            "annotated-types", "typing-inspection", "tensorboardX")  # fmt: skip
 TARGET = ["--only-binary=:all:", "--no-deps", "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312",
-          "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux_2_28_x86_64"]  # fmt: skip
+          "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
+          "--platform", "manylinux_2_28_x86_64"]  # fmt: skip
 
 
 def ray_pin() -> str:
@@ -64,9 +66,8 @@ def trim_ray(wheel: Path, out_dir: Path) -> Path:
             if member.filename.endswith(".dist-info/RECORD"):
                 kept = [line for line in data.decode().splitlines() if not line.startswith(RAY_DROPPED)]
                 data = ("\n".join(kept) + "\n").encode()
-            packed.writestr(
-                member, data, compress_type=zipfile.ZIP_DEFLATED
-            )  # keeps external_attr: the binaries stay executable
+            # keeps external_attr: the binaries stay executable
+            packed.writestr(member, data, compress_type=zipfile.ZIP_DEFLATED)
     return target
 
 
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         (ray_wheel,) = Path(scratch).glob("ray-*.whl")
         trimmed = trim_ray(ray_wheel, args.out)
         print(
-            f"ray: {ray_wheel.stat().st_size / 1e6:.1f} MB -> {trimmed.stat().st_size / 1e6:.1f} MB without {', '.join(RAY_DROPPED)}"
+            f"ray: {ray_wheel.stat().st_size / 1e6:.1f} MB -> {trimmed.stat().st_size / 1e6:.1f} MB "
+            f"without {', '.join(RAY_DROPPED)}"
         )
     download([f"{name}=={importlib.metadata.version(name)}" for name in MISSING], args.out)
 
@@ -103,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     total = wheel_bytes + repo_bytes
     for wheel in wheels:
         print(f"  {wheel.stat().st_size / 1e6:6.2f} MB  {wheel.name}")
-    print(f"wheels {wheel_bytes / 2**20:.1f} MiB + tracked repository {repo_bytes / 2**20:.1f} MiB = {total / 2**20:.1f} MiB "
-          f"(budget {BUDGET_BYTES / 2**20:.0f} MiB)")  # fmt: skip
+    print(
+        f"wheels {wheel_bytes / 2**20:.1f} MiB + tracked repository {repo_bytes / 2**20:.1f} MiB "
+        f"= {total / 2**20:.1f} MiB (budget {BUDGET_BYTES / 2**20:.0f} MiB)"
+    )
     if total >= BUDGET_BYTES:
         print(
             "pack_gpu_wheels: over the budget; run gpu_check.py in two device runs (see docs/performance.md)",

@@ -17,7 +17,8 @@ Only deliberate differences from the tutorial:
 
 TensorFlow is NOT a dependency of gan-job; run this from a scratch venv:
 
-    python3 -m venv /tmp/tfvenv && /tmp/tfvenv/bin/pip install tensorflow-cpu && /tmp/tfvenv/bin/python benchmarks/tf_tutorial_step.py
+    python3 -m venv /tmp/tfvenv && /tmp/tfvenv/bin/pip install tensorflow-cpu &&
+    /tmp/tfvenv/bin/python benchmarks/tf_tutorial_step.py
 
 Flags: --steps N (timed steps, default 30), --warmup N (default 5),
 --batch-size B (default 256), --threads T (intra/inter op threads; default:

@@ -49,7 +49,13 @@ import numpy as np
 import tensorflow as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tf_tutorial_step import NOISE_DIM, _trainable_count, add_threads_flag, apply_threads, make_tutorial_training  # noqa: E402  (the tutorial's step, reproduced there)
+from tf_tutorial_step import (  # noqa: E402  (the tutorial's step, reproduced there)
+    NOISE_DIM,
+    _trainable_count,
+    add_threads_flag,
+    apply_threads,
+    make_tutorial_training,
+)
 
 DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
 BUFFER_SIZE = 60000

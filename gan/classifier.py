@@ -188,8 +188,13 @@ def classifier_from_bytes(raw: bytes) -> TrainedClassifier | None:
         model.load_state_dict(stored["state_dict"])
         model.eval().requires_grad_(False)
         return TrainedClassifier(
-            model, weights_digest(model), stored["data_fingerprint"], stored["seed"], stored["epochs"], stored.get("test_accuracy"),
-        )  # fmt: skip
+            model,
+            weights_digest(model),
+            stored["data_fingerprint"],
+            stored["seed"],
+            stored["epochs"],
+            stored.get("test_accuracy"),
+        )
     except Exception:  # a damaged or foreign file fails in many ways; all mean "retrain"
         return None
 

@@ -131,7 +131,8 @@ def generated_training_set(
         images = images_for_labels(chunk_labels)
         if tuple(images.shape) != (chunk_labels.shape[0], 1, 28, 28):
             raise ValueError(
-                f"the image source gave {tuple(images.shape)} for {chunk_labels.shape[0]} labels; it must give (n, 1, 28, 28)"
+                f"the image source gave {tuple(images.shape)} for {chunk_labels.shape[0]} labels; "
+                "it must give (n, 1, 28, 28)"
             )
         images_u8[start : start + chunk] = to_uint8(images.float().cpu())
     return images_u8, labels
@@ -152,7 +153,8 @@ def classification_accuracy_score(
     num_classes: int = NUM_CLASSES,
     noise_seed: int = CAS_NOISE_SEED,  # G's noise for the generated training set
 ) -> dict:
-    """CAS: a fresh classifier trained only on generated images, scored on the real test split, next to the real-data score.
+    """CAS: a fresh classifier trained only on generated images, scored on the real test split,
+    next to the real-data score.
 
     Returns {"generated": {...}, "real": {...}, "recipe": {...}}; each side has "overall",
     "per_class", "count_per_class" (of the test split), "num_train_images" and its seconds. The
@@ -163,8 +165,9 @@ def classification_accuracy_score(
     """
     if real_classifier.seed != CAS_SEED or real_classifier.epochs != CAS_EPOCHS:
         raise ValueError(
-            f"the real-data classifier was trained with seed {real_classifier.seed} for {real_classifier.epochs} epochs; "
-            f"CAS compares like with like: pass the classifier of seed {CAS_SEED} and {CAS_EPOCHS} epochs (build_evaluator's default)"
+            f"the real-data classifier was trained with seed {real_classifier.seed} "
+            f"for {real_classifier.epochs} epochs; CAS compares like with like: "
+            f"pass the classifier of seed {CAS_SEED} and {CAS_EPOCHS} epochs (build_evaluator's default)"
         )
     generate_started_s = time.perf_counter()
     images_u8, labels = generated_training_set(source, images_per_class, num_classes, noise_seed)
@@ -172,21 +175,28 @@ def classification_accuracy_score(
     train_started_s = time.perf_counter()
     model = train_classifier(images_u8, labels, seed=CAS_SEED, epochs=CAS_EPOCHS)
     train_time_s = time.perf_counter() - train_started_s
-    real_train_count = int(
-        real_classifier.data_fingerprint.split(":", 1)[0]
-    )  # gan.data fingerprints are "count:digest"
+    # gan.data fingerprints are "count:digest"
+    real_train_count = int(real_classifier.data_fingerprint.split(":", 1)[0])
     return {
         "generated": {
             **_test_score(model, real_test, real_test_labels, num_classes),
-            "num_train_images": int(labels.shape[0]), "images_per_class": images_per_class,
-            "generate_time_s": round(generate_time_s, 2), "train_time_s": round(train_time_s, 2),
+            "num_train_images": int(labels.shape[0]),
+            "images_per_class": images_per_class,
+            "generate_time_s": round(generate_time_s, 2),
+            "train_time_s": round(train_time_s, 2),
         },
         "real": {
             **_test_score(real_classifier.model, real_test, real_test_labels, num_classes),
-            "num_train_images": real_train_count, "classifier_digest": real_classifier.digest,
+            "num_train_images": real_train_count,
+            "classifier_digest": real_classifier.digest,
         },
         "recipe": {
-            "architecture": "gan.classifier.Classifier", "recipe_version": RECIPE_VERSION, "seed": CAS_SEED, "epochs": CAS_EPOCHS,
-            "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE, "noise_seed": noise_seed,
+            "architecture": "gan.classifier.Classifier",
+            "recipe_version": RECIPE_VERSION,
+            "seed": CAS_SEED,
+            "epochs": CAS_EPOCHS,
+            "batch_size": BATCH_SIZE,
+            "learning_rate": LEARNING_RATE,
+            "noise_seed": noise_seed,
         },
-    }  # fmt: skip
+    }

@@ -162,11 +162,13 @@ def load_split(folder: Path, split: str = "train", limit: int | None = None) -> 
         raise DataError(str(err)) from None
     if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28):
         raise DataError(
-            f"{images_file} holds images of shape {tuple(images.shape[1:])}, expected 28x28; use MNIST-format files or fix --data-dir"
+            f"{images_file} holds images of shape {tuple(images.shape[1:])}, expected 28x28; "
+            "use MNIST-format files or fix --data-dir"
         )
     if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
         raise DataError(
-            f"{labels_file} holds {labels.shape[0]} labels for {images.shape[0]} images in {images_file}; use the matching labels file or fix --data-dir"
+            f"{labels_file} holds {labels.shape[0]} labels for {images.shape[0]} images in {images_file}; "
+            "use the matching labels file or fix --data-dir"
         )
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
@@ -180,7 +182,8 @@ def to_unit_range(images_u8: torch.Tensor) -> torch.Tensor:
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] → uint8 pixels, the inverse of `to_unit_range` (to 1/255); out-of-range values clamp."""
+    """Float images in [-1, 1] → uint8 pixels, the inverse of `to_unit_range` (to 1/255);
+    out-of-range values clamp."""
     return images.add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 

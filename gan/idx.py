@@ -31,7 +31,8 @@ def decode_idx(raw: bytes, source: str = "<bytes>") -> torch.Tensor:
         )
     if raw[2] != _UBYTE:
         raise IdxFormatError(
-            f"{source} holds element type 0x{raw[2]:02x}, expected unsigned bytes (0x08); download the MNIST-format files again or fix --data-dir"
+            f"{source} holds element type 0x{raw[2]:02x}, expected unsigned bytes (0x08); "
+            "download the MNIST-format files again or fix --data-dir"
         )
     ndim = raw[3]
     header_len = 4 + 4 * ndim

@@ -22,8 +22,8 @@ def train_step(
     real_images: torch.Tensor,  # (N, 1, 28, 28) in [-1, 1], on the networks' device
     noise: torch.Tensor,  # (M, noise_dim)
     amp_dtype: torch.dtype | None = None,  # autocast dtype (torch.bfloat16); None = float32 throughout
-    labels: torch.Tensor
-    | None = None,  # (N,) int64 classes of real_images, on their device; None = unconditional networks
+    # (N,) int64 classes of real_images, on their device; None = unconditional networks
+    labels: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Update G and D once, as the tutorial's `train_step` with its two GradientTapes does.
 
@@ -125,7 +125,8 @@ def bf16_is_native(device: torch.device) -> bool:
 
 
 def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision name: `fp32` → None, `bf16` → bfloat16, `auto` → whichever measured faster.
+    """The autocast dtype for a precision name: `fp32` → None, `bf16` → bfloat16, `auto` → whichever
+    measured faster.
 
     `auto` is bf16 on a CPU that does bf16 natively (1.77x of fp32 on this project's build
     machine) and fp32 on CUDA: these networks are so small that a GPU step waits on kernel

@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit status (0 ok, 1 failed, 2 bad input, 3 `train --promote-to`: trained, promotion failed)."""
+    """Run one command; returns the exit status
+    (0 ok, 1 failed, 2 bad input, 3 `train --promote-to`: trained, promotion failed)."""
     try:
         args = build_parser().parse_args(argv)
         return args.handler(args)

@@ -12,9 +12,21 @@ from dataclasses import dataclass, fields
 
 from job.errors import UsageError, flag_name
 from job.settings import (
-    CUDA_GRAPHS_MODES, DATASET_NAMES, MAX_BATCH, MAX_EPOCHS, MAX_EVAL_IMAGES, MAX_LIMIT, MAX_NOISE_DIM, MAX_SECONDS, MAX_SEED,
-    MAX_WORKERS, PRECISIONS, Setting, declared, setting,
-)  # fmt: skip
+    CUDA_GRAPHS_MODES,
+    DATASET_NAMES,
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_EVAL_IMAGES,
+    MAX_LIMIT,
+    MAX_NOISE_DIM,
+    MAX_SECONDS,
+    MAX_SEED,
+    MAX_WORKERS,
+    PRECISIONS,
+    Setting,
+    declared,
+    setting,
+)
 
 GUARD_ACTIONS = ("warn", "rollback", "stop")
 
@@ -28,9 +40,8 @@ RECIPES = {
 }
 # `stable` plus the dataset's labels: G and D class-conditional (a recipe's switch turns it on).
 RECIPES["conditional"] = {**RECIPES["stable"], "conditional": True}
-RUN_NAME_PATTERN = re.compile(
-    r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-)  # used with fullmatch: "$" would let "name\n" through
+# used with fullmatch: "$" would let "name\n" through
+RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def worker_range(text: str) -> tuple[int, int]:
@@ -159,7 +170,8 @@ class TrainConfig:
     recipe: str = setting(
         "tutorial",
         choices=tuple(RECIPES),
-        help="hyperparameters: tutorial (default, the tutorial's unchanged), stable, or conditional (stable's, with --conditional)",
+        help="hyperparameters: tutorial (default, the tutorial's unchanged), stable, "
+        "or conditional (stable's, with --conditional)",
     )
     lr: float | None = setting(
         None,
@@ -188,7 +200,8 @@ class TrainConfig:
     conditional: bool = setting(
         False,
         kind=bool,
-        help="class-conditional: G and D trained on the dataset's labels, samples one row per class (on with --recipe conditional)",
+        help="class-conditional: G and D trained on the dataset's labels, samples one row per class "
+        "(on with --recipe conditional)",
     )
     eval_every: int = setting(
         1,
@@ -218,7 +231,8 @@ class TrainConfig:
     precision: str = setting(
         "auto",
         choices=PRECISIONS,
-        help="auto (default: bf16 autocast on a CPU that does bf16 natively, fp32 on a GPU: each measured faster), fp32 or bf16",
+        help="auto (default: bf16 autocast on a CPU that does bf16 natively, fp32 on a GPU: each measured faster), "
+        "fp32 or bf16",
     )
     cuda_graphs: str = setting(
         "auto",
@@ -237,7 +251,8 @@ class TrainConfig:
         if self.recipe not in RECIPES:
             raise UsageError(f"--recipe {self.recipe!r} is not one of: {', '.join(RECIPES)}")
         for name, value in RECIPES[self.recipe].items():
-            # A recipe fills what was not given; its switch turns a switch on (a switch has no "off" flag to win over it).
+            # A recipe fills what was not given; its switch turns a switch on (a switch has no "off" flag
+            # to win over it).
             if getattr(self, name) is None or value is True:
                 object.__setattr__(self, name, value)  # frozen: filled once, here
         self._validate()
@@ -250,7 +265,8 @@ class TrainConfig:
         SETTINGS["num_workers"].check("--num-workers (its maximum)", self.max_workers)
         if self.max_workers < self.num_workers:
             raise UsageError(
-                f"--num-workers {self.num_workers}-{self.max_workers}: the maximum is below the minimum; use MIN-MAX with MIN <= MAX"
+                f"--num-workers {self.num_workers}-{self.max_workers}: the maximum is below the minimum; "
+                "use MIN-MAX with MIN <= MAX"
             )
         # Every world size the run may take splits the global batch exactly: the optimisation is
         # the same at any size (same batch, learning rate and steps per epoch).

@@ -1,4 +1,5 @@
-"""The errors that end the program with one line: bad input (exit 2, never a bug), and storage that refused or failed."""
+"""The errors that end the program with one line: bad input (exit 2, never a bug),
+and storage that refused or failed."""
 
 from __future__ import annotations
 

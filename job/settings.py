@@ -94,9 +94,8 @@ class Setting:
 
     def wanted(self, got: object) -> str:
         """The message for a value outside the declaration: what is allowed, what came, the fix."""
-        shown = (
-            repr(got) if len(repr(got)) <= 40 else repr(got)[:20] + "..." + repr(got)[-8:]
-        )  # a pasted 400-digit number stays readable
+        # a pasted 400-digit number stays readable
+        shown = repr(got) if len(repr(got)) <= 40 else repr(got)[:20] + "..." + repr(got)[-8:]
         return f"must be {self.range_text()}, got {shown}; use a value in that range"
 
     def check(self, flag: str, value: object) -> None:

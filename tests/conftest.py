@@ -306,7 +306,8 @@ def load_fake_cluster_module():
 
 @functools.cache
 def built_overlay(overlay: str) -> tuple[dict, ...]:
-    """The objects of deploy/overlays/<overlay> (`kubectl kustomize`, as deploy/fake_cluster.py builds them), once per session."""
+    """The objects of deploy/overlays/<overlay> (`kubectl kustomize`, as deploy/fake_cluster.py builds them),
+    once per session."""
     return tuple(load_fake_cluster_module().built_overlay(overlay))
 
 
@@ -328,8 +329,14 @@ def autoscaling_cluster(s3_service, small_fashion_dir):
     objects = list(built_overlay("local"))
     standing = next(o for o in objects if o["kind"] == "RayCluster")
     knobs = knobs_loaded_by(standing["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0], objects)
-    knobs.update(GAN_JOB_STORAGE=f"s3://{s3_service.bucket}/standing", GAN_JOB_DATA="fashion-mnist",
-                 GAN_JOB_DATA_DIR=str(small_fashion_dir), GAN_JOB_EPOCHS="1", GAN_JOB_LIMIT="512", GAN_JOB_EVAL_EVERY="0")  # fmt: skip
+    knobs.update(
+        GAN_JOB_STORAGE=f"s3://{s3_service.bucket}/standing",
+        GAN_JOB_DATA="fashion-mnist",
+        GAN_JOB_DATA_DIR=str(small_fashion_dir),
+        GAN_JOB_EPOCHS="1",
+        GAN_JOB_LIMIT="512",
+        GAN_JOB_EVAL_EVERY="0",
+    )
     timings = fake_cluster.Timings(update_interval_s=1, heartbeat_timeout_s=10, idle_timeout_s=10,
                                    health_check_period_ms=1000, health_check_failure_threshold=3)  # fmt: skip
     cluster = fake_cluster.FakeCluster(

@@ -102,7 +102,8 @@ NOT_AT_START_UP = ("ray", "boto3", "botocore", "pyarrow", "torchmetrics", "matpl
 
 
 def test_the_cli_starts_without_ray_s3_clients_torchmetrics_or_matplotlib():
-    """cli.py imports every command at its top; the commands (and gan.metrics, gan.plots) keep these inside functions."""
+    """cli.py imports every command at its top;
+    the commands (and gan.metrics, gan.plots) keep these inside functions."""
     code = f"import sys, job.cli; print(sorted({{m.split('.')[0] for m in sys.modules}} & set({NOT_AT_START_UP!r})))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(

@@ -45,7 +45,8 @@ def no_worker_nodes(cluster) -> None:
 
 
 def driver_env(cluster) -> dict[str, str]:
-    """A driver's environment on the head: the cluster's address and token (the test process has no knobs: conftest's isolated_home)."""
+    """A driver's environment on the head: the cluster's address and token
+    (the test process has no knobs: conftest's isolated_home)."""
     return job_env(**cluster.client_env, PATH=f"{BIN}:{job_env()['PATH']}")
 
 
@@ -56,10 +57,11 @@ def train(cluster, *flags: str, timeout_s: float = 300) -> subprocess.CompletedP
 
 @contextlib.contextmanager
 def background_train(cluster, data_dir: Path, storage: Path, run_name: str, *flags: str):
-    """A `train` driver running while the test acts on the cluster; killed (its output shown) if the test fails first."""
+    """A `train` driver running while the test acts on the cluster;
+    killed (its output shown) if the test fails first."""
     driver = subprocess.Popen(
-        [sys.executable, "-m", "job", "train", "--data", "fashion-mnist", "--data-dir", str(data_dir), "--storage", str(storage),
-         "--run-name", run_name, "--eval-every", "0", *flags],
+        [sys.executable, "-m", "job", "train", "--data", "fashion-mnist", "--data-dir", str(data_dir),
+         "--storage", str(storage), "--run-name", run_name, "--eval-every", "0", *flags],
         env=driver_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -161,7 +163,8 @@ def test_a_worker_node_lost_mid_epoch_is_replaced_and_the_run_resumes_from_its_c
     assert "resuming run lost-node at epoch 2" in output
     nodes = json.loads((run / "artifacts" / "model.json").read_text())["nodes"]
     print(
-        f"lost node: epochs {[r['epoch'] for r in rows]}, steps {[r['step'] for r in rows]}, finished on nodes {[n[-5:] for n in nodes]}"
+        f"lost node: epochs {[r['epoch'] for r in rows]}, steps {[r['step'] for r in rows]}, "
+        f"finished on nodes {[n[-5:] for n in nodes]}"
     )
     assert victim not in nodes and len(set(nodes)) == 2, (victim, nodes)
 
@@ -203,8 +206,14 @@ def test_the_retraining_cronjob_trains_on_nodes_the_autoscaler_starts_and_they_g
     firing = f"gan-retrain-{int(time.time()) // 60}"
     # The pod's environment: the firing's name, the standing cluster's job API and its token; no S3
     # settings (s3_service leaves none in this process): the job's driver finds them on the head.
-    env = job_env(FIRING=firing, RAY_API_SERVER_ADDRESS=cluster.dashboard_address, RAY_AUTH_MODE="token",
-                  RAY_AUTH_TOKEN=cluster.token, HOME=str(cluster.temp / "submitter-home"), PATH=f"{BIN}:{job_env()['PATH']}")  # fmt: skip
+    env = job_env(
+        FIRING=firing,
+        RAY_API_SERVER_ADDRESS=cluster.dashboard_address,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=cluster.token,
+        HOME=str(cluster.temp / "submitter-home"),
+        PATH=f"{BIN}:{job_env()['PATH']}",
+    )
     env.pop("RAY_ADDRESS", None)
     assert not [name for name in env if name.startswith("AWS_")]
     watch = NodeWatch(cluster)
@@ -224,8 +233,8 @@ def test_the_retraining_cronjob_trains_on_nodes_the_autoscaler_starts_and_they_g
     model = json.loads(objects[f"{run}/artifacts/model.json"])
     first_row = parse_jsonl(objects[f"{run}/artifacts/metrics.jsonl"])[0]
     print(
-        f"retraining: first worker node after {watch.first_seen_s:.1f} s, first step {first_row['first_step_at'] - submitted:.1f} s "
-        f"after submission, ranks on nodes {model['nodes']}"
+        f"retraining: first worker node after {watch.first_seen_s:.1f} s, "
+        f"first step {first_row['first_step_at'] - submitted:.1f} s after submission, ranks on nodes {model['nodes']}"
     )
     assert len(model["nodes"]) == 2 and len(set(model["nodes"])) == 2, model["nodes"]  # one rank per node
     assert json.loads(objects["standing/gan/LATEST"])["run"].rstrip("/").endswith(run)
@@ -277,9 +286,8 @@ def test_an_elastic_run_starts_with_the_minimum_and_grows_when_the_cluster_can_h
         f"steps {[r['step'] for r in rows]}; resumed {resumes}"
     )
     assert [row["epoch"] for row in rows] == list(range(1, 11))
-    assert [row["step"] for row in rows] == [
-        4 * epoch for epoch in range(1, 11)
-    ]  # the same steps per epoch at either size
+    # the same steps per epoch at either size
+    assert [row["step"] for row in rows] == [4 * epoch for epoch in range(1, 11)]
     assert sizes[:2] == [1, 1] and sizes[-1] == 2 and sizes == sorted(sizes)
     assert len(resumes) == 1 and resumes[0][1]["world_size_before"] == 1  # one resize, from the last checkpoint
     assert len(set(json.loads((run / "artifacts" / "model.json").read_text())["nodes"])) == 2

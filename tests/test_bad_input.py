@@ -93,7 +93,8 @@ def command_parsers() -> dict[str, argparse.ArgumentParser]:
     found, pending = {}, [("", build_parser())]
     while pending:
         prefix, parser = pending.pop()
-        groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]  # noqa: SLF001 (argparse has no public walk)
+        # argparse has no public walk
+        groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]  # noqa: SLF001
         pending += [(f"{prefix} {name}".strip(), sub) for group in groups for name, sub in group.choices.items()]
         if not groups:
             found[prefix] = parser
@@ -232,10 +233,12 @@ def test_the_sweep_covers_every_command_and_the_flags_that_size_memory_or_time()
     assert {command for command, _, _ in DECLARED} == set(PARSERS)
     found = {(command, flag) for command, flag, _ in DECLARED}
     sizing = {
-        ("train", "--epochs"), ("train", "--batch-size"), ("train", "--eval-num"), ("train", "--noise-dim"), ("train", "--seed"),
-        ("train", "--num-workers"), ("train", "--promote-margin"), ("generate", "--num"), ("generate", "--seed"),
-        ("evaluate", "--num"), ("evaluate", "--seed"), ("promote", "--num"), ("promote", "--seed"), ("promote", "--margin"),
-        ("bench", "--steps"), ("bench", "--warmup"), ("bench", "--batch-size"), ("bench", "--threads"), ("bench", "--noise-dim"),
+        ("train", "--epochs"), ("train", "--batch-size"), ("train", "--eval-num"), ("train", "--noise-dim"),
+        ("train", "--seed"), ("train", "--num-workers"), ("train", "--promote-margin"),
+        ("generate", "--num"), ("generate", "--seed"), ("evaluate", "--num"), ("evaluate", "--seed"),
+        ("promote", "--num"), ("promote", "--seed"), ("promote", "--margin"),
+        ("bench", "--steps"), ("bench", "--warmup"), ("bench", "--batch-size"), ("bench", "--threads"),
+        ("bench", "--noise-dim"),
     }  # fmt: skip
     assert sizing <= found, sorted(sizing - found)
 
@@ -448,7 +451,8 @@ def test_resuming_with_a_configuration_that_cannot_load_the_checkpoint_names_the
     before = tree_state(tiny_run.parent)
     data_dir = str(Path(tiny_run).parent.parent / "data")
     line = refused(
-        ["train", "--data", "fashion-mnist", "--data-dir", data_dir, "--storage", str(tiny_run.parent), "--run-name", "tiny", "--noise-dim", "64"],
+        ["train", "--data", "fashion-mnist", "--data-dir", data_dir, "--storage", str(tiny_run.parent),
+         "--run-name", "tiny", "--noise-dim", "64"],
         "--noise-dim 100 (run) vs 64 (now)", capsys,
     )  # fmt: skip
     assert "new --run-name" in line

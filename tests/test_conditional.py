@@ -105,7 +105,8 @@ def ray_must_not_start(monkeypatch):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """One conditional run (with the training-time quality probe) and one unconditional run, 1 epoch each on tiny data."""
+    """One conditional run (with the training-time quality probe) and one unconditional run,
+    1 epoch each on tiny data."""
     root = tmp_path_factory.mktemp("conditional")
     data = write_tiny_dataset(root / "data")
     return {
@@ -144,9 +145,8 @@ def test_the_conditional_recipe_is_stable_plus_conditional():
     assert config.conditional and not stable.conditional
     assert {name: getattr(config, name) for name in RECIPES["stable"]} == RECIPES["stable"]
     assert TrainConfig(recipe="tutorial", conditional=True, run_name="r", storage="/tmp/unused").conditional
-    assert (
-        TrainConfig(recipe="conditional", lr=1e-3, run_name="r", storage="/tmp/unused").lr == 1e-3
-    )  # a flag still wins
+    # a flag still wins
+    assert TrainConfig(recipe="conditional", lr=1e-3, run_name="r", storage="/tmp/unused").lr == 1e-3
 
 
 def test_the_conditional_switch_comes_from_its_flag_or_variable(monkeypatch):
@@ -164,9 +164,8 @@ def test_a_conditional_run_records_its_classes_in_model_json_and_every_checkpoin
     assert state["config"]["conditional"] is True and state["num_classes"] == NUM_CLASSES
     assert state["generator"]["project.1.gain.weight"].shape == (NUM_CLASSES, 7 * 7 * 256)  # class batch norms
     assert "label_projection.weight" in state["discriminator"]
-    assert (
-        "quality" in metrics_rows(runs["conditional"])[0]
-    )  # the training-time probe samples the conditional G with labels
+    # the training-time probe samples the conditional G with labels
+    assert "quality" in metrics_rows(runs["conditional"])[0]
 
 
 def test_an_unconditional_run_records_zero_classes_and_keeps_format_2s_keys(runs):
@@ -393,7 +392,8 @@ def test_a_checkpoint_of_the_first_conditional_scheme_is_refused_in_one_line(
                   str(first_scheme_run.parent), "--run-name", "old", "--epochs", "2", "--batch-size", "32"],
         "generate": ["generate", "--from", str(first_scheme_run), "--per-class", "--out", str(tmp_path / "grid.png")],
         "evaluate": ["evaluate", "--from", str(first_scheme_run), "--data-dir", str(runs["data"])],
-        "promote": ["promote", "--run", str(first_scheme_run), "--target", str(tmp_path / "job" / "LATEST"), "--data-dir", str(runs["data"])],
+        "promote": ["promote", "--run", str(first_scheme_run), "--target", str(tmp_path / "job" / "LATEST"),
+                    "--data-dir", str(runs["data"])],
     }[command]  # fmt: skip
     line = refused(argv, "first conditional scheme", capsys)
     assert "--conditional" in line and "new --run-name" in line

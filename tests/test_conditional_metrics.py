@@ -129,8 +129,12 @@ def test_cas_refuses_a_real_data_classifier_of_another_recipe(small_fashion):
     )
     with pytest.raises(ValueError, match="like with like"):
         classification_accuracy_score(
-            lambda labels: torch.zeros(len(labels), 1, 28, 28), other, to_unit_range(test_set.images), test_set.labels, images_per_class=1,
-        )  # fmt: skip
+            lambda labels: torch.zeros(len(labels), 1, 28, 28),
+            other,
+            to_unit_range(test_set.images),
+            test_set.labels,
+            images_per_class=1,
+        )
 
 
 def test_cas_refuses_an_unconditional_generator():

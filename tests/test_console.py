@@ -33,9 +33,15 @@ RAY_PATTERNS = {
 }
 # The project's own lines (job/ and its status lines), as they start.
 PROJECT_PATTERNS = [
-    r"training run \S+: ", r"epoch \d+/\d+  loss_d ", r"  epoch \d+/\d+ step ", r"done: \d+ epochs, \d+ steps; artifacts in ",
-    r"run \S+ finished: checkpoints and artifacts in ", r"resuming run ", r"warning: ", r"note: ",
-]  # fmt: skip
+    r"training run \S+: ",
+    r"epoch \d+/\d+  loss_d ",
+    r"  epoch \d+/\d+ step ",
+    r"done: \d+ epochs, \d+ steps; artifacts in ",
+    r"run \S+ finished: checkpoints and artifacts in ",
+    r"resuming run ",
+    r"warning: ",
+    r"note: ",
+]
 RAY_PREFIX = re.compile(r"^(?:\x1b\[\d+m)?\((?:RayTrainWorker|TrainController) pid=\d+\)(?:\x1b\[0m)? ")
 
 

@@ -337,7 +337,8 @@ def cronjob_script(cronjob: dict) -> str:
 
 @pytest.fixture(scope="module")
 def crds(tmp_path_factory) -> Path:
-    """The folder of KubeRay CRD YAMLs: the one asked for, else ../shared's, else the copy in tests/fixtures unpacked."""
+    """The folder of KubeRay CRD YAMLs: the one asked for, else ../shared's,
+    else the copy in tests/fixtures unpacked."""
     if CRD_SCHEMAS_GIVEN:
         folder = Path(CRD_SCHEMAS_GIVEN).expanduser().resolve()
         if not sorted(folder.glob("*.yaml")):

@@ -150,9 +150,8 @@ def test_a_conditional_model_is_scored_on_the_labels_it_was_asked_for_next_to_th
     assert result["conditional"] is True and "cas" not in result  # CAS only with --cas
     assert len(generated["per_class"]) == 10 and generated["count_per_class"] == [20] * 10  # every class alike
     assert all(0 <= a <= 1 for a in generated["per_class"]) and 0 <= generated["overall"] <= 1
-    assert (
-        sum(real["count_per_class"]) == 500 and real["overall"] > 0.6
-    )  # the classifier on the real test split: the ceiling
+    # the classifier on the real test split: the ceiling
+    assert sum(real["count_per_class"]) == 500 and real["overall"] > 0.6
     keys = list(result)
     assert (
         keys.index("inception_fid") < keys.index("label_accuracy") < keys.index("conditional") < keys.index("reference")
@@ -183,9 +182,8 @@ def test_cas_scores_the_conditional_generator_against_the_real_test_split_with_t
     assert result["cas"] == {"generated": {"overall": 0.5}, "real": {"overall": 0.8}}
     ((source, real_classifier, real_test, real_test_labels, kwargs),) = calls
     assert source.num_classes == 10 and not source.training  # the checkpoint's conditional G, in inference mode
-    assert (
-        isinstance(real_classifier, TrainedClassifier) and real_classifier.seed == 0
-    )  # the project classifier: CAS's real side
+    # the project classifier: CAS's real side
+    assert isinstance(real_classifier, TrainedClassifier) and real_classifier.seed == 0
     assert real_test.shape == (500, 1, 28, 28) and real_test_labels.shape == (500,)
     assert kwargs == {"num_classes": 10, "noise_seed": 7}  # the default 60,000 images
     keys = list(result)

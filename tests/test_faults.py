@@ -272,8 +272,16 @@ STATE_READ = re.compile(r"/checkpoint_[^/?]+/state\.pt($|\?)")
 def one_epoch_in_the_bucket(s3_server, fashion_mnist_dir):
     """A run of one epoch (2 steps) trained into the bucket by one process: Ray Train has no record of it."""
     name = f"read-fault-{uuid.uuid4().hex[:6]}"
-    config = TrainConfig(data="fashion-mnist", data_dir=str(fashion_mnist_dir), epochs=1, limit=512, cpus_per_worker=1, eval_every=0,
-                         storage=f"s3://{s3_server.bucket}/read-faults", run_name=name)  # fmt: skip
+    config = TrainConfig(
+        data="fashion-mnist",
+        data_dir=str(fashion_mnist_dir),
+        epochs=1,
+        limit=512,
+        cpus_per_worker=1,
+        eval_every=0,
+        storage=f"s3://{s3_server.bucket}/read-faults",
+        run_name=name,
+    )
     run_worker(config, LocalSession(resolve_location(config.storage).child(name), torch.device("cpu")))
     return f"read-faults/{name}", name
 
@@ -293,8 +301,12 @@ def _state_reads_fail_from_the_workers_first(s3_server, outage_s: float) -> Faul
             armed.append(target)
         return bool(armed) and method in ("GET", "HEAD") and bool(STATE_READ.search(target))
 
-    return FaultProxy(int(s3_server.url.rsplit(":", 1)[1]), workers_first_read, outage_s=outage_s,
-                      affects=lambda method, target: method in ("GET", "HEAD") and bool(STATE_READ.search(target)))  # fmt: skip
+    return FaultProxy(
+        int(s3_server.url.rsplit(":", 1)[1]),
+        workers_first_read,
+        outage_s=outage_s,
+        affects=lambda method, target: method in ("GET", "HEAD") and bool(STATE_READ.search(target)),
+    )
 
 
 def test_a_checkpoint_read_that_fails_in_the_workers_past_the_retries_ends_in_one_line_and_loses_nothing(

@@ -25,8 +25,13 @@ def test_the_gpu_check_runs_every_stage_on_a_cpu_and_records_each(ray_cluster, t
     results = json.loads(out.read_text())
     stages = results["stages"]
     assert {name: stage["status"] for name, stage in stages.items()} == {
-        "1_versions": "ok", "2_bench": "ok", "3_equivalence": "ok", "4_full_loop": "ok", "5_syncs": "ok", "6_ray_train": "ok",
-    }, {name: stage.get("error") for name, stage in stages.items()}  # fmt: skip
+        "1_versions": "ok",
+        "2_bench": "ok",
+        "3_equivalence": "ok",
+        "4_full_loop": "ok",
+        "5_syncs": "ok",
+        "6_ray_train": "ok",
+    }, {name: stage.get("error") for name, stage in stages.items()}
     assert done.returncode == 0, done.stderr[-2000:]
     assert stages["3_equivalence"]["deterministic_eager_vs_eager"]["bitwise_equal"]
     assert [row["epoch"] for row in stages["4_full_loop"]["graphs_off"]["rows"]] == [1, 2, 3]

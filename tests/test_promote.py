@@ -274,8 +274,9 @@ def ray_train_replaced(monkeypatch):
 
 def train_main(storage, name, data_dir, *extra):
     """`gan-job train` of run `name` (the template run's configuration, so it "resumes") with `extra` flags."""
-    argv = ["train", "--data", "fashion-mnist", "--data-dir", data_dir, "--epochs", "1", "--batch-size", "32", "--limit", "64",
-            "--cpus-per-worker", "1", "--eval-every", "0", "--storage", storage, "--run-name", name, *extra]  # fmt: skip
+    argv = ["train", "--data", "fashion-mnist", "--data-dir", data_dir, "--epochs", "1", "--batch-size", "32",
+            "--limit", "64", "--cpus-per-worker", "1", "--eval-every", "0",
+            "--storage", storage, "--run-name", name, *extra]  # fmt: skip
     return main([str(a) for a in argv])
 
 

@@ -123,7 +123,8 @@ def promote(place, name, small_fashion_dir, *extra):
 
 
 def overlapped(monkeypatch, place, first, second, small_fashion_dir):
-    """Promote runs `first` and `second` at once: both decide before either writes, then `first` writes and finishes first.
+    """Promote runs `first` and `second` at once: both decide before either writes,
+    then `first` writes and finishes first.
 
     Returns both exit statuses and every decision each made, in order (a lost race makes two).
     """
@@ -161,7 +162,8 @@ def overlapped(monkeypatch, place, first, second, small_fashion_dir):
 
 
 def assert_serial(log, latest):
-    """The log reads as decisions made one after the other, each against the LATEST the ones before it left; LATEST is the last promoted."""
+    """The log reads as decisions made one after the other, each against the LATEST the ones before it left;
+    LATEST is the last promoted."""
     current = None
     for entry in log:
         assert entry.get("current_run") == (current or {}).get("run"), entry
@@ -291,7 +293,8 @@ def test_a_conditional_write_fails_when_the_object_changed_since_it_was_read(kin
 
 
 class IgnoresConditions:
-    """A mock, used only to stand for an S3 store that ignores If-Match and If-None-Match: a real client whose PUTs drop them."""
+    """A mock, used only to stand for an S3 store that ignores If-Match and If-None-Match:
+    a real client whose PUTs drop them."""
 
     def __init__(self, client):
         self.client = client

@@ -93,7 +93,8 @@ def s3_run(ray_cluster, s3_service, fashion_mnist_dir) -> S3Run:
     storage = f"s3://{s3_service.bucket}/security"
     argv = [
         "train", "--data", "fashion-mnist", "--data-dir", str(fashion_mnist_dir), "--limit", "512", "--epochs", "3",
-        "--keep-checkpoints", "3", "--cpus-per-worker", "1", "--storage", storage, "--run-name", name, "--eval-every", "0",
+        "--keep-checkpoints", "3", "--cpus-per-worker", "1", "--storage", storage, "--run-name", name,
+        "--eval-every", "0",
     ]  # fmt: skip
     env = job_env(s3=s3_service, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     done = subprocess.run([sys.executable, "-m", "job", *argv], env=env, capture_output=True, text=True, timeout=600)
@@ -241,9 +242,11 @@ def test_the_secret_of_a_run_that_succeeds_appears_nowhere(s3_server, s3_run, tm
 
 def _calls(tree: ast.AST, name: str) -> list[ast.Call]:
     return [
-        node for node in ast.walk(tree)
-        if isinstance(node, ast.Call) and (getattr(node.func, "attr", None) == name or getattr(node.func, "id", None) == name)
-    ]  # fmt: skip
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and (getattr(node.func, "attr", None) == name or getattr(node.func, "id", None) == name)
+    ]
 
 
 def test_every_torch_load_in_the_package_is_weights_only_and_nothing_else_unpickles():

@@ -46,7 +46,8 @@ def _is_listing(method: str, target: str) -> bool:
     return method == "GET" and ("list-type=2" in target or "prefix=" in target)
 
 
-# fault name: (what a failed request meets, which requests fail: every one of the path's, its listings, or its state.pt reads)
+# fault name: (what a failed request meets, which requests fail: every one of the path's, its listings,
+# or its state.pt reads)
 FAULTS = {
     "reset": ("reset", "all"),
     "503 SlowDown": ("slowdown", "all"),
@@ -121,7 +122,8 @@ def promoted_job(s3_service, stored_run, small_fashion_dir, trained_classifier_f
     cache = tmp_path_factory.mktemp("promote-cache")
     (cache / relative).parent.mkdir(parents=True)
     (cache / relative).write_bytes(source.read_bytes())
-    argv = ["promote", "--run", f"{stored_run.storage}/{stored_run.run_name}", "--target", f"s3://{s3_service.bucket}/{prefix}/LATEST",
+    argv = ["promote", "--run", f"{stored_run.storage}/{stored_run.run_name}",
+            "--target", f"s3://{s3_service.bucket}/{prefix}/LATEST",
             "--data-dir", str(small_fashion_dir), "--num", "16"]  # fmt: skip
     with s3_service.environment(), pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(cache))
@@ -152,8 +154,20 @@ def _one_line_exit_1(code: int, err: str) -> None:
 
 
 @pytest.mark.parametrize("path, fault, duration", CASES, ids=[f"{p}-{f}-{d}" for p, f, d in CASES])
-def test_fault_matrix(path, fault, duration, stored_run, bucket_data, promoted_job, low_bounds, cached_classifier, small_fashion_dir,
-                      tmp_path, monkeypatch, capsys):  # fmt: skip
+def test_fault_matrix(
+    path,
+    fault,
+    duration,
+    stored_run,
+    bucket_data,
+    promoted_job,
+    low_bounds,
+    cached_classifier,
+    small_fashion_dir,
+    tmp_path,
+    monkeypatch,
+    capsys,
+):
     s3 = low_bounds
     storage_prefix = stored_run.storage.split("/", 3)[3]
     run_uri = f"{stored_run.storage}/{stored_run.run_name}"

@@ -81,8 +81,8 @@ def _client_error(code: str, status: int) -> ClientError:
     "code, status, expected",
     [
         ("NoSuchKey", 404, ABSENT), ("404", 404, ABSENT),
-        ("SlowDown", 503, RETRY), ("InternalError", 500, RETRY), ("BadGateway", 502, RETRY), ("GatewayTimeout", 504, RETRY),
-        ("TooManyRequests", 429, RETRY), ("RequestTimeout", 400, RETRY),
+        ("SlowDown", 503, RETRY), ("InternalError", 500, RETRY), ("BadGateway", 502, RETRY),
+        ("GatewayTimeout", 504, RETRY), ("TooManyRequests", 429, RETRY), ("RequestTimeout", 400, RETRY),
         ("AccessDenied", 403, REFUSED), ("InvalidAccessKeyId", 403, REFUSED), ("SignatureDoesNotMatch", 403, REFUSED),
         ("NoSuchBucket", 404, REFUSED), ("ExpiredToken", 400, REFUSED),
     ],

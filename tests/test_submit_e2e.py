@@ -86,8 +86,9 @@ def submit(
         "env_vars": {"RAY_ADDRESS": ray_head["gcs"], **{k: v for k, v in env.items() if k.startswith("GAN_JOB_")}}
     }
     command = " ".join([
-        shlex.quote(str(BIN / "ray")), "job", "submit", "--address", ray_head["address"], "--working-dir", shlex.quote(str(REPO)),
-        "--runtime-env-json", shlex.quote(json.dumps(runtime_env)), "--", entrypoint,
+        shlex.quote(str(BIN / "ray")), "job", "submit", "--address", ray_head["address"],
+        "--working-dir", shlex.quote(str(REPO)), "--runtime-env-json", shlex.quote(json.dumps(runtime_env)),
+        "--", entrypoint,
     ])  # fmt: skip
     return subprocess.run(
         ["bash", "-c", command], env={**env, "RAYJOB_NAME": run_name}, capture_output=True, text=True, timeout=timeout_s

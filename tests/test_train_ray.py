@@ -71,7 +71,8 @@ def test_same_run_name_resumes_at_epoch_3_from_the_stored_state(two_worker_run):
 def test_a_rollback_on_two_workers_retrains_the_epoch_once_and_keeps_the_ranks_in_sync(
     ray_cluster, fashion_mnist_dir, tmp_path, monkeypatch
 ):
-    """A non-finite loss in epoch 2 on both ranks (4 steps an epoch): roll back to epoch 1's checkpoint, train epoch 2 again."""
+    """A non-finite loss in epoch 2 on both ranks (4 steps an epoch): roll back to epoch 1's checkpoint,
+    train epoch 2 again."""
     real_loop = job.runtime.ray_session.train_loop_per_worker
 
     def loop_with_nan_in_epoch_2(config: dict) -> None:
@@ -90,9 +91,9 @@ def test_a_rollback_on_two_workers_retrains_the_epoch_once_and_keeps_the_ranks_i
     monkeypatch.setattr(job.runtime.ray_session, "train_loop_per_worker", loop_with_nan_in_epoch_2)
     monkeypatch.setattr(job.commands.train, "train_loop_per_worker", loop_with_nan_in_epoch_2, raising=False)
     argv = [
-        "train", "--data", "fashion-mnist", "--data-dir", str(fashion_mnist_dir), "--limit", "256", "--batch-size", "64",
-        "--epochs", "3", "--num-workers", "2", "--storage", str(tmp_path), "--run-name", "rolled", "--eval-every", "0",
-        "--on-divergence", "rollback",
+        "train", "--data", "fashion-mnist", "--data-dir", str(fashion_mnist_dir), "--limit", "256",
+        "--batch-size", "64", "--epochs", "3", "--num-workers", "2", "--storage", str(tmp_path),
+        "--run-name", "rolled", "--eval-every", "0", "--on-divergence", "rollback",
     ]  # fmt: skip
     assert main(argv) == 0
 

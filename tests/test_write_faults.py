@@ -160,8 +160,17 @@ def test_a_disk_that_fills_up_during_a_checkpoint_write_fails_the_attempt_saying
                 return real(self, data)
 
             monkeypatch.setattr("job.storage.location.Location._write_once", fill_up)
-        config = TrainConfig(data="fashion-mnist", data_dir=str(tiny_data_dir), epochs=1, batch_size=32, storage=str(storage),
-                             run_name="run", cpus_per_worker=1, eval_every=0, keep_checkpoints=5)  # fmt: skip
+        config = TrainConfig(
+            data="fashion-mnist",
+            data_dir=str(tiny_data_dir),
+            epochs=1,
+            batch_size=32,
+            storage=str(storage),
+            run_name="run",
+            cpus_per_worker=1,
+            eval_every=0,
+            keep_checkpoints=5,
+        )
         run = resolve_location(str(storage)).child("run")
         run_worker(config, LocalSession(run, torch.device("cpu"), config.keep_checkpoints))
         first = checkpoint_folders(run)
@@ -176,7 +185,8 @@ def test_a_disk_that_fills_up_during_a_checkpoint_write_fails_the_attempt_saying
         assert {p: p.read_bytes() for p in Path(first[0].path).iterdir()} == kept
         assert read_checkpoint(first[0])["epoch"] == 1
         assert not [p for p in storage.rglob(".tmp-*")]
-        # ... and with room again, the resume records each epoch once (epoch 2's row, written before its checkpoint, is redone).
+        # ... and with room again, the resume records each epoch once (epoch 2's row, written before its
+        # checkpoint, is redone).
         if mounted:
             subprocess.run(["mount", "-o", "remount,size=200m", str(storage)], check=True)
         else:

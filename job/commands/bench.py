@@ -15,8 +15,17 @@ from gan.step import GeneratorEMA, amp_dtype_for, make_optimizer
 from gan.stepper import WARMUP_STEPS, Stepper, graphs_wanted, prepare_cuda
 from job.errors import UsageError
 from job.settings import (
-    CUDA_GRAPHS_MODES, DATASET_NAMES, MAX_BATCH, MAX_NOISE_DIM, MAX_STEPS, MAX_WARMUP, MAX_WORKERS, PRECISIONS, Setting, add_flag,
-)  # fmt: skip
+    CUDA_GRAPHS_MODES,
+    DATASET_NAMES,
+    MAX_BATCH,
+    MAX_NOISE_DIM,
+    MAX_STEPS,
+    MAX_WARMUP,
+    MAX_WORKERS,
+    PRECISIONS,
+    Setting,
+    add_flag,
+)
 
 STEPS = Setting("timed steps", kind=int, low=1, high=MAX_STEPS)
 WARMUP = Setting("untimed steps first", kind=int, low=0, high=MAX_WARMUP)
@@ -58,8 +67,17 @@ def bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     images_u8 = load_split(resolve_data_dir(args.data, args.data_dir), "train").images if args.data else None
-    result = measure(torch.device(args.device), args.batch_size, args.steps, args.warmup, args.precision, args.cuda_graphs,
-                     args.noise_dim, args.lr, images_u8)  # fmt: skip
+    result = measure(
+        torch.device(args.device),
+        args.batch_size,
+        args.steps,
+        args.warmup,
+        args.precision,
+        args.cuda_graphs,
+        args.noise_dim,
+        args.lr,
+        images_u8,
+    )
     print(json.dumps(result))
     return 0
 
@@ -126,8 +144,17 @@ def bench_stepper(
         make_optimizer(discriminator, lr, capturable=graphed),
     )
     ema = GeneratorEMA(generator, ema_decay) if ema_decay > 0 else None  # train's tutorial recipe has none
-    stepper = Stepper(generator, discriminator, optimizer_g, optimizer_d, images_u8, noise_dim, amp_dtype_for(precision, device), ema,
-                      cuda_graphs=graphed)  # fmt: skip
+    stepper = Stepper(
+        generator,
+        discriminator,
+        optimizer_g,
+        optimizer_d,
+        images_u8,
+        noise_dim,
+        amp_dtype_for(precision, device),
+        ema,
+        cuda_graphs=graphed,
+    )
     batches = order.split(batch_size)
     position = 0
 

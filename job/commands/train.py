@@ -34,12 +34,15 @@ PROMOTION_FAILED = 3
 PROMOTE_TO = Setting(
     "after training finished, promote the run to this pointer as `promote` does with its defaults; "
     "exit status 3 if the promotion fails (no environment variable)",
-    env=False, metavar="<storage>/<job>/LATEST",
-)  # fmt: skip
+    env=False,
+    metavar="<storage>/<job>/LATEST",
+)
 PROMOTE_MARGIN = dataclasses.replace(  # promote's --margin, its bounds included
-    MARGIN, help="with --promote-to: promote's --margin (default 0: no worse than the current LATEST; no environment variable)",
-    env=False, metavar="M",
-)  # fmt: skip
+    MARGIN,
+    help="with --promote-to: promote's --margin (default 0: no worse than the current LATEST; no environment variable)",
+    env=False,
+    metavar="M",
+)
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,8 @@ def check_creatable(path: str, flag_value: str) -> None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(
-            f"--storage {flag_value} cannot be created or written ({existing} is not a writable folder); pass a writable folder"
+            f"--storage {flag_value} cannot be created or written ({existing} is not a writable folder); "
+            "pass a writable folder"
         )
 
 
@@ -138,10 +142,11 @@ def connect_ray() -> None:
 
     The local cluster listens on loopback only, with token authentication: Ray's default for a new
     local cluster, kept on purpose, so its notice about it is not shown (the token is
-    `~/.ray/auth_token`, made on first use; RAY_AUTH_MODE=disabled turns it off). Its GCS port is picked before it starts, so that every process
-    of the run gets the cluster's address (RAY_ADDRESS): Ray's helpers (Ray Train's placement group
-    cleaner) otherwise guess it, and fail when other Ray clusters run on the machine. Its preemption
-    watcher, which only serves nodes that a cloud can take away, is off.
+    `~/.ray/auth_token`, made on first use; RAY_AUTH_MODE=disabled turns it off). Its GCS port is
+    picked before it starts, so that every process of the run gets the cluster's address
+    (RAY_ADDRESS): Ray's helpers (Ray Train's placement group cleaner) otherwise guess it, and fail
+    when other Ray clusters run on the machine. Its preemption watcher, which only serves nodes that
+    a cloud can take away, is off.
     """
     import ray  # lazy: Ray stays off the start-up path of every command
 
@@ -236,9 +241,8 @@ def run_training(config: TrainConfig, promotion: Promotion | None = None) -> int
     target = check_promotion(promotion, config.s3_endpoint) if promotion is not None else None
     run = preflight(config)
     if target is not None:
-        check_target(
-            target, config.s3_endpoint, flag="--promote-to"
-        )  # a LATEST that is no pointer, a store that cannot do it
+        # a LATEST that is no pointer, a store that cannot do it
+        check_target(target, config.s3_endpoint, flag="--promote-to")
     config = absolute_locations(config)
     if is_s3(config.storage) or is_s3(config.data_dir):
         # Workers use the endpoint the driver checked, whatever their own environment says.
@@ -275,8 +279,8 @@ def run_training(config: TrainConfig, promotion: Promotion | None = None) -> int
         return 1
     except ray.exceptions.RayError as err:  # Ray Train's controller lost, e.g. to storage it could not reach
         print(
-            f"gan-job: training failed: Ray Train's controller stopped ({last_error_line(err)}); the run's checkpoints and "
-            f"metrics in {run.uri} are kept: run the same command again to resume",
+            f"gan-job: training failed: Ray Train's controller stopped ({last_error_line(err)}); "
+            f"the run's checkpoints and metrics in {run.uri} are kept: run the same command again to resume",
             file=sys.stderr,
         )
         return 1

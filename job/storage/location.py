@@ -152,7 +152,8 @@ class Location:
         info = retried(lambda: self.fs.get_file_info(bucket), f"reading bucket s3://{bucket}")
         if info.type == pyarrow.fs.FileType.NotFound:
             raise StorageRefused(
-                f"reading {self.uri} was refused: bucket {bucket!r} does not exist; check the bucket name and the S3 endpoint"
+                f"reading {self.uri} was refused: bucket {bucket!r} does not exist; "
+                "check the bucket name and the S3 endpoint"
             )
         _buckets_seen[(id(self.fs), bucket)] = self.fs
 

@@ -81,7 +81,8 @@ def longest_wait_s(bounds: RetryBounds, timeout_s: float) -> float:
 
 # AWS error names as pyarrow (the AWS SDK for C++) prints them, and S3 error codes as botocore gives them.
 _REFUSED_AWS = re.compile(
-    r"AWS Error (ACCESS_DENIED|INVALID_ACCESS_KEY_ID|SIGNATURE_DOES_NOT_MATCH|NO_SUCH_BUCKET|INVALID_TOKEN|EXPIRED_TOKEN"
+    r"AWS Error (ACCESS_DENIED|INVALID_ACCESS_KEY_ID|SIGNATURE_DOES_NOT_MATCH|NO_SUCH_BUCKET"
+    r"|INVALID_TOKEN|EXPIRED_TOKEN"
     r"|MISSING_AUTHENTICATION_TOKEN|UNRECOGNIZED_CLIENT)\b|\(HTTP status 40[13]\)"
 )
 _REFUSED_CODES = {
@@ -95,7 +96,8 @@ _ABSENT_ERRNOS = {errno.ENOENT, errno.ENOTDIR}
 
 
 def classify(err: BaseException, unreachable_is_refused: bool = False) -> str | None:
-    """ABSENT, RETRY, REFUSED or FAILED for a storage error; None for anything that is not one (a bug: not ours to retry).
+    """ABSENT, RETRY, REFUSED or FAILED for a storage error;
+    None for anything that is not one (a bug: not ours to retry).
 
     `unreachable_is_refused`: a connection that cannot even be made (nothing listens, no such host)
     is taken as a wrong endpoint and refused at once, as the preflights do, rather than retried.
@@ -149,10 +151,11 @@ def reason_of(err: BaseException) -> str:
 def retried(
     operation: Callable[[], T],  # one attempt: returns the result or raises what the client raised
     what: str,  # the operation and the location, for messages: "reading s3://bucket/run/state.pt"
-    confirm_absent: Callable[[], None]
-    | None = None,  # called before "absent" is believed (raises if the bucket is gone)
+    # called before "absent" is believed (raises if the bucket is gone)
+    confirm_absent: Callable[[], None] | None = None,
     unreachable_is_refused: bool = False,  # see `classify`
-    keep_refusals: bool = False,  # raise a refusal as the client raised it (for a caller that explains it), not as StorageRefused
+    # raise a refusal as the client raised it (for a caller that explains it), not as StorageRefused
+    keep_refusals: bool = False,
 ) -> T:
     """`operation()`, retried within `retry_bounds()` while it fails transiently.
 
@@ -179,7 +182,8 @@ def retried(
                 if keep_refusals:
                     raise
                 raise StorageRefused(
-                    f"{what} was refused ({reason_of(err)}); check the location, the S3 credentials and endpoint, and permissions"
+                    f"{what} was refused ({reason_of(err)}); "
+                    "check the location, the S3 credentials and endpoint, and permissions"
                 ) from None
             if kind == FAILED:
                 raise StorageFailed(f"{what} failed ({reason_of(err)})") from None
@@ -188,7 +192,8 @@ def retried(
             wait_s = ceiling_s / 2 + random.uniform(0, ceiling_s / 2)  # jitter: clients that failed together spread out
             if attempt == bounds.attempts or elapsed_s + wait_s > bounds.budget_s:
                 raise StorageFailed(
-                    f"{what} failed after {attempt} attempt{'s' if attempt > 1 else ''} in {elapsed_s:.1f} s ({reason_of(err)})",
+                    f"{what} failed after {attempt} attempt{'s' if attempt > 1 else ''} "
+                    f"in {elapsed_s:.1f} s ({reason_of(err)})",
                 ) from None
             if attempt == 1:
                 warn(f"{what} failed ({reason_of(err)}); retrying for up to {bounds.budget_s:.0f} s")

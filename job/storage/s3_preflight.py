@@ -44,14 +44,16 @@ def _explain(err: Exception, where: str, bucket: str, flag: str) -> UsageError:
             or status == 403
         ):
             return UsageError(
-                f"{flag}: the S3 credentials were refused for bucket {bucket!r} at {where} ({code or status}); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+                f"{flag}: the S3 credentials were refused for bucket {bucket!r} at {where} ({code or status}); "
+                "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
             )
         return UsageError(f"{flag}: S3 error {code or status} for bucket {bucket!r} at {where}")
     return UsageError(f"{flag}: S3 check of bucket {bucket!r} at {where} failed ({type(err).__name__})")
 
 
 def _call(operation: Callable[[], T], what: str) -> T:
-    """One preflight request: retried while it fails transiently; what the user must fix raised as the client raised it."""
+    """One preflight request: retried while it fails transiently;
+    what the user must fix raised as the client raised it."""
     return retried(operation, what, unreachable_is_refused=True, keep_refusals=True)
 
 
@@ -151,12 +153,13 @@ def check_conditional_writes(uri: str, endpoint: str | None, flag: str = "--targ
             pass
     if ignored:
         raise UsageError(
-            f"{flag} {uri}: the S3 store at {where} ignores conditional writes (it overwrote an object despite a failing "
-            f"{' and '.join(ignored)}), so concurrent promotions could lose one; keep LATEST in a store that enforces them "
-            "(AWS S3, MinIO)"
+            f"{flag} {uri}: the S3 store at {where} ignores conditional writes "
+            f"(it overwrote an object despite a failing {' and '.join(ignored)}), "
+            "so concurrent promotions could lose one; keep LATEST in a store that enforces them (AWS S3, MinIO)"
         )
     if unsupported:
         raise UsageError(
-            f"{flag} {uri}: the S3 store at {where} refuses conditional writes ({', '.join(unsupported)}), which promote "
-            "needs so that concurrent promotions lose nothing; keep LATEST in a store that supports them (AWS S3, MinIO)"
+            f"{flag} {uri}: the S3 store at {where} refuses conditional writes ({', '.join(unsupported)}), "
+            "which promote needs so that concurrent promotions lose nothing; "
+            "keep LATEST in a store that supports them (AWS S3, MinIO)"
         )
