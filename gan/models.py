@@ -31,7 +31,7 @@ class ConditionalBatchNorm(nn.Module):
     inference), then scaled and shifted by the class's row of two embeddings, which start at 1 and
     0: at initialisation every class is the plain BatchNorm. The label thus modulates every layer
     of G while the noise keeps its own scale; joined to the noise instead, the label came to
-    dominate G's input and G made one image per class (measured: see the README).
+    dominate G's input and G made one image per class (measured: docs/quality.md).
     """
 
     def __init__(self, kind: type[nn.modules.batchnorm._BatchNorm], features: int, num_classes: int) -> None:

@@ -131,7 +131,7 @@ def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
     `auto` is bf16 on a CPU that does bf16 natively (1.77x of fp32 on this project's build
     machine) and fp32 on CUDA: these networks are so small that a GPU step waits on kernel
     launches, not arithmetic, and autocast's casts add launches (on an H200, bf16 was 10-12 %
-    slower than fp32; both figures in the README's performance section).
+    slower than fp32; both figures in docs/performance.md).
     """
     if precision == "auto":
         return torch.bfloat16 if device.type == "cpu" and bf16_is_native(device) else None

@@ -35,7 +35,7 @@ RECIPES = {
     # The tutorial's, unchanged: Adam(1e-4) with Keras's default beta1, no averaging.
     "tutorial": {"batch_size": 256, "lr": 1e-4, "beta1": 0.9, "ema_decay": 0.0},
     # The DCGAN paper's Adam (2e-4, beta1 0.5), four times the steps per epoch of batch 256, and an
-    # EMA of G's weights; chosen by measurement (see the README's Quality numbers).
+    # EMA of G's weights; chosen by measurement (docs/quality.md).
     "stable": {"batch_size": 64, "lr": 2e-4, "beta1": 0.5, "ema_decay": 0.999},
 }
 # `stable` plus the dataset's labels: G and D class-conditional (a recipe's switch turns it on).

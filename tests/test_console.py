@@ -1,6 +1,6 @@
 """A run's console holds the project's own lines, and Ray's only where they help a user.
 
-The README's run command, shortened, in a process of its own that starts its own local cluster
+The README's run command, a little shorter, in a process of its own that starts its own local cluster
 (as a user's does) while the suite's shared cluster runs beside it: every line it prints is one
 the project wrote, or one of Ray's that says the worker group started (the named patterns below).
 Ray's token-authentication notice, its per-report lines, the preemption watcher's error and the

@@ -1,7 +1,7 @@
 """The --use-gpu path without a GPU: device choice, NCCL, and what the trainer asks Ray for.
 
 No GPU exists on this machine, so `torch.cuda.is_available` is patched where a test needs one;
-the real CUDA path is checked on a lent GPU machine (see the README).
+the real CUDA path is checked on a lent GPU machine (docs/performance.md).
 """
 
 import pytest

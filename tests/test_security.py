@@ -6,7 +6,7 @@
 - A planted fake secret, with credentials that are refused and with ones that work: it appears in
   no stdout or stderr, no object, no local file and no Ray log.
 - Every `torch.load` in the package is `weights_only=True`; nothing else unpickles.
-- Every dependency has a lower bound (the audit itself needs the network: see the README).
+- Every dependency has a lower bound (the audit itself needs the network: docs/operations.md).
 """
 
 from __future__ import annotations

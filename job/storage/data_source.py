@@ -7,12 +7,12 @@ storage call does (`job.storage.retry`); a download that fails leaves only its o
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from gan.data import IDX_FILES, DataError, cache_root, file_lock, find_idx_file, resolve_data_dir
 from gan.idx import IdxFormatError, read_idx
+from job.storage.checkpoint import sha256_hex
 from job.storage.location import is_s3, split_s3_uri
 from job.storage.retry import retried
 from job.storage.s3 import s3_client
@@ -27,7 +27,7 @@ def local_data_folder(config) -> Path:  # config: job.config.TrainConfig (no imp
 
 def bucket_cache_dir(uri: str) -> Path:
     """The cache folder for one bucket prefix (named by a hash, so prefixes never collide)."""
-    return cache_root() / "s3" / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    return cache_root() / "s3" / sha256_hex(uri.rstrip("/").encode())[:16]
 
 
 def fetch_from_bucket(uri: str, s3_endpoint: str | None = None) -> Path:
