@@ -20,7 +20,7 @@ import torch
 from gan.classifier import load_or_train_classifier, predict
 from gan.data import dataset_info, iterate_batches, load_split, resolve_data_dir, shard_indices
 from gan.models import Discriminator, Generator
-from gan.plots import image_grid_png
+from gan.grid import image_grid_png
 from gan.sampling import class_grid_inputs, labels_split_evenly, sample, seeded_noise
 from gan.step import make_optimizer, train_step
 
@@ -81,7 +81,7 @@ def main() -> None:
     if args.grid:
         noise, labels = class_grid_inputs(num_classes, 10, args.noise_dim, seed=7)
         args.grid.write_bytes(
-            image_grid_png(sample(generator, noise, labels), title=f"step {step}: one row per class", columns=10)
+            image_grid_png(sample(generator, noise, labels), columns=10)  # one row per class
         )
 
 

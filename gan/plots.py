@@ -1,4 +1,4 @@
-"""Pictures a person looks at: grids of generated images and the loss curves, as PNG bytes.
+"""Pictures a person looks at: the loss and quality curves, as PNG bytes (the sample grids: `gan.grid`).
 
 They return bytes rather than writing files, so the caller can put them on any storage.
 """
@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import functools
 import io
-import math
 from types import ModuleType
 from typing import TYPE_CHECKING, Sequence
 
-import torch
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -33,26 +31,6 @@ def _png(figure: Figure) -> bytes:
     figure.savefig(buffer, format="png")
     _pyplot().close(figure)
     return buffer.getvalue()
-
-
-def image_grid_png(images: torch.Tensor, title: str | None = None, columns: int | None = None) -> bytes:
-    """A grid of images in [-1, 1] (N, 1, 28, 28), row by row, drawn as the tutorial draws its 4x4.
-
-    `columns` None makes it square (4x4 for 16 images); a per-class grid passes its images per
-    class, so that each class gets its own row.
-    """
-    plt = _pyplot()
-    images = images.detach().float().cpu()
-    columns = columns or math.ceil(math.sqrt(images.shape[0]))
-    rows = math.ceil(images.shape[0] / columns)
-    figure = plt.figure(figsize=(columns, rows))
-    for i, image in enumerate(images):
-        axis = figure.add_subplot(rows, columns, i + 1)
-        axis.imshow((image[0] * 127.5 + 127.5).numpy(), cmap="gray", vmin=0, vmax=255)
-        axis.axis("off")
-    if title:
-        figure.suptitle(title, fontsize=8)
-    return _png(figure)
 
 
 def _epoch_axis(axis) -> None:

@@ -18,10 +18,11 @@ import job.commands.train
 from gan.classifier import Classifier
 from gan.data import dataset_info, iterate_batches
 from gan.models import Generator
-from gan.plots import image_grid_png
+from gan.grid import GAP_PX, image_grid_png
 from gan.sampling import class_grid_inputs, labels_split_evenly, sample
 from job.cli import build_parser, main
 from job.commands.evaluate import evaluate_state
+from job.commands.generate import GRID_SCALE
 from job.config import RECIPES, TrainConfig
 from job.storage.checkpoint import checkpoint_folders, read_checkpoint, write_checkpoint
 from job.storage.location import resolve_location
@@ -81,8 +82,7 @@ def _png_size(png: bytes) -> tuple[int, int]:
 
 def test_image_grid_draws_one_row_of_ten_per_class_when_given_ten_columns():
     images = torch.zeros(30, 1, 28, 28)
-    width, height = _png_size(image_grid_png(images, columns=10))
-    assert width / height == 10 / 3
+    assert _png_size(image_grid_png(images, columns=10)) == grid_px(10, 3)
     width, height = _png_size(image_grid_png(torch.zeros(16, 1, 28, 28)))
     assert width == height  # the tutorial's square 4x4 by default
 
@@ -90,7 +90,11 @@ def test_image_grid_draws_one_row_of_ten_per_class_when_given_ten_columns():
 # The job: train --conditional and its commands ------------------------------------------------
 
 NUM_CLASSES = dataset_info("fashion-mnist").num_classes  # 10
-CELL_PX = 100  # image_grid_png: one inch per image at matplotlib's 100 dpi
+
+
+def grid_px(columns: int, rows: int, scale: int = 1) -> tuple[int, int]:
+    """(width, height) of an image_grid_png of 28x28 images: GAP_PX of white before each, and one more at the end."""
+    return scale * (GAP_PX + columns * (28 + GAP_PX)), scale * (GAP_PX + rows * (28 + GAP_PX))
 
 
 @pytest.fixture(autouse=True)
@@ -179,8 +183,8 @@ def test_an_unconditional_run_records_zero_classes_and_keeps_format_2s_keys(runs
 
 def test_a_conditional_grid_has_one_row_per_class_and_an_unconditional_one_stays_4x4(runs):
     width, height = png_size(runs["conditional"] / "artifacts" / "samples" / "epoch_001.png")
-    assert height == NUM_CLASSES * CELL_PX and width == 10 * CELL_PX  # 10 rows (classes) of 10
-    assert png_size(runs["plain"] / "artifacts" / "samples" / "epoch_001.png") == (4 * CELL_PX, 4 * CELL_PX)
+    assert (width, height) == grid_px(10, NUM_CLASSES)  # 10 rows (classes) of 10
+    assert png_size(runs["plain"] / "artifacts" / "samples" / "epoch_001.png") == grid_px(4, 4)
 
 
 def test_a_resumed_conditional_run_keeps_its_grid_noise(tmp_path, tiny_data_dir):
@@ -216,7 +220,7 @@ def test_generate_per_class_writes_images_and_int64_labels_in_class_order(runs, 
     images, labels = np.load(npy), np.load(tmp_path / "images.labels.npy")
     assert images.shape == (30, 28, 28) and images.dtype == np.float32 and -1 <= images.min() <= images.max() <= 1
     assert labels.dtype == np.int64 and labels.tolist() == [k for k in range(NUM_CLASSES) for _ in range(3)]
-    assert png_size(grid) == (3 * CELL_PX, NUM_CLASSES * CELL_PX)  # a row per class, its 3 images
+    assert png_size(grid) == grid_px(3, NUM_CLASSES, GRID_SCALE)  # a row per class, its 3 images
 
 
 def test_generate_label_3_5_num_10_makes_five_of_each_in_that_order(runs, tmp_path):
@@ -237,7 +241,7 @@ def test_generate_label_3_5_num_10_makes_five_of_each_in_that_order(runs, tmp_pa
     assert main(argv) == 0
     assert np.load(npy).shape == (10, 28, 28)
     assert np.load(tmp_path / "images.labels.npy").tolist() == [3] * 5 + [5] * 5
-    assert png_size(grid) == (5 * CELL_PX, 2 * CELL_PX)
+    assert png_size(grid) == grid_px(5, 2, GRID_SCALE)
 
 
 def test_generate_on_a_conditional_model_without_classes_asked_makes_10_of_every_class(runs, tmp_path):

@@ -3,7 +3,9 @@
 Ray Train 2.60 logs every `report` on every rank ("Reporting training result N: TrainingReport(...)",
 the whole metrics dict) through `logging.getLogger(__file__)` in its execution context module: a
 logger named by that file's path, which Ray's `TrainLogLevelFilter` never filters. Its level is
-raised in the worker's entry point; its warnings (a slow checkpoint upload) still show.
+raised in the worker's entry point; its warnings (a slow checkpoint upload) still show. So is
+matplotlib's font cache notice ("generated new fontManager", at INFO on a machine's first use), which
+torchmetrics' import of pyplot brings onto a worker's console.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import importlib
 import logging
 
 REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"  # logs each report at INFO
+FONT_CACHE_LOGGER = "matplotlib.font_manager"
 
 
 def report_logger() -> logging.Logger:
@@ -21,5 +24,6 @@ def report_logger() -> logging.Logger:
 
 
 def quiet_ray_train_reports() -> None:
-    """Drop Ray Train's per-report INFO line on this worker; keep its warnings and errors."""
+    """Drop Ray Train's per-report INFO line (and matplotlib's font cache notice) on this worker; keep warnings."""
     report_logger().setLevel(logging.WARNING)
+    logging.getLogger(FONT_CACHE_LOGGER).setLevel(logging.WARNING)
