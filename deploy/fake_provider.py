@@ -23,6 +23,8 @@ class PreemptibleFakeProvider(FakeMultiNodeProvider):
         with self.lock:
             for node_id, entry in list(self._nodes.items()):
                 node = entry.get("node")  # the head has none: it is not this provider's to lose
-                if node is not None and not any(kind == ray_constants.PROCESS_TYPE_RAYLET for kind, _ in node.live_processes()):
+                if node is not None and not any(
+                    kind == ray_constants.PROCESS_TYPE_RAYLET for kind, _ in node.live_processes()
+                ):
                     del self._nodes[node_id]
         return super().non_terminated_nodes(tag_filters)

@@ -54,7 +54,9 @@ def test_an_epoch_is_the_steps_of_train_step_in_order():
     torch.manual_seed(3)
     sums = torch.zeros(len(STAT_NAMES))
     for real in iterate_batches(images_u8, indices, 4):
-        stats = train_step(by_hand_g, by_hand_d, by_hand_opt_g, by_hand_opt_d, real, torch.randn(real.shape[0], NOISE_DIM))
+        stats = train_step(
+            by_hand_g, by_hand_d, by_hand_opt_g, by_hand_opt_d, real, torch.randn(real.shape[0], NOISE_DIM)
+        )
         sums += torch.stack([stats[name] for name in STAT_NAMES])
 
     assert totals.steps == 3 and torch.equal(totals.sums, sums)
@@ -67,7 +69,9 @@ def test_each_epoch_returns_its_own_sums_not_the_previous_epochs_too():
     stepper = Stepper(generator, discriminator, optimizer_g, optimizer_d, _images(8, 4), NOISE_DIM)
     torch.manual_seed(1)
     train_epoch(stepper, torch.arange(8), 4)
-    state = copy.deepcopy((generator.state_dict(), discriminator.state_dict(), optimizer_g.state_dict(), optimizer_d.state_dict()))
+    state = copy.deepcopy(
+        (generator.state_dict(), discriminator.state_dict(), optimizer_g.state_dict(), optimizer_d.state_dict())
+    )
     rng = torch.get_rng_state()
     second = train_epoch(stepper, torch.arange(8), 4)
 
@@ -75,7 +79,9 @@ def test_each_epoch_returns_its_own_sums_not_the_previous_epochs_too():
     generator.load_state_dict(state[0]), discriminator.load_state_dict(state[1])
     optimizer_g.load_state_dict(state[2]), optimizer_d.load_state_dict(state[3])
     torch.set_rng_state(rng)
-    again = train_epoch(Stepper(generator, discriminator, optimizer_g, optimizer_d, _images(8, 4), NOISE_DIM), torch.arange(8), 4)
+    again = train_epoch(
+        Stepper(generator, discriminator, optimizer_g, optimizer_d, _images(8, 4), NOISE_DIM), torch.arange(8), 4
+    )
     assert torch.equal(second.sums, again.sums)
 
 

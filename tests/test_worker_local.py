@@ -31,11 +31,20 @@ def _metrics(run):
 def test_a_run_writes_every_artifact_and_a_complete_checkpoint(tmp_path, tiny_data_dir):
     run = _train(tmp_path, tiny_data_dir)
     artifacts = tmp_path / "runs" / "local" / "artifacts"
-    for name in ("metrics.jsonl", "samples/epoch_001.png", "samples/epoch_002.png", "losses.png", "generator.pt", "model.json"):
+    for name in (
+        "metrics.jsonl",
+        "samples/epoch_001.png",
+        "samples/epoch_002.png",
+        "losses.png",
+        "generator.pt",
+        "model.json",
+    ):
         assert (artifacts / name).is_file(), name
     rows = _metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert {"epoch", "step", "loss_d", "loss_g", "d_real_prob", "d_fake_prob", "images_per_s", "epoch_time_s"} <= set(rows[0])
+    assert {"epoch", "step", "loss_d", "loss_g", "d_real_prob", "d_fake_prob", "images_per_s", "epoch_time_s"} <= set(
+        rows[0]
+    )
     state = read_checkpoint(checkpoint_folders(run)[0])
     assert state["epoch"] == 2 and state["step"] == rows[-1]["step"] == 6  # 96 images / 32 per step x 2 epochs
     assert set(state) == set(REQUIRED_KEYS)  # the keys of format 2, no more: older readers load it too
@@ -81,7 +90,22 @@ def test_resume_with_another_noise_dim_is_refused_naming_the_field(tmp_path, tin
 def test_generate_writes_a_grid_and_all_images_as_npy(tmp_path, tiny_data_dir, capsys):
     _train(tmp_path, tiny_data_dir, epochs=1)
     grid, npy = tmp_path / "grid.png", tmp_path / "images.npy"
-    assert main(["generate", "--from", str(tmp_path / "runs" / "local"), "--num", "70", "--out", str(grid), "--npy", str(npy)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--from",
+                str(tmp_path / "runs" / "local"),
+                "--num",
+                "70",
+                "--out",
+                str(grid),
+                "--npy",
+                str(npy),
+            ]
+        )
+        == 0
+    )
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     images = np.load(npy)
     assert images.shape == (70, 28, 28) and images.dtype == np.float32
@@ -110,7 +134,14 @@ def test_training_time_evaluation_records_quality_and_plots_it(tmp_path, tiny_da
     rows = _metrics(run)
     for row in rows:
         quality = row["quality"]
-        assert {"fid_classifier", "fid_classifier_floor", "modes_covered", "kl_to_uniform", "precision", "recall"} <= set(quality)
+        assert {
+            "fid_classifier",
+            "fid_classifier_floor",
+            "modes_covered",
+            "kl_to_uniform",
+            "precision",
+            "recall",
+        } <= set(quality)
         assert 0 <= quality["modes_covered"] <= 10 and len(quality["class_histogram"]) == 10
     assert (tmp_path / "runs" / "local" / "artifacts" / "quality.png").is_file()
 
@@ -155,7 +186,8 @@ def test_one_epoch_then_a_resumed_epoch_is_bitwise_two_epochs_in_one_go(tmp_path
 
 
 def test_a_conditional_run_resumed_after_one_epoch_is_bitwise_two_epochs_in_one_go(tmp_path, tiny_data_dir):
-    """The labels' path (and G's drawn fake labels) resumes as exactly as the unconditional one (--recipe conditional)."""
+    """The labels' path (and G's drawn fake labels) resumes as exactly as the unconditional one
+    (--recipe conditional)."""
     in_one_go = _train(tmp_path, tiny_data_dir, run_name="in-one-go", epochs=2, recipe="conditional")
     _train(tmp_path, tiny_data_dir, run_name="resumed", epochs=1, recipe="conditional")
     resumed = _train(tmp_path, tiny_data_dir, run_name="resumed", epochs=2, recipe="conditional")

@@ -44,7 +44,8 @@ def class_list(text: str) -> tuple[int, ...]:
 
 
 LABEL = Setting(
-    "conditional models only: make these classes, e.g. 3 or 3,5 (--num split evenly over them, in order), each a class index",
+    "conditional models only: make these classes, e.g. 3 or 3,5 (--num split evenly over them, in order), "
+    "each a class index",
     kind=int, low=0, high=MAX_CLASSES - 1, reads=class_list, metavar="K[,K...]",
 )  # fmt: skip
 PER_CLASS = Setting(
@@ -56,11 +57,14 @@ PER_CLASS = Setting(
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `gan-job generate` (cli.py builds the subparser and calls this)."""
-    parser.add_argument("--from", dest="source", required=True, help="run folder, checkpoint folder, LATEST pointer, or s3:// of any")
+    parser.add_argument(
+        "--from", dest="source", required=True, help="run folder, checkpoint folder, LATEST pointer, or s3:// of any"
+    )
     add_flag(parser, "--num", NUM)
     parser.add_argument(
         "--out", required=True,
-        help=f"PNG grid: the first min(N, {GRID_MAX}) images; a conditional model's, one row per class asked for with its first "
+        help=f"PNG grid: the first min(N, {GRID_MAX}) images; a conditional model's, one row per class asked for "
+        "with its first "
         f"{GRID_PER_CLASS} (more than {GRID_MAX_ROWS} classes: as unconditional)",
     )  # fmt: skip
     parser.add_argument(
@@ -85,14 +89,17 @@ def classes_asked(args: argparse.Namespace, num_classes: int, source: str) -> tu
     if not num_classes:
         if args.label is not None or args.per_class:
             flag = "--label" if args.label is not None else "--per-class"
-            raise UsageError(f"{flag} needs a conditional model; {source} was trained without --conditional: drop {flag}")
+            raise UsageError(
+                f"{flag} needs a conditional model; {source} was trained without --conditional: drop {flag}"
+            )
         return None
     if args.label is None:
         return tuple(range(num_classes))
     outside = [k for k in args.label if k >= num_classes]
     if outside:
         raise UsageError(
-            f"--label {outside[0]} is not a class of this model: it makes classes 0 to {num_classes - 1}; use labels in that range"
+            f"--label {outside[0]} is not a class of this model: it makes classes 0 to {num_classes - 1}; "
+            "use labels in that range"
         )
     return args.label
 
@@ -103,7 +110,9 @@ def grid_of(images: torch.Tensor, classes: tuple[int, ...] | None) -> tuple[torc
         return images[:GRID_MAX], None
     per_class = images.shape[0] // len(classes)
     columns = min(per_class, GRID_PER_CLASS)
-    rows = images.view(len(classes), per_class, *images.shape[1:])[:, :columns]  # labels_split_evenly: class blocks in order
+    rows = images.view(len(classes), per_class, *images.shape[1:])[
+        :, :columns
+    ]  # labels_split_evenly: class blocks in order
     return rows.reshape(-1, *images.shape[1:]), columns
 
 
@@ -115,7 +124,10 @@ def generate(args: argparse.Namespace) -> int:
     SEED.check("--seed", args.seed)
     if args.label is not None and args.per_class:
         raise UsageError("--label and --per-class both name the classes; pass one of them (--per-class: all)")
-    for value, flag, suffix, kind in ((args.out, "--out", ".png", "a PNG grid"), (args.npy, "--npy", ".npy", "a NumPy array")):
+    for value, flag, suffix, kind in (
+        (args.out, "--out", ".png", "a PNG grid"),
+        (args.npy, "--npy", ".npy", "a NumPy array"),
+    ):
         if value is None:
             continue
         path = Path(value)
@@ -129,7 +141,8 @@ def generate(args: argparse.Namespace) -> int:
     num = args.num if args.num is not None else (GRID_PER_CLASS * len(classes) if classes else DEFAULT_NUM)
     if classes and num % len(classes):
         raise UsageError(
-            f"--num {num} does not split evenly over the {len(classes)} classes asked for; use a multiple of {len(classes)}"
+            f"--num {num} does not split evenly over the {len(classes)} classes asked for; "
+            f"use a multiple of {len(classes)}"
         )
 
     # Make the images: seeded noise, and the classes split evenly in the order asked for.

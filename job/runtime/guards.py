@@ -47,7 +47,11 @@ class DivergenceGuard:
         losses = (row["loss_d"], row["loss_g"])
         if not all(math.isfinite(v) for v in losses):
             self.saturated_epochs = 0
-            return Verdict("divergence", f"non-finite loss at epoch {row['epoch']} (loss_d {losses[0]}, loss_g {losses[1]})", self.action)
+            return Verdict(
+                "divergence",
+                f"non-finite loss at epoch {row['epoch']} (loss_d {losses[0]}, loss_g {losses[1]})",
+                self.action,
+            )
         saturated = row["d_real_prob"] > SATURATION and row["d_fake_prob"] < 1 - SATURATION
         self.saturated_epochs = self.saturated_epochs + 1 if saturated else 0
         if self.saturated_epochs >= self.patience:
@@ -68,7 +72,13 @@ class DivergenceGuard:
 class CollapseGuard:
     """Class coverage far below the run's own recent level for `patience` evaluations."""
 
-    def __init__(self, action: str, ratio: float = COLLAPSE_RATIO, patience: int = COLLAPSE_PATIENCE, window: int = COLLAPSE_WINDOW) -> None:
+    def __init__(
+        self,
+        action: str,
+        ratio: float = COLLAPSE_RATIO,
+        patience: int = COLLAPSE_PATIENCE,
+        window: int = COLLAPSE_WINDOW,
+    ) -> None:
         self.action = action
         self.ratio = ratio
         self.patience = patience
@@ -148,4 +158,8 @@ class Guards:
         """The state went back to `to_epoch`: forget what the guards saw since, and say why in the next row."""
         self.divergence.forget()
         self.collapse.forget()
-        self._note = {"cause": self.verdict.cause, "diverged_at_epoch": self._judged_epoch, "resumed_from_epoch": to_epoch}
+        self._note = {
+            "cause": self.verdict.cause,
+            "diverged_at_epoch": self._judged_epoch,
+            "resumed_from_epoch": to_epoch,
+        }

@@ -88,7 +88,9 @@ def decode_checkpoint(raw: bytes, source: str) -> dict:
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         raise CheckpointError(f"checkpoint {source} is not a gan-job checkpoint (keys missing)")
     if state["format_version"] not in READABLE_FORMATS:
-        raise CheckpointError(f"checkpoint {source} has format {state['format_version']}, this version reads {READABLE_FORMATS}")
+        raise CheckpointError(
+            f"checkpoint {source} has format {state['format_version']}, this version reads {READABLE_FORMATS}"
+        )
     return state
 
 
@@ -128,7 +130,10 @@ def latest_good_checkpoint(run: Location, refused: list[CheckpointError] | None 
         try:
             return folder, read_checkpoint(folder)
         except CheckpointError as err:
-            warn(f"skipping {'incomplete' if isinstance(err, IncompleteCheckpointError) else 'damaged'} checkpoint: {err}")
+            warn(
+                f"skipping {'incomplete' if isinstance(err, IncompleteCheckpointError) else 'damaged'} "
+                f"checkpoint: {err}"
+            )
             if refused is not None:
                 refused.append(err)
     return None
