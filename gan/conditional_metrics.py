@@ -1,24 +1,7 @@
 """Metrics of a class-conditional generator as a source of labelled training data.
 
-- `label_accuracy`: the project classifier's accuracy on generated images against the labels they
-  were asked for, overall and per class, next to its accuracy on the real test split. A generator
-  that ignores its labels scores ~10 %; one whose every image is of its class scores the real one.
-- `classification_accuracy_score` (CAS, Ravuri & Vinyals 2019): a fresh classifier of the project
-  classifier's recipe trained only on generated labelled images (`images_per_class` per class),
-  tested on the real test split; next to the same recipe trained on the real training split (the
-  real-data score). CAS near the real-data score means the generated set teaches what the real one
-  does; CAS far below it means wrong, missing or too-uniform images within a class.
-
-The real-data classifier of CAS is the project classifier itself (`gan.classifier`): its recipe
-(architecture, Adam 1e-3, batch 128, `DEFAULT_EPOCHS`, seed 0) is the CAS recipe, so its cached
-weights give the real-data score for the cost of one test pass. The generated side trains through
-the same `train_classifier`, so the two can never differ in recipe.
-
-Cost of CAS for 60,000 generated images on 2 shared CPU cores (load 6 to 16; measured with an
-untrained G, whose cost is a trained one's): 2.5 to 6 min, of which generating 110-220 s, training
-the classifier 34-126 s (one thread, 2 epochs), each test pass 5-16 s. The real side reuses the
-cached project classifier (training it, once per data set and node: 135 s at load 14). On a GPU,
-generating is nearly free and the classifier's CPU training is the cost.
+`label_accuracy` (generated images against the labels asked for) and `classification_accuracy_score` (CAS: a
+classifier trained only on generated images, tested on real ones). Why: docs/architecture.md#quality-metrics
 """
 
 from __future__ import annotations

@@ -1,17 +1,7 @@
 """Quality metrics of generated images, in the feature space of a classifier trained on the real data.
 
-- `fid_classifier`: Fréchet distance between generated and real test images (torchmetrics' FID
-  with the classifier's 128-d feature layer as its `feature` module), and `fid_classifier_floor`:
-  the same distance from as many real training images, the value a perfect generator would get.
-- Class coverage: the classifier's label histogram of the generated images, `modes_covered` (classes
-  with at least 2 % of them) and `kl_to_uniform` (0 for balanced classes, ln 10 ≈ 2.30 for one class).
-- `precision` / `recall` with k = 3 nearest neighbours (Kynkäänniemi et al. 2019): the fraction of
-  generated images inside the real images' k-NN balls, and of real images inside the generated ones'.
-- `inception_fid`: torchmetrics' Inception FID, only from a local weights file (never downloaded).
-
-Cost of `QualityEvaluator.compute` on 2 (shared) CPU cores: ~1.5 s for 2,000 generated images and
-~6 s for 10,000 (the k-NN distances grow with the square of the count); the first call for a count
-also measures the real side once (about as long again). On a GPU, pass `device="cuda"`.
+`fid_classifier` and its floor, class coverage, precision/recall (k = 3) and `inception_fid`.
+Why: docs/architecture.md#quality-metrics
 """
 
 from __future__ import annotations
@@ -46,15 +36,20 @@ MIN_IMAGES = K_NEAREST + 1  # k-NN needs k other images; FID's covariance needs 
 
 
 def _fid_metric(extractor: torch.nn.Module) -> FrechetInceptionDistance:
-    from torchmetrics.image.fid import FrechetInceptionDistance  # why: heavy optional dependency, kept off the CLI's start-up path
+    # why: heavy optional dependency, kept off the CLI's start-up path
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
     # sync_on_compute=False: only one rank computes metrics during training, and a sync would wait
     # forever for the others. reset_real_features=False keeps the real statistics across reset().
     # The extractor has `num_features`, so torchmetrics never probes it; should it, normalize=True and
     # input_img_size make the probe a float image of our shape.
     return FrechetInceptionDistance(
-        feature=extractor, reset_real_features=False, normalize=True, input_img_size=(1, 28, 28), sync_on_compute=False,
-    )  # fmt: skip
+        feature=extractor,
+        reset_real_features=False,
+        normalize=True,
+        input_img_size=(1, 28, 28),
+        sync_on_compute=False,
+    )
 
 
 def _update_in_chunks(metric: FrechetInceptionDistance, images: torch.Tensor, real: bool, device: torch.device) -> None:
@@ -92,7 +87,9 @@ def knn_radii(features: torch.Tensor, k: int = K_NEAREST, rows: int = CDIST_ROWS
     """Each feature vector's distance to its k-th nearest neighbour in the same set (itself excluded)."""
     # The k+1-th smallest distance of a row, because the smallest is the vector's distance to itself
     # (topk is faster than kthvalue on a CPU).
-    return torch.cat([torch.cdist(block, features).topk(k + 1, dim=1, largest=False).values[:, k] for block in features.split(rows)])
+    return torch.cat(
+        [torch.cdist(block, features).topk(k + 1, dim=1, largest=False).values[:, k] for block in features.split(rows)]
+    )
 
 
 def precision_recall(
@@ -108,7 +105,10 @@ def precision_recall(
 
 
 def precision_recall_on_device(
-    real: torch.Tensor, generated: torch.Tensor, k: int = K_NEAREST, real_radii: torch.Tensor | None = None,
+    real: torch.Tensor,
+    generated: torch.Tensor,
+    k: int = K_NEAREST,
+    real_radii: torch.Tensor | None = None,
     rows: int = CDIST_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`precision_recall` as two 0-d float32 tensors on the features' device: nothing waits for them."""
@@ -139,7 +139,10 @@ def check_state_dict_file(path: str | Path) -> None:
 def torch_fidelity_missing_reason() -> str | None:
     """Why torchmetrics' Inception FID cannot run here, or None when it can."""
     if importlib.util.find_spec("torch_fidelity") is None:
-        return "torch-fidelity is not installed; install it with `pip install torch-fidelity` (or `pip install torchmetrics[image]`)"
+        return (
+            "torch-fidelity is not installed; install it with `pip install torch-fidelity` "
+            "(or `pip install torchmetrics[image]`)"
+        )
     return None
 
 
@@ -150,14 +153,20 @@ def inception_fid(generated: torch.Tensor, real: torch.Tensor, weights_path: str
     Slow on a CPU: every image is resized to 299x299 (~6 GFLOP each, ~1 min per 1,000 on 2 cores).
     """
     if weights_path is None:
-        return {"computed": False, "reason": "no Inception weights file given (--inception-weights); nothing is downloaded"}
+        return {
+            "computed": False,
+            "reason": "no Inception weights file given (--inception-weights); nothing is downloaded",
+        }
     reason = torch_fidelity_missing_reason()
     if reason is not None:
         return {"computed": False, "reason": reason}
     check_state_dict_file(weights_path)  # torch-fidelity loads it with weights_only=False: refuse pickled code first
-    from torchmetrics.image.fid import FrechetInceptionDistance  # why: heavy optional dependency, kept off the CLI's start-up path
+    # why: heavy optional dependency, kept off the CLI's start-up path
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights_path), sync_on_compute=False)
+    metric = FrechetInceptionDistance(
+        feature=2048, feature_extractor_weights_path=str(weights_path), sync_on_compute=False
+    )
     for images, is_real in ((real, True), (generated, False)):
         for chunk in images.split(INCEPTION_BATCH):
             metric.update(to_uint8(chunk).expand(-1, 3, -1, -1), real=is_real)  # Inception takes RGB
@@ -262,9 +271,11 @@ class QualityEvaluator:
     def describe(self) -> dict:
         """What makes two evaluations comparable: the classifier, the reference data and the seed."""
         return {
-            "classifier": self.classifier.describe(), "test_fingerprint": self.test_fingerprint,
-            "num_real_test": int(self.real_test.shape[0]), "reference_seed": self.seed,
-        }  # fmt: skip
+            "classifier": self.classifier.describe(),
+            "test_fingerprint": self.test_fingerprint,
+            "num_real_test": int(self.real_test.shape[0]),
+            "reference_seed": self.seed,
+        }
 
 
 def build_evaluator(
@@ -277,10 +288,22 @@ def build_evaluator(
     """A `QualityEvaluator` for one data set: loads both splits and the cached (or freshly trained) classifier."""
     train_set, test_set = load_split(folder, "train"), load_split(folder, "test")
     classifier = load_or_train_classifier(
-        dataset, train_set.images, train_set.labels, train_set.fingerprint, seed=seed, epochs=classifier_epochs,
-        test_images_u8=test_set.images, test_labels=test_set.labels,
-    )  # fmt: skip
+        dataset,
+        train_set.images,
+        train_set.labels,
+        train_set.fingerprint,
+        seed=seed,
+        epochs=classifier_epochs,
+        test_images_u8=test_set.images,
+        test_labels=test_set.labels,
+    )
     real_test, real_train = to_unit_range(test_set.images), to_unit_range(train_set.images)
     return QualityEvaluator(
-        classifier, real_test, real_train, seed, device, test_fingerprint=test_set.fingerprint, real_test_labels=test_set.labels,
-    )  # fmt: skip
+        classifier,
+        real_test,
+        real_train,
+        seed,
+        device,
+        test_fingerprint=test_set.fingerprint,
+        real_test_labels=test_set.labels,
+    )

@@ -1,15 +1,6 @@
 """One declaration per setting, and the one set of checks every command's flags go through.
 
-A `Setting` says what a value may be: its kind, its bounds, its choices, its help. The train
-flags are declared on `TrainConfig`'s fields (`setting(...)` puts a Setting in a field's
-metadata); the other commands declare theirs where they add their flags (`add_flag`). The same
-Setting then parses the command line (`ArgType`), an environment variable and a config dict
-(`Setting.check`), so a bound is written once and every way in refuses the same values with the
-same one-line message.
-
-Every number has an upper bound, not only a lower one: a count sizes memory or time (a typo of
-three zeros should fail in a second, not after an hour or an out-of-memory kill), and a seed must
-fit what `torch.manual_seed` takes.
+Why: docs/architecture.md#settings
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
 """The `evaluate` command: quality metrics of a checkpoint's generator, printed as one JSON object.
 
-Metrics are computed in the feature space of a small classifier trained on the real training split
-(`gan.metrics`), on `--num` images from seeded noise. Evaluating a run folder (not a single
-checkpoint folder) also stores `artifacts/eval.json` and `artifacts/classifier.pt` in the run, so
-that `promote` and later readers need not evaluate again and can see which classifier was used.
-
-A conditional model makes every class alike (`labels_split_evenly`), and its result adds
-`label_accuracy`: the classifier's accuracy on those images against the labels asked for, next to
-its accuracy on the real test split (`gan.conditional_metrics`). `--cas` adds the Classification
-Accuracy Score, a classifier trained only on generated images: minutes on a CPU, so opt-in, and
-never part of `promote`.
+A run folder also gets `artifacts/eval.json` and `artifacts/classifier.pt`; `--cas` adds the Classification
+Accuracy Score. Why: docs/architecture.md#quality-metrics
 """
 
 from __future__ import annotations
@@ -37,11 +29,11 @@ from job.storage.s3_preflight import check_readable
 DEFAULT_NUM = 10_000  # the size of the test split: FID's bias shrinks with the count
 DATA = Setting("real data to compare with (default: the run's)", choices=DATASET_NAMES)
 CAS = Setting(
-    f"also score a classifier trained only on {CAS_IMAGES_PER_CLASS * NUM_CLASSES:,} generated images ({CAS_IMAGES_PER_CLASS:,} per "
-    "class) against the real test split, next to the same recipe trained on the real training images (CAS; conditional models "
-    "only; minutes on a CPU)",
+    f"also score a classifier trained only on {CAS_IMAGES_PER_CLASS * NUM_CLASSES:,} generated images "
+    f"({CAS_IMAGES_PER_CLASS:,} per class) against the real test split, next to the same recipe trained on the real "
+    "training images (CAS; conditional models only; minutes on a CPU)",
     kind=bool,
-)  # fmt: skip
+)
 EVAL_FILE = "eval.json"
 CLASSIFIER_FILE = "classifier.pt"
 # The fields that must agree for two evaluations' numbers to be comparable.
@@ -63,11 +55,15 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `gan-job evaluate` (cli.py builds the subparser and calls this)."""
-    parser.add_argument("--from", dest="source", required=True, help="run folder, checkpoint folder, LATEST pointer, or s3:// of any")
+    parser.add_argument(
+        "--from", dest="source", required=True, help="run folder, checkpoint folder, LATEST pointer, or s3:// of any"
+    )
     add_evaluation_flags(parser)
     add_flag(parser, "--cas", CAS, False)
     parser.add_argument(
-        "--inception-weights", default=None, help="local Inception weights (.pth state dict) for Inception FID; never downloaded"
+        "--inception-weights",
+        default=None,
+        help="local Inception weights (.pth state dict) for Inception FID; never downloaded",
     )
     parser.set_defaults(handler=evaluate)
 
@@ -83,7 +79,8 @@ def check_evaluation_flags(data: str | None, num: int, seed: int, inception_weig
             check_state_dict_file(inception_weights)
         except ValueError as err:
             raise UsageError(
-                f"--inception-weights {err}; pass the local Inception state dict (e.g. weights-inception-2015-12-05-6726825d.pth)"
+                f"--inception-weights {err}; pass the local Inception state dict "
+                "(e.g. weights-inception-2015-12-05-6726825d.pth)"
             ) from None
 
 
@@ -94,7 +91,8 @@ def prepare_evaluator(data: str, data_dir: str | None, s3_endpoint: str | None) 
 
 
 def generator_for_evaluation(state: dict) -> tuple[Generator, str]:
-    """The checkpoint's EMA generator when it has one, else its generator (conditional where the run was); and which key it was."""
+    """The checkpoint's EMA generator when it has one, else its generator (conditional where the run was); and which
+    key it was."""
     return generator_from_checkpoint(state)
 
 
@@ -126,13 +124,19 @@ def evaluate_state(
     }
     if labels is not None:
         # Does each image show the class it was asked for? The real test split's accuracy is the ceiling.
-        result["label_accuracy"] = label_accuracy(images, labels, evaluator.classifier, evaluator.real_test, evaluator.real_test_labels)
+        result["label_accuracy"] = label_accuracy(
+            images, labels, evaluator.classifier, evaluator.real_test, evaluator.real_test_labels
+        )
         result["conditional"] = True
     if cas:  # of an unconditional G it raises ValueError; `evaluate` refuses --cas on one before anything is built
         result["cas"] = classification_accuracy_score(
-            generator, evaluator.classifier, evaluator.real_test, evaluator.real_test_labels,
-            num_classes=generator.num_classes, noise_seed=seed,
-        )  # fmt: skip
+            generator,
+            evaluator.classifier,
+            evaluator.real_test,
+            evaluator.real_test_labels,
+            num_classes=generator.num_classes,
+            noise_seed=seed,
+        )
     result["reference"] = evaluator.describe()
     result["eval_time_s"] = round(time.perf_counter() - started_s, 2)
     return result
@@ -144,7 +148,9 @@ def same_protocol(first: dict, second: dict) -> bool:
         return False
     ref_a, ref_b = first.get("reference") or {}, second.get("reference") or {}
     digest_a, digest_b = (ref_a.get("classifier") or {}).get("digest"), (ref_b.get("classifier") or {}).get("digest")
-    return digest_a is not None and digest_a == digest_b and ref_a.get("test_fingerprint") == ref_b.get("test_fingerprint")
+    return (
+        digest_a is not None and digest_a == digest_b and ref_a.get("test_fingerprint") == ref_b.get("test_fingerprint")
+    )
 
 
 def store_in_run(run: Location, result: dict, evaluator: QualityEvaluator) -> None:
@@ -171,14 +177,22 @@ def evaluate(args: argparse.Namespace) -> int:
     source_uri = resolve_latest(args.source, args.s3_endpoint)
     location = resolve_location(source_uri, args.s3_endpoint, flag="--from")
     if not location.exists():
-        raise UsageError(f"--from {args.source} does not exist; pass a run folder, a checkpoint_* folder or a LATEST pointer")
+        raise UsageError(
+            f"--from {args.source} does not exist; pass a run folder, a checkpoint_* folder or a LATEST pointer"
+        )
     checkpoint, state = load_from(source_uri, args.s3_endpoint)
-    num_classes = checkpoint_num_classes(state)  # refuses a checkpoint this version cannot load: before anything is built
+    num_classes = checkpoint_num_classes(
+        state
+    )  # refuses a checkpoint this version cannot load: before anything is built
     if args.cas and not num_classes:
-        raise UsageError(f"--cas needs a conditional model; {checkpoint.uri} was trained without --conditional: drop --cas")
+        raise UsageError(
+            f"--cas needs a conditional model; {checkpoint.uri} was trained without --conditional: drop --cas"
+        )
     data = args.data or state["config"]["data"]
     evaluator = prepare_evaluator(data, args.data_dir, args.s3_endpoint)
-    result = evaluate_state(evaluator, state, checkpoint.uri, data, args.num, args.seed, args.inception_weights, cas=args.cas)
+    result = evaluate_state(
+        evaluator, state, checkpoint.uri, data, args.num, args.seed, args.inception_weights, cas=args.cas
+    )
     if is_run_folder(location):
         store_in_run(location, result, evaluator)
     print(json.dumps(result, sort_keys=False))

@@ -1,31 +1,7 @@
 """The `promote` command: point a job's `LATEST` at a run when it passed its quality gate.
 
-The gate: the run finished (its `artifacts/model.json` exists and its newest checkpoint is of the
-final epoch), and its `fid_classifier` is no worse than the current LATEST's by the margin:
-
-    promoted  ⇔  fid_new <= fid_current + margin · |fid_current|
-
-so `--margin 0` promotes ties and improvements, `--margin 0.05` also a run up to 5 % worse, and a
-negative margin demands an improvement (`-0.1`: at least 10 % better). With no LATEST yet, a
-finished run is promoted. Both numbers come from the same classifier, data, image count and noise
-seed: when LATEST was measured otherwise, its run is evaluated again.
-
-LATEST is a small JSON object `{"run": <uri>, "fid_classifier": ..., "promoted_at": ...,
-"decision": {...}}`, replaced whole (a temporary file renamed over it locally, a single PUT on S3),
-so a reader sees the old or the new pointer, never a mix. Every decision is printed as one JSON line
-and appended to `promotions.jsonl` next to LATEST.
-
-A conditional model (`train --conditional`) and an unconditional one are not interchangeable (a
-consumer of LATEST passes labels or not): promoting a run of the other kind than LATEST's is
-refused (exit 2, nothing written). LATEST records `conditional` and `num_classes`; for a pointer
-written before it did, its run's checkpoint says.
-
-Promotions may overlap (two retrains finishing together): both LATEST and the log are written by
-compare-and-swap (job/storage/pointer.py), and a promotion that loses the race reads them again and
-decides again against the newer LATEST, keeping its candidate's evaluation. After any overlap the
-log holds every decision, in an order in which they could have run one after the other, and LATEST
-is the last promoted one's. A store that does not enforce the conditions is refused before
-anything is evaluated or written.
+A finished run is promoted when its `fid_classifier` is no worse than LATEST's by `--margin`; LATEST and
+`promotions.jsonl` are written by compare-and-swap. Why: docs/architecture.md#promotion-by-compare-and-swap
 """
 
 from __future__ import annotations
@@ -38,8 +14,14 @@ import uuid
 
 from gan.metrics import QualityEvaluator
 from job.commands.evaluate import (
-    EVAL_FILE, add_evaluation_flags, check_evaluation_flags, evaluate_state, prepare_evaluator, same_protocol, store_in_run,
-)  # fmt: skip
+    EVAL_FILE,
+    add_evaluation_flags,
+    check_evaluation_flags,
+    evaluate_state,
+    prepare_evaluator,
+    same_protocol,
+    store_in_run,
+)
 from job.console import warn
 from job.errors import UsageError
 from job.runtime.state import checkpoint_num_classes
@@ -47,7 +29,16 @@ from job.settings import MAX_MARGIN, Setting, add_flag
 from job.storage.checkpoint import STATE_FILE, load_from
 from job.storage.location import Location, resolve_location
 from job.storage.s3_preflight import check_readable
-from job.storage.pointer import LOG_FILE, PreconditionFailed, Snapshot, Store, append, check_enforced, read_pointer, read_snapshot
+from job.storage.pointer import (
+    LOG_FILE,
+    PreconditionFailed,
+    Snapshot,
+    Store,
+    append,
+    check_enforced,
+    read_pointer,
+    read_snapshot,
+)
 from job.storage.pointer import replace_pointer
 
 POINTER_KEYS = ("run", "fid_classifier", "promoted_at")
@@ -55,15 +46,21 @@ POINTER_NAME = "LATEST"  # the one name a pointer has: <storage>/<job>/LATEST
 MAX_DECISIONS = 5  # reads and decisions before giving up on a LATEST that other promotions keep moving
 # -1 would promote a run infinitely worse; above MAX_MARGIN every run passes anyway.
 MARGIN = Setting(
-    "promote when fid_new <= fid_current * (1 + margin); 0 = no worse, 0.05 = up to 5 % worse, -0.1 = at least 10 % better",
-    kind=float, low=-1, low_open=True, high=MAX_MARGIN,
-)  # fmt: skip
+    "promote when fid_new <= fid_current * (1 + margin); 0 = no worse, 0.05 = up to 5 % worse, "
+    "-0.1 = at least 10 % better",
+    kind=float,
+    low=-1,
+    low_open=True,
+    high=MAX_MARGIN,
+)
 
 
 def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `gan-job promote` (cli.py builds the subparser and calls this)."""
     parser.add_argument("--run", required=True, help="the run folder to promote: <storage>/<run-name> (local or s3://)")
-    parser.add_argument("--target", required=True, help="the pointer to update: <storage>/<job>/LATEST (local or s3://)")
+    parser.add_argument(
+        "--target", required=True, help="the pointer to update: <storage>/<job>/LATEST (local or s3://)"
+    )
     add_flag(parser, "--margin", MARGIN, 0.0)
     add_evaluation_flags(parser)
     parser.set_defaults(handler=promote)
@@ -74,11 +71,14 @@ def now_utc() -> str:
 
 
 def finished_state(run: Location, s3_endpoint: str | None) -> tuple[Location, dict, dict | None, str | None]:
-    """The newest checkpoint (folder, state), model.json (None before the end), and why the run is unfinished (None if it is not)."""
+    """The newest checkpoint (folder, state), model.json (None before the end), and why the run is unfinished
+    (None if it is not)."""
     try:
         checkpoint, state = load_from(run.uri, s3_endpoint)
     except UsageError:
-        raise UsageError(f"--run {run.uri} holds no readable checkpoint; pass <storage>/<run-name> of a finished run") from None
+        raise UsageError(
+            f"--run {run.uri} holds no readable checkpoint; pass <storage>/<run-name> of a finished run"
+        ) from None
     try:  # a read that fails raises: "not finished" is decided only on a model.json that is not there
         model = json.loads(run.child("artifacts", "model.json").read_text())
     except FileNotFoundError:
@@ -87,7 +87,12 @@ def finished_state(run: Location, s3_endpoint: str | None) -> tuple[Location, di
         return checkpoint, state, None, "the run's artifacts/model.json is not JSON: it did not finish writing it"
     epochs = model.get("epochs", state["config"].get("epochs"))
     if state["epoch"] != epochs:
-        return checkpoint, state, model, f"the newest checkpoint is of epoch {state['epoch']}, the run is configured for {epochs}"
+        return (
+            checkpoint,
+            state,
+            model,
+            f"the newest checkpoint is of epoch {state['epoch']}, the run is configured for {epochs}",
+        )
     return checkpoint, state, model, None
 
 
@@ -125,8 +130,12 @@ def current_fid_classifier(
     try:
         checkpoint, state = load_from(current["run"], s3_endpoint)
     except UsageError as err:
-        raise UsageError(f"--target {target.uri} points at a run that cannot be evaluated again for comparison ({err})") from None
-    result = evaluate_state(evaluator, state, checkpoint.uri, candidate["data"], candidate["num_images"], candidate["seed"])
+        raise UsageError(
+            f"--target {target.uri} points at a run that cannot be evaluated again for comparison ({err})"
+        ) from None
+    result = evaluate_state(
+        evaluator, state, checkpoint.uri, candidate["data"], candidate["num_images"], candidate["seed"]
+    )
     return result["fid_classifier"], True
 
 
@@ -135,17 +144,22 @@ def model_kind(num_classes: int) -> str:
 
 
 def current_num_classes(current: dict, target: Location, s3_endpoint: str | None) -> int:
-    """The classes LATEST's model is conditional on (0: unconditional): as LATEST records it, else as its run's checkpoint does."""
+    """The classes LATEST's model is conditional on (0: unconditional): as LATEST records it, else as its run's
+    checkpoint does."""
     if isinstance(current.get("num_classes"), int):
         return current["num_classes"]
     try:
         _checkpoint, state = load_from(current["run"], s3_endpoint)
     except UsageError as err:
-        raise UsageError(f"--target {target.uri} points at a run whose kind (conditional or not) cannot be read ({err})") from None
+        raise UsageError(
+            f"--target {target.uri} points at a run whose kind (conditional or not) cannot be read ({err})"
+        ) from None
     return checkpoint_num_classes(state)
 
 
-def check_same_kind(current: dict | None, num_classes: int, run: Location, target: Location, s3_endpoint: str | None) -> None:
+def check_same_kind(
+    current: dict | None, num_classes: int, run: Location, target: Location, s3_endpoint: str | None
+) -> None:
     """Refuse a candidate of the other kind (conditional or not, or another class count) than LATEST's model."""
     if current is None:
         return
@@ -166,7 +180,8 @@ def check_pointer_name(target: str, flag: str = "--target") -> None:
     """Refuse a target whose last part is not LATEST: `promote` and `train --promote-to` write no other pointer."""
     if target.rsplit("/", 1)[-1] != POINTER_NAME:
         raise UsageError(
-            f"{flag} {target!r} does not name a pointer; pass <storage>/<job>/{POINTER_NAME}, e.g. <storage>/gan/{POINTER_NAME}"
+            f"{flag} {target!r} does not name a pointer; pass <storage>/<job>/{POINTER_NAME}, "
+            f"e.g. <storage>/gan/{POINTER_NAME}"
         )
 
 
@@ -214,7 +229,9 @@ def promote(args: argparse.Namespace) -> int:
     check_target(target, args.s3_endpoint)
     checkpoint, state, model, unfinished = finished_state(run, args.s3_endpoint)
     store, num_classes = Store(args.s3_endpoint), checkpoint_num_classes(state)
-    check_same_kind(read_or_refuse(store, target).pointer, num_classes, run, target, args.s3_endpoint)  # before minutes of evaluation
+    check_same_kind(
+        read_or_refuse(store, target).pointer, num_classes, run, target, args.s3_endpoint
+    )  # before minutes of evaluation
 
     # Measure the candidate once; each decision below compares it with the LATEST of its read.
     evaluator, candidate = None, None
@@ -238,11 +255,22 @@ def promote(args: argparse.Namespace) -> int:
         decided(decision)
         try:
             if decision["promoted"]:
-                replace_pointer(store, target, snapshot, {
-                    "run": run.uri, "fid_classifier": candidate["fid_classifier"], "promoted_at": decision["decided_at"],
-                    "epoch": candidate["epoch"], "source": checkpoint.uri, "evaluation": protocol_of(candidate), "decision": decision,
-                    "conditional": bool(num_classes), "num_classes": num_classes,
-                })  # fmt: skip
+                replace_pointer(
+                    store,
+                    target,
+                    snapshot,
+                    {
+                        "run": run.uri,
+                        "fid_classifier": candidate["fid_classifier"],
+                        "promoted_at": decision["decided_at"],
+                        "epoch": candidate["epoch"],
+                        "source": checkpoint.uri,
+                        "evaluation": protocol_of(candidate),
+                        "decision": decision,
+                        "conditional": bool(num_classes),
+                        "num_classes": num_classes,
+                    },
+                )
             else:
                 append(store, target, snapshot, decision)
         except PreconditionFailed:
@@ -250,8 +278,8 @@ def promote(args: argparse.Namespace) -> int:
         break
     else:
         print(
-            f"gan-job: error: promote lost the race for {target.uri} {MAX_DECISIONS} times (other promotions kept moving it); "
-            "nothing of this one was written; run it again",
+            f"gan-job: error: promote lost the race for {target.uri} {MAX_DECISIONS} times "
+            "(other promotions kept moving it); nothing of this one was written; run it again",
             file=sys.stderr,
         )
         return 1
@@ -267,11 +295,25 @@ def read_or_refuse(store: Store, target: Location) -> Snapshot:
 
 
 def decide(
-    current: dict | None, run: Location, target: Location, args: argparse.Namespace, state: dict, unfinished: str | None,
-    candidate: dict | None, evaluator: QualityEvaluator | None, measured: dict,
-) -> dict:  # fmt: skip
-    """The decision about the candidate against `current` (LATEST as just read); `measured` keeps re-evaluations of current runs."""
-    decision = {"run": run.uri, "target": target.uri, "decided_at": now_utc(), "margin": args.margin, "epoch": int(state["epoch"])}
+    current: dict | None,
+    run: Location,
+    target: Location,
+    args: argparse.Namespace,
+    state: dict,
+    unfinished: str | None,
+    candidate: dict | None,
+    evaluator: QualityEvaluator | None,
+    measured: dict,
+) -> dict:
+    """The decision about the candidate against `current` (LATEST as just read); `measured` keeps re-evaluations of
+    current runs."""
+    decision = {
+        "run": run.uri,
+        "target": target.uri,
+        "decided_at": now_utc(),
+        "margin": args.margin,
+        "epoch": int(state["epoch"]),
+    }
     if current is not None:
         decision["current_run"] = current["run"]
     if unfinished:
@@ -281,17 +323,22 @@ def decide(
     if current is None:
         decision.update(promoted=True, reason="no LATEST yet")
         return decision
-    key = json.dumps({name: current.get(name) for name in ("run", "source", "fid_classifier", "evaluation")}, sort_keys=True)
+    key = json.dumps(
+        {name: current.get(name) for name in ("run", "source", "fid_classifier", "evaluation")}, sort_keys=True
+    )
     if key not in measured:
         measured[key] = current_fid_classifier(current, target, candidate, evaluator, args.s3_endpoint)
     current_fid, reevaluated = measured[key]
     threshold = current_fid + args.margin * abs(current_fid)
     promoted = candidate["fid_classifier"] <= threshold
     decision.update(
-        current_fid_classifier=current_fid, current_reevaluated=reevaluated, threshold=round(threshold, 4), promoted=promoted,
+        current_fid_classifier=current_fid,
+        current_reevaluated=reevaluated,
+        threshold=round(threshold, 4),
+        promoted=promoted,
         reason=f"fid_classifier {candidate['fid_classifier']} {'<=' if promoted else '>'} {round(threshold, 4)} "
         f"(current {current_fid} with margin {args.margin})",
-    )  # fmt: skip
+    )
     return decision
 
 
@@ -306,4 +353,7 @@ def log_promotion(store: Store, target: Location, decision: dict) -> None:
             return
         except PreconditionFailed:
             continue
-    warn(f"the promotion is in {target.uri} but not yet in its {LOG_FILE}: other promotions kept writing it; the next one logs it")
+    warn(
+        f"the promotion is in {target.uri} but not yet in its {LOG_FILE}: other promotions kept writing it; "
+        "the next one logs it"
+    )

@@ -1,28 +1,7 @@
 """Placement before `trainer.fit()`: refuse what no node can ever hold, wait for what an autoscaler can start.
 
-Ray Train V2 retries a worker group that cannot start forever, so the driver decides first, from
-what Ray 2.60 exposes about the cluster:
-
-- **GCS cluster config** (`ray._private.state.state.get_cluster_config()`): the node types with
-  their resources and maximum counts, where the autoscaler or platform reports them (autoscaler v2;
-  Ray Data reads the same record). Empty on a plain `ray start` cluster and on the classic
-  autoscaler.
-- **The classic autoscaler (v1)** writes its status to the GCS every update
-  (`__autoscaling_status`: ``ray status`` reads it), naming its monitor's pid. A head started
-  without an autoscaling config runs the same monitor with a read-only provider, which names each
-  live node's type `node_<node id>`: that is a fixed-size cluster. Where the driver
-  runs on the head, as `ray job submit` drivers do, the monitor's `--autoscaling-config` file gives
-  the node types. KubeRay's v1 autoscaler builds its config in memory from the RayCluster: there
-  only the wait below applies.
-- **Autoscaler v2** (KubeRay's default from Ray 2.47) reports its state to the GCS
-  (`get_cluster_status`), including the gang requests, such as a placement group, that no node
-  type can hold. The wait reads it and refuses such a request at once.
-- **The wait**, as the last resort: a placement group of the workers' bundles, held until the
-  autoscaler has started the nodes for it or `--placement-timeout` passes, then removed, so that
-  no resource request of the driver's outlives it and idle nodes can go.
-
-With no autoscaler the cluster's live nodes are all there is: a request they cannot hold is
-refused at once, as before.
+Reads the GCS cluster config, the classic autoscaler's status and autoscaler v2's state, then waits holding a
+placement group of the workers' bundles. Why: docs/architecture.md#placement
 """
 
 from __future__ import annotations
@@ -79,7 +58,9 @@ class ClusterView:
 
     def default_cpus_per_worker(self, num_workers: int, use_gpu: bool) -> int:
         """The largest node's CPUs divided among the workers (at least one each); a 0-CPU head does not count."""
-        candidates = [t for t in (self.node_types or self.live_nodes) if t.max_count != 0 and (t.gpus >= 1 or not use_gpu)]
+        candidates = [
+            t for t in (self.node_types or self.live_nodes) if t.max_count != 0 and (t.gpus >= 1 or not use_gpu)
+        ]
         return max(1, int(max((t.cpus for t in candidates), default=1) // num_workers))
 
 
@@ -112,16 +93,24 @@ def check_fits(config: TrainConfig, view: ClusterView) -> None:
             total_gpus = sum(t.gpus for t in view.live_nodes)
             raise UsageError(
                 f"{request_text(config)} cannot be placed: the cluster has {total_cpus:g} CPUs and {total_gpus:g} GPUs "
-                f"on {len(view.live_nodes)} nodes and no autoscaler; ask for fewer workers or CPUs per worker, or add nodes"
+                f"on {len(view.live_nodes)} nodes and no autoscaler; "
+                "ask for fewer workers or CPUs per worker, or add nodes"
             )
         return
     # The head is a node type too; it counts as the one node it is.
     types = view.node_types
-    if max(capacity(types, cpus, config.use_gpu), capacity(view.live_nodes, cpus, config.use_gpu)) >= config.num_workers:
+    if (
+        max(capacity(types, cpus, config.use_gpu), capacity(view.live_nodes, cpus, config.use_gpu))
+        >= config.num_workers
+    ):
         return  # (nodes added by hand, outside the node types, count too)
     holders = [t for t in types if t.slots(cpus, config.use_gpu)]
     if not holders:
-        why = "no node type has a GPU" if config.use_gpu and not any(t.gpus >= 1 for t in types) else "no node type holds even one worker"
+        why = (
+            "no node type has a GPU"
+            if config.use_gpu and not any(t.gpus >= 1 for t in types)
+            else "no node type holds even one worker"
+        )
     else:
         why = f"the node types hold at most {capacity(types, cpus, config.use_gpu):g} such workers"
     raise UsageError(
@@ -139,10 +128,15 @@ def discover() -> ClusterView:
     import ray  # why: Ray takes seconds to load; kept off the CLI's start-up path
 
     live = tuple(
-        NodeType("head" if HEAD_NODE_RESOURCE in node["Resources"] else f"node {node['NodeID'][:8]}",
-                 node["Resources"].get("CPU", 0.0), node["Resources"].get("GPU", 0.0), 1)
-        for node in ray.nodes() if node.get("Alive")
-    )  # fmt: skip
+        NodeType(
+            "head" if HEAD_NODE_RESOURCE in node["Resources"] else f"node {node['NodeID'][:8]}",
+            node["Resources"].get("CPU", 0.0),
+            node["Resources"].get("GPU", 0.0),
+            1,
+        )
+        for node in ray.nodes()
+        if node.get("Alive")
+    )
     types = types_from_gcs_cluster_config()
     if types:
         return ClusterView("v2" if autoscaler_v2_running() else "v1", types, "GCS cluster config", live)
@@ -170,10 +164,14 @@ def types_from_gcs_cluster_config() -> tuple[NodeType, ...] | None:
 def types_from_cluster_config(config) -> tuple[NodeType, ...]:  # config: autoscaler_pb2.ClusterConfig
     """Node types from the GCS's ClusterConfig message (max_count -1 means no limit)."""
     return tuple(
-        NodeType(group.name, float(group.resources.get("CPU", 0)), float(group.resources.get("GPU", 0)),
-                 UNLIMITED if group.max_count < 0 else int(group.max_count))
+        NodeType(
+            group.name,
+            float(group.resources.get("CPU", 0)),
+            float(group.resources.get("GPU", 0)),
+            UNLIMITED if group.max_count < 0 else int(group.max_count),
+        )
         for group in config.node_group_configs
-    )  # fmt: skip
+    )
 
 
 def autoscaler_v1_status() -> dict | None:
@@ -283,15 +281,22 @@ def wait_for_workers(config: TrainConfig, view: ClusterView) -> None:
         while not group.wait(timeout_seconds=POLL_S):
             now = time.monotonic()
             if view.autoscaler == "v2" and bundle in infeasible_bundles(_cluster_status_reply()):
-                raise UsageError(f"{request_text(config)} can never be placed: the autoscaler reports that no node type holds a worker of {bundle}")
+                raise UsageError(
+                    f"{request_text(config)} can never be placed: "
+                    f"the autoscaler reports that no node type holds a worker of {bundle}"
+                )
             if now >= next_report:
-                say(f"waiting for {wanted}: the autoscaler is starting nodes ({int(now - started)} s of --placement-timeout {config.placement_timeout} s)")
+                say(
+                    f"waiting for {wanted}: the autoscaler is starting nodes "
+                    f"({int(now - started)} s of --placement-timeout {config.placement_timeout} s)"
+                )
                 next_report = now + WAIT_REPORT_EVERY_S
             if now >= deadline:
                 placed = sum(1 for node in placement_group_table(group).get("bundles_to_node_id", {}).values() if node)
                 raise PlacementTimeout(
                     f"{wanted} were not placed within --placement-timeout {config.placement_timeout} s "
-                    f"({placed} of {config.num_workers} placed); check `ray status` and the autoscaler's log, or raise --placement-timeout"
+                    f"({placed} of {config.num_workers} placed); "
+                    "check `ray status` and the autoscaler's log, or raise --placement-timeout"
                 )
         if time.monotonic() - started > POLL_S:
             say(f"placed {wanted} after {time.monotonic() - started:.0f} s")

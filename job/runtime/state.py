@@ -1,14 +1,6 @@
 """The training state of one worker, and the one place that turns it into a checkpoint and back.
 
-A checkpoint is one dict with everything resume needs (as nanoGPT's): G and D weights, both
-optimizers, G's EMA, the position (epoch, step), the fixed noise, every rank's random number
-generator states, the config and a fingerprint of the data. `job.storage.checkpoint` writes and
-reads its bytes; this module builds and consumes the dict.
-
-Class-conditional runs: the config records `conditional` (a checkpoint without it predates the
-option: unconditional), and a conditional checkpoint also holds `num_classes`. An unconditional
-checkpoint has exactly format 2's keys, so older readers still load it. `checkpoint_num_classes`
-and `generator_from_checkpoint` are how the commands read a checkpoint's kind and its G.
+Why: docs/architecture.md#checkpoints
 """
 
 from __future__ import annotations
@@ -186,13 +178,20 @@ class TrainingState:
         generator = Generator(config.noise_dim, num_classes).to(device, memory_format=torch.channels_last)
         discriminator = Discriminator(num_classes).to(device, memory_format=torch.channels_last)
         return cls(
-            config=config, data_fingerprint=data_fingerprint, rank=rank, world_size=world_size, device=device,
-            generator=generator, discriminator=discriminator,
+            config=config,
+            data_fingerprint=data_fingerprint,
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            generator=generator,
+            discriminator=discriminator,
             optimizer_g=make_optimizer(generator, config.lr, config.beta1, cuda_graphs),
             optimizer_d=make_optimizer(discriminator, config.lr, config.beta1, cuda_graphs),
             ema=GeneratorEMA(generator, config.ema_decay) if config.ema_decay > 0 else None,
-            fixed_noise=grid_inputs(config, num_classes)[0], num_classes=num_classes, cuda_graphs=cuda_graphs,
-        )  # fmt: skip
+            fixed_noise=grid_inputs(config, num_classes)[0],
+            num_classes=num_classes,
+            cuda_graphs=cuda_graphs,
+        )
 
     @property
     def sampler(self) -> nn.Module:
@@ -223,11 +222,19 @@ class TrainingState:
     ) -> Stepper:
         """The training step over these images (after `wrap_ddp`): eager, or replayed as CUDA graphs."""
         self.stepper = Stepper(
-            self.generator, self.discriminator, self.optimizer_g, self.optimizer_d, images_u8, self.config.noise_dim,
-            amp_dtype, self.ema, labels, cuda_graphs=self.cuda_graphs,
+            self.generator,
+            self.discriminator,
+            self.optimizer_g,
+            self.optimizer_d,
+            images_u8,
+            self.config.noise_dim,
+            amp_dtype,
+            self.ema,
+            labels,
+            cuda_graphs=self.cuda_graphs,
             warmup_steps=WARMUP_STEPS if unwrap(self.generator) is self.generator else DDP_WARMUP_STEPS,
             stream=self.side_stream,
-        )  # fmt: skip
+        )
         return self.stepper
 
     def resume(self, checkpoint: dict) -> dict:
@@ -252,14 +259,17 @@ class TrainingState:
 
         `rng_states` are every rank's `rng_state()`, gathered by the caller (a collective call).
         """
-        return HostSnapshot.of({
-            "format_version": FORMAT_VERSION,
-            **self._weights_and_position(),
-            "rng": {"world_size": self.world_size, "states": rng_states},
-            "config": self.config.to_dict(),
-            "data_fingerprint": self.data_fingerprint,
-            **({"num_classes": self.num_classes} if self.num_classes else {}),  # unconditional: format 2's keys exactly
-        })
+        return HostSnapshot.of(
+            {
+                "format_version": FORMAT_VERSION,
+                **self._weights_and_position(),
+                "rng": {"world_size": self.world_size, "states": rng_states},
+                "config": self.config.to_dict(),
+                "data_fingerprint": self.data_fingerprint,
+                # unconditional: format 2's keys exactly
+                **({"num_classes": self.num_classes} if self.num_classes else {}),
+            }
+        )
 
     def keep_as_last_good(self) -> None:
         """Remember this state (a private copy) as the one a rollback returns to."""

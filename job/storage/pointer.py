@@ -1,30 +1,8 @@
 """A job's `LATEST` pointer and its `promotions.jsonl`, updated by compare-and-swap.
 
-Overlapping promotions (two scheduled retrains that finish together) must lose nothing: both
-decisions end in the log, and LATEST and the log read as if the promotions had run one after
-the other. Neither object store nor file system can update two objects in one step, so:
-
-- The primitive: `Store.read` returns an object's bytes with a version token (S3: the ETag of that
-  GET; local: the SHA-256 of the bytes), and `Store.write` replaces the object only if it still
-  has that token, else raises `PreconditionFailed`. On S3 that is one PUT with `If-Match: <etag>`
-  (`If-None-Match: *` for a first write), sent through boto3 because pyarrow sends no conditional
-  headers; AWS S3, MinIO and moto enforce them. Locally an exclusive `flock` on a lock file beside
-  the object (`.LATEST.lock`) is held only while the token is compared and a temporary file is
-  renamed over the object, so readers, who take no lock, see the old or the new bytes.
-- The order: the log is where decisions are serialised, LATEST only moves with a promotion.
-  Every decision is made against one snapshot (the log read first, then LATEST). A decision not
-  to promote is appended to the log, conditional on the log read. A promotion writes LATEST
-  conditional on the LATEST read, and the new pointer carries the decision itself (`"decision"`);
-  then it appends the decision to the log. Whoever writes the log first adds the decision that
-  its LATEST carries when the log lacks it, and a promotion does so before it replaces LATEST,
-  so a crash between the two writes cannot lose a decision (LATEST holds it until the next
-  promotion logs it), and the log stays in the order the pointer moved in.
-- A lost race (`PreconditionFailed`) means: read again and decide again against the newer
-  LATEST (`job.commands.promote` keeps the candidate's evaluation; LATEST's own number is stored in it).
-  Decisions have ids, so a write whose reply was lost but that landed is recognised, not repeated.
-- A store that ignores the conditions would make all of this silently wrong, so `check_enforced`
-  probes it before anything is written (S3: `job.storage.s3_preflight.check_conditional_writes`; local:
-  another process must fail to take a lock this one holds) and refuses it with a one-line error.
+`Store.write` replaces an object only if it still has the version token `Store.read` returned, else raises
+`PreconditionFailed`; `check_enforced` refuses a store that ignores the condition.
+Why: docs/architecture.md#promotion-by-compare-and-swap
 """
 
 from __future__ import annotations
@@ -85,7 +63,9 @@ class Store:
         """The object and its token; `Versioned(None, None)` only when there is none. A read that fails raises
         (`job.storage.retry`): a pointer that cannot be read is never taken as "no pointer yet"."""
         try:
-            return retried(lambda: self._read_once(location), f"reading {location.uri}", confirm_absent=location.confirm_bucket)
+            return retried(
+                lambda: self._read_once(location), f"reading {location.uri}", confirm_absent=location.confirm_bucket
+            )
         except FileNotFoundError:
             return Versioned(None, None)
 
@@ -158,21 +138,28 @@ def check_enforced(target: Location, s3_endpoint: str | None = None, flag: str =
         folder = os.path.dirname(folder)
     probe = os.path.join(folder, f".gan-job-lock-probe-{uuid.uuid4().hex}")
     fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o666)
-    advice = "so concurrent promotions could lose one; keep LATEST on a local disk, an NFSv4 share with locking, or in a bucket"
+    advice = (
+        "so concurrent promotions could lose one; "
+        "keep LATEST on a local disk, an NFSv4 share with locking, or in a bucket"
+    )
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             reason = err.strerror or str(err)
-            raise UsageError(f"{flag} {target.uri}: the file system of {folder} cannot lock files ({reason}), {advice}") from None
+            raise UsageError(
+                f"{flag} {target.uri}: the file system of {folder} cannot lock files ({reason}), {advice}"
+            ) from None
         other = subprocess.run([sys.executable, "-I", "-S", "-c", _TRY_LOCK, probe], capture_output=True, timeout=60)
         if other.returncode == 0:
             raise UsageError(
-                f"{flag} {target.uri}: the file system of {folder} does not enforce file locks (another process took a lock "
-                f"this one held), {advice}"
+                f"{flag} {target.uri}: the file system of {folder} does not enforce file locks "
+                f"(another process took a lock this one held), {advice}"
             )
         if other.returncode != 3:
-            reason = (other.stderr.decode(errors="replace").strip().splitlines() or [f"exit status {other.returncode}"])[-1]
+            reason = (
+                other.stderr.decode(errors="replace").strip().splitlines() or [f"exit status {other.returncode}"]
+            )[-1]
             raise UsageError(f"{flag} {target.uri}: the file system of {folder} cannot lock files ({reason}), {advice}")
     finally:
         os.close(fd)
@@ -255,7 +242,9 @@ def append(store: Store, target: Location, snapshot: Snapshot, *decisions: dict)
     """
     carried = snapshot.carried
     pending = [carried] if carried is not None and snapshot.logged(carried["id"]) is None else []
-    pending += [d for d in decisions if snapshot.logged(d["id"]) is None and (carried is None or d["id"] != carried["id"])]
+    pending += [
+        d for d in decisions if snapshot.logged(d["id"]) is None and (carried is None or d["id"] != carried["id"])
+    ]
     if not pending:
         return
     previous = snapshot.log.data or b""
@@ -282,7 +271,9 @@ def read_pointer(location: Location, flag: str = "--target") -> dict | None:
     if not location.exists():
         return None
     if not location.is_file():
-        raise UsageError(f"{flag} {location.uri} is a folder; name the pointer object itself, e.g. <storage>/<job>/LATEST")
+        raise UsageError(
+            f"{flag} {location.uri} is a folder; name the pointer object itself, e.g. <storage>/<job>/LATEST"
+        )
     return parse_pointer(location.read_bytes(), location.uri, flag)
 
 

@@ -1,15 +1,7 @@
 """The filesystem handed to Ray Train's `RunConfig`, so that Ray's own storage calls retry as ours do.
 
-Ray Train's controller checks the bucket, reads and writes its checkpoint records, and deletes old
-checkpoints through this filesystem, in processes of its own that no `Location` reaches. A retry
-strategy set on a pyarrow `S3FileSystem` does not survive the pickling that takes it there (its
-`__reduce__` leaves `retry_strategy` out, so Ray's processes got pyarrow's default of 3 attempts),
-so each call goes through `job.storage.retry`'s loop instead, around an S3 filesystem that makes
-one attempt per call. The handler pickles as its endpoint alone; credentials are read where it is
-rebuilt, as a pod reads its own.
-
-Writes are retried where they start (opening the stream); a stream that fails while Ray writes it
-fails Ray's call, which Ray Train reports as a failed attempt.
+Each call goes through `job.storage.retry`'s loop; the handler pickles as its endpoint alone.
+Why: docs/architecture.md#storage-retries
 """
 
 from __future__ import annotations

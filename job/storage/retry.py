@@ -1,13 +1,7 @@
 """Storage errors sorted into absent, retried and refused, and the one retry loop for every read,
 list, head and whole-object write that `Location`, the pointer store and the bucket data make.
 
-Only "not found" means absent: `ENOENT`, or `NoSuchKey` / a 404 for a key of a bucket that exists.
-Throttling, server errors, resets and timeouts are retried with backoff and jitter, within
-`RetryBounds`; what the user must fix (credentials, permissions, a missing bucket, a read-only
-file system) and a full disk fail at once. pyarrow reports S3 errors as a plain `OSError` whose
-message carries the AWS error name, so the class is read from the message.
-
-The clients under this loop make one attempt each (`job.storage.s3`), so attempts never multiply.
+Why: docs/architecture.md#storage-retries
 """
 
 from __future__ import annotations
@@ -86,9 +80,17 @@ _REFUSED_AWS = re.compile(
     r"|MISSING_AUTHENTICATION_TOKEN|UNRECOGNIZED_CLIENT)\b|\(HTTP status 40[13]\)"
 )
 _REFUSED_CODES = {
-    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "InvalidToken", "ExpiredToken",
-    "AllAccessDisabled", "AccountProblem", "403", "401",
-}  # fmt: skip
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "NoSuchBucket",
+    "InvalidToken",
+    "ExpiredToken",
+    "AllAccessDisabled",
+    "AccountProblem",
+    "403",
+    "401",
+}
 _ABSENT_CODES = {"NoSuchKey", "404", "NotFound"}
 _REFUSED_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR}
 _FAILED_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # retrying a full disk within seconds helps nobody

@@ -1,18 +1,7 @@
-"""TensorBoard's view of a run: rank 0 logs each epoch's events as it records the epoch into `artifacts/tensorboard/`.
+"""TensorBoard's view of a run: rank 0 logs each epoch's events as it records the epoch into
+`artifacts/tensorboard/`, with one writer per attempt opened at `purge_step`, so each epoch shows once.
 
-One writer per attempt, and a new one after a rollback, opened as TensorBoard's `SummaryWriter(purge_step=...)`
-opens, at the first epoch it logs: the `SessionLog.START` it writes there makes TensorBoard's Python loader
-drop what earlier writers logged at that epoch and after, and the data server drops a tag's points at or
-after a step it sees again. So each epoch shows once, with its latest values, in a live TensorBoard too.
-tensorboardX names a file by whole seconds and the host; a nanosecond `filename_suffix` keeps two writers'
-files apart and sorts them in the order they were opened, the order readers take them in.
-
-Locally the writer appends to its file. A bucket cannot append: the writer fills a local file, and after
-each epoch that whole file goes up under one name (one PUT, through `Location`), so a reader only ever sees
-whole events (the bytes sent grow with the square of the epochs: docs/performance.md).
-
-It writes through tensorboardX's `EventsWriter`, whose flush returns once the bytes are in the file:
-`SummaryWriter.flush()` does not wait for its writer thread's queue, so a file uploaded after it may lack the epoch.
+Why: docs/architecture.md#tensorboard-event-files
 """
 
 from __future__ import annotations
@@ -30,9 +19,13 @@ from job.storage.location import Location
 FOLDER = "tensorboard"  # under the run's artifacts/
 # Per-epoch numbers from a metrics row, as `<section>/<field>` tags: TensorBoard groups a section.
 ROW_SCALARS = {
-    "loss_d": "train/loss_d", "loss_g": "train/loss_g", "d_real_prob": "train/d_real_prob",
-    "d_fake_prob": "train/d_fake_prob", "images_per_s": "speed/images_per_s", "epoch_time_s": "speed/epoch_time_s",
-}  # fmt: skip
+    "loss_d": "train/loss_d",
+    "loss_g": "train/loss_g",
+    "d_real_prob": "train/d_real_prob",
+    "d_fake_prob": "train/d_fake_prob",
+    "images_per_s": "speed/images_per_s",
+    "epoch_time_s": "speed/epoch_time_s",
+}
 QUALITY_SECTION = "quality"  # every numeric entry of the row's `quality` dict, as quality/<name>
 SAMPLES_TAG = "samples"  # the epoch's fixed-noise sample grid
 CONFIG_TAG = "config"  # the run's configuration, as text at each writer's first epoch
