@@ -111,3 +111,18 @@ def test_the_cli_starts_without_ray_s3_clients_torchmetrics_or_matplotlib():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+MAX_LINE = 120  # the house rule, as ruff's line-length in pyproject.toml
+
+
+def test_no_python_line_is_longer_than_120_characters():
+    listed = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True)
+    tracked = listed.stdout.split()
+    long = [
+        f"{path}:{number}: {len(line)} characters"
+        for path in tracked
+        for number, line in enumerate((ROOT / path).read_text().splitlines(), 1)
+        if len(line) > MAX_LINE
+    ]
+    assert long == [], "\n".join(long)

@@ -202,4 +202,5 @@ def test_a_disk_that_fills_up_during_a_checkpoint_write_fails_the_attempt_saying
         assert json.loads((storage / "run" / "artifacts" / "model.json").read_text())["epochs"] == 2
     finally:
         if mounted:
-            subprocess.run(["umount", str(storage)], check=False)
+            # --lazy: a file the failed attempt left open (its TensorBoard writer) keeps the mount busy a while
+            subprocess.run(["umount", "--lazy", str(storage)], check=False)
