@@ -143,6 +143,13 @@ class TrainConfig:
         high=MAX_EPOCHS,
         help="epochs between checkpoints; the last epoch always gets one (default 1)",
     )
+    init_from: str | None = setting(
+        None,
+        metavar="CHECKPOINT|RUN|LATEST",
+        help="warm start a new run from this checkpoint folder, run folder (its latest) or LATEST pointer: weights, "
+        "both optimizers' state and the EMA, then this run's --lr and --beta1; a run with checkpoints of its own "
+        "resumes from them instead",
+    )
     keep_checkpoints: int = setting(
         2,
         kind=int,

@@ -13,7 +13,7 @@ import traceback
 from dataclasses import dataclass
 
 from gan.data import DataError, load_split, resolve_data_dir
-from job.storage.checkpoint import latest_checkpoint_or_refuse
+from job.storage.checkpoint import latest_checkpoint_or_refuse, load_from
 from job.config import TrainConfig
 from job.storage.data_source import fetch_from_bucket
 from job.runtime.distributed import backend_for
@@ -25,7 +25,8 @@ from job.runtime.ray_session import train_loop_per_worker
 from job.commands.promote import MARGIN, check_margin, check_pointer_name, check_target, promote, promotion_args
 from job.settings import Setting
 from job.storage.s3 import endpoint_url
-from job.storage.s3_preflight import check_bucket
+from job.storage.pointer import resolve_latest
+from job.storage.s3_preflight import check_bucket, check_readable
 
 # Exit status when training finished but its promotion (`--promote-to`) failed: 0 is success (the
 # promotion made or declined), 1 a failed run, 2 bad input; 3 is free everywhere in the CLI.
@@ -111,6 +112,22 @@ def preflight(config: TrainConfig) -> Location:
     if found is not None:
         check_resumable(config, found[1])
     return run
+
+
+def warm_start_source(config: TrainConfig, run: Location) -> TrainConfig:
+    """`config` with `--init-from` resolved to the checkpoint folder it names (a LATEST pointer to its run, a run
+    to its latest checkpoint), so that every worker and every restart loads the same one, after checking that it
+    fits; unset when the run has checkpoints of its own, which it resumes from instead."""
+    if not config.init_from:
+        return config
+    if latest_checkpoint_or_refuse(run, "run") is not None:  # as the workers will find it
+        print(f"note: run {config.run_name} has checkpoints of its own and resumes from them; --init-from is not used")
+        return config.replace(init_from=None)
+    check_readable(config.init_from, config.s3_endpoint, "--init-from")
+    source, donor = load_from(resolve_latest(config.init_from, config.s3_endpoint, "--init-from"), config.s3_endpoint,
+                              flag="--init-from")  # fmt: skip
+    check_resumable(config, donor, init_from=source.uri)
+    return config.replace(init_from=source.uri)
 
 
 def check_creatable(path: str, flag_value: str) -> None:
@@ -240,6 +257,7 @@ def run_training(config: TrainConfig, promotion: Promotion | None = None) -> int
     """
     target = check_promotion(promotion, config.s3_endpoint) if promotion is not None else None
     run = preflight(config)
+    config = warm_start_source(config, run)
     if target is not None:
         # a LATEST that is no pointer, a store that cannot do it
         check_target(target, config.s3_endpoint, flag="--promote-to")

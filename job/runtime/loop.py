@@ -25,6 +25,7 @@ from job.runtime.guards import Guards
 from job.runtime.quality import QualityProbe
 from job.runtime.recorder import Recorder
 from job.runtime.state import HostSnapshot, TrainingState, rng_state
+from job.storage.checkpoint import load_from
 from job.storage.data_source import local_data_folder
 from job.storage.location import Location
 
@@ -73,6 +74,11 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
     state = TrainingState.build(config, train_set.fingerprint, session.rank, session.world_size, session.device)
     checkpoint = session.load_checkpoint()
     resumed = state.resume(checkpoint) if checkpoint is not None else None  # noted in this attempt's first row
+    # Or, for a run with no checkpoint of its own, a warm start from the one --init-from names (its first row says).
+    init_from = None
+    if checkpoint is None and config.init_from:
+        source, donor = load_from(config.init_from, config.s3_endpoint, flag="--init-from")
+        init_from = state.warm_start(donor, source.uri)
     state.wrap_ddp()
     stepper = state.build_stepper(images_u8, labels, amp_dtype_for(config.precision, session.device))
     recorder = Recorder(config, session.run, train_set, state.epoch) if session.rank == 0 else None  # rank 0 writes
@@ -95,6 +101,8 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
 
         # Measure the epoch: losses, speed and, every eval_every epochs, quality.
         row = clock.epoch_row(epoch, state.step, stats, resumed)
+        if init_from is not None:
+            row["init_from"], init_from = init_from, None
         laps = Laps(row)  # where the rest of the epoch's time goes, part by part, into the row
         if quality and (epoch % config.eval_every == 0 or epoch == config.epochs):
             row["quality"] = broadcast_object(quality.evaluate(state.sampler) if recorder else None)

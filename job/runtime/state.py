@@ -29,8 +29,9 @@ RESEED_EPOCH_STRIDE = 1_000_003  # another world size reseeds each rank by this 
 EARLIER_CONDITIONING_KEY = "label_embedding.weight"  # G's label embedding in the first conditional scheme
 
 
-def check_resumable(config: TrainConfig, checkpoint: dict) -> None:
-    """Refuse a checkpoint whose shapes this configuration cannot load, naming the fields."""
+def check_resumable(config: TrainConfig, checkpoint: dict, init_from: str | None = None) -> None:
+    """Refuse a checkpoint whose shapes this configuration cannot load, naming the fields; `init_from`: the
+    checkpoint is a warm start's (`--init-from`), not the run's own."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     stored = {f: checkpoint["config"].get(f, defaults[f]) for f in SHAPE_FIELDS}  # not in an older config: default
     differing = [f for f in SHAPE_FIELDS if stored[f] != getattr(config, f)]
@@ -38,15 +39,22 @@ def check_resumable(config: TrainConfig, checkpoint: dict) -> None:
         details = ", ".join(
             f"{flag_name(f)} {_shown(stored[f])} (run) vs {_shown(getattr(config, f))} (now)" for f in differing
         )
+        if init_from is not None:
+            raise UsageError(
+                f"--init-from {init_from} cannot warm-start this configuration: {details.replace('(run)', '(it)')}; "
+                "use its values or another checkpoint"
+            )
         raise UsageError(
             f"run {config.run_name!r} cannot resume with this configuration: {details}; "
             "use the run's values or a new --run-name"
         )
     classes = checkpoint_num_classes(checkpoint)
     if classes and classes != dataset_info(config.data).num_classes:
+        subject = f"--init-from {init_from}" if init_from is not None else f"run {config.run_name!r}"
         raise UsageError(
-            f"run {config.run_name!r} is conditional on {classes} classes, --data {config.data} has "
-            f"{dataset_info(config.data).num_classes}; use the run's --data or a new --run-name"
+            f"{subject} is conditional on {classes} classes, --data {config.data} has "
+            f"{dataset_info(config.data).num_classes}; use its --data, or another "
+            + ("checkpoint" if init_from is not None else "--run-name")
         )
 
 
@@ -242,6 +250,12 @@ class TrainingState:
         check_resumable(self.config, checkpoint)
         self._load(checkpoint)
         self._restore_rng(checkpoint["rng"])
+        before = self._set_hyperparameters()
+        if before != (self.config.lr, self.config.beta1):  # a resume applies the command line's, and says so
+            print0(
+                f"note: run {self.config.run_name} goes on with --lr {self.config.lr} --beta1 {self.config.beta1} "
+                f"(its checkpoint had lr {before[0]}, beta1 {before[1]})"
+            )
         if checkpoint["data_fingerprint"] != self.data_fingerprint:
             print0(
                 f"warning: run {self.config.run_name} was trained on other data ({checkpoint['data_fingerprint']}); "
@@ -253,6 +267,21 @@ class TrainingState:
         )
         before = checkpoint["rng"].get("world_size")
         return {"from_epoch": self.epoch, "from_step": self.step, "world_size_before": before}
+
+    def warm_start(self, checkpoint: dict, source: str) -> dict:
+        """Start this new run from another run's `checkpoint` (`--init-from`): its weights, both optimizers'
+        state and its EMA, with this run's lr and beta1 written into the optimizers. The position, the grid
+        noise and the random streams stay this run's own: it starts at epoch 1. Returns what its first metrics
+        row records of it."""
+        check_resumable(self.config, checkpoint, init_from=source)
+        self._load_networks(checkpoint)
+        self._set_hyperparameters()
+        started = {"uri": source, "epoch": int(checkpoint["epoch"]), "parameter_digest": self.parameter_digest()}
+        print0(
+            f"warm start of run {self.config.run_name} from {source} (its epoch {started['epoch']}): weights, "
+            f"optimizer state and EMA; --lr {self.config.lr} --beta1 {self.config.beta1}"
+        )
+        return started
 
     def checkpoint(self, rng_states: list[dict]) -> HostSnapshot:
         """The checkpoint of this state, copied to host memory without waiting (rank 0).
@@ -301,6 +330,21 @@ class TrainingState:
         return state
 
     def _load(self, state: dict) -> None:
+        self._load_networks(state)
+        self.fixed_noise = state["fixed_noise"]
+        self.epoch, self.step = state["epoch"], state["step"]
+
+    def _set_hyperparameters(self) -> tuple[float, float]:
+        """Write this run's lr and beta1 into both optimizers (a load restores the checkpoint's); the old ones."""
+        group = self.optimizer_g.param_groups[0]
+        before = (group["lr"], group["betas"][0])
+        for optimizer in (self.optimizer_g, self.optimizer_d):
+            for group in optimizer.param_groups:
+                group["lr"], group["betas"] = self.config.lr, (self.config.beta1, group["betas"][1])
+        return before
+
+    def _load_networks(self, state: dict) -> None:
+        """G, D, both optimizers and the EMA from `state` (a checkpoint, or the last good state)."""
         unwrap(self.generator).load_state_dict(state["generator"])
         unwrap(self.discriminator).load_state_dict(state["discriminator"])
         self.optimizer_g.load_state_dict(state["optimizer_g"])
@@ -313,8 +357,6 @@ class TrainingState:
         if self.ema:  # a run that turns the EMA on later starts it from the current G
             self.ema.module.load_state_dict(state.get("ema_generator") or state["generator"])
             self.ema.updates = int(state.get("ema_updates", 0))
-        self.fixed_noise = state["fixed_noise"]
-        self.epoch, self.step = state["epoch"], state["step"]
 
     def _restore_rng(self, saved: dict) -> None:
         """Continue each rank's random stream; with another world size, reseed per rank and epoch."""

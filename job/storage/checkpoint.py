@@ -157,12 +157,12 @@ def latest_checkpoint_or_refuse(run: Location, what: str) -> tuple[Location, dic
     return found
 
 
-def load_from(uri: str, s3_endpoint: str | None = None) -> tuple[Location, dict]:
-    """The checkpoint a `--from` names: a checkpoint folder, or a run folder (its latest)."""
-    location = resolve_location(uri, s3_endpoint, flag="--from")
+def load_from(uri: str, s3_endpoint: str | None = None, flag: str = "--from") -> tuple[Location, dict]:
+    """The checkpoint a `--from` (or `flag`) names: a checkpoint folder, or a run folder (its latest)."""
+    location = resolve_location(uri, s3_endpoint, flag=flag)
     if location.child(STATE_FILE).exists():
         return location, read_checkpoint(location)
-    found = latest_checkpoint_or_refuse(location, "--from")
+    found = latest_checkpoint_or_refuse(location, flag)
     if found is None:
-        raise UsageError(f"--from {uri} holds no checkpoint; pass a run folder or one of its checkpoint_* folders")
+        raise UsageError(f"{flag} {uri} holds no checkpoint; pass a run folder or one of its checkpoint_* folders")
     return found

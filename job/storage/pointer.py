@@ -277,9 +277,9 @@ def read_pointer(location: Location, flag: str = "--target") -> dict | None:
     return parse_pointer(location.read_bytes(), location.uri, flag)
 
 
-def resolve_latest(uri: str, s3_endpoint: str | None = None) -> str:
+def resolve_latest(uri: str, s3_endpoint: str | None = None, flag: str = "--from") -> str:
     """The run a LATEST pointer names; any other location (a run or checkpoint folder) as it is."""
-    location = resolve_location(uri, s3_endpoint, flag="--from")
+    location = resolve_location(uri, s3_endpoint, flag=flag)
     if not location.exists() or not location.is_file():
         return uri
-    return read_pointer(location, flag="--from")["run"]
+    return read_pointer(location, flag=flag)["run"]
