@@ -101,7 +101,7 @@ def no_ray(monkeypatch):
 @pytest.mark.parametrize(
     "extra, source, expected",
     [
-        (["--noise-dim", "64"], "donor", "--init-from {src} cannot warm-start this configuration: --noise-dim 100 (it)"),
+        (["--noise-dim", "64"], "donor", "--init-from {src} cannot warm-start this configuration: --noise-dim 100"),
         (["--recipe", "conditional"], "donor", "--init-from {src} cannot warm-start this configuration: --conditional"),
         ([], "nothing-there", "--init-from {src} holds no checkpoint"),
     ],

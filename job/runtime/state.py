@@ -277,9 +277,10 @@ class TrainingState:
         self._load_networks(checkpoint)
         self._set_hyperparameters()
         started = {"uri": source, "epoch": int(checkpoint["epoch"]), "parameter_digest": self.parameter_digest()}
+        taken = "weights, optimizer state and EMA" if self.ema else "weights and optimizer state"
         print0(
-            f"warm start of run {self.config.run_name} from {source} (its epoch {started['epoch']}): weights, "
-            f"optimizer state and EMA; --lr {self.config.lr} --beta1 {self.config.beta1}"
+            f"warm start of run {self.config.run_name} from {source} (its epoch {started['epoch']}): {taken}; "
+            f"--lr {self.config.lr} --beta1 {self.config.beta1}"
         )
         return started
 
