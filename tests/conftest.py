@@ -264,6 +264,11 @@ def train_one_process(storage: Path, data_dir: Path, run_name: str = "run", **ov
     return storage / run_name
 
 
+# What a finished two-epoch run leaves in its artifacts/ folder.
+TWO_EPOCH_ARTIFACTS = ("metrics.jsonl", "samples/epoch_001.png", "samples/epoch_002.png", "losses.png", "generator.pt",
+                       "model.json")  # fmt: skip
+
+
 def parse_jsonl(text: str | bytes) -> list[dict]:
     """The objects of a JSON-lines text (metrics.jsonl, promotions.jsonl), blank lines skipped."""
     if isinstance(text, bytes):

@@ -50,6 +50,14 @@ FIX_HINTS = (
 )
 
 
+CHEAP_BENCH = ("--steps", "1", "--warmup", "0", "--batch-size", "8")  # a bench that takes no time
+
+
+def push_argv(data_dir) -> list[str]:
+    """`data push` of the files in `data_dir` to a bucket no test creates (nothing is ever uploaded)."""
+    return ["data", "push", "--data", "mnist", "--data-dir", str(data_dir), "--to", "s3://gan-job-test/never"]
+
+
 @pytest.fixture(autouse=True)
 def ray_must_not_start(monkeypatch):
     """Bad input is refused before Ray: reaching `connect_ray` here fails the test at once."""
@@ -182,25 +190,8 @@ def base_argv(command: str, tmp_path: Path) -> list[str]:
         ],
         "evaluate": ["evaluate", "--from", str(runs / "r")],
         "promote": ["promote", "--run", str(runs / "r"), "--target", str(out / "LATEST")],
-        "bench": [
-            "bench",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--batch-size",
-            "8",
-        ],  # cheap, should a bad value slip through
-        "data push": [
-            "data",
-            "push",
-            "--data",
-            "mnist",
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--to",
-            "s3://gan-job-test/never",
-        ],
+        "bench": ["bench", *CHEAP_BENCH],  # cheap, should a bad value slip through
+        "data push": push_argv(str(tmp_path / "data")),
     }[command].copy()
 
 
@@ -296,29 +287,8 @@ def _command_on(command: str, data_dir: Path, tmp_path: Path) -> list[str]:
             "--run-name",
             "r",
         ],
-        "bench": [
-            "bench",
-            "--data",
-            "mnist",
-            "--data-dir",
-            str(data_dir),
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--batch-size",
-            "8",
-        ],
-        "data push": [
-            "data",
-            "push",
-            "--data",
-            "mnist",
-            "--data-dir",
-            str(data_dir),
-            "--to",
-            "s3://gan-job-test/never",
-        ],
+        "bench": ["bench", "--data", "mnist", "--data-dir", str(data_dir), *CHEAP_BENCH],
+        "data push": push_argv(str(data_dir)),
     }[command]
 
 

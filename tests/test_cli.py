@@ -5,6 +5,12 @@ import pytest
 from job.cli import build_parser, env_var_for, main
 
 
+def train_argv(data_dir, storage, *flags: str, run_name: str | None = "r") -> list[str]:
+    """`train` on the tiny data into `storage`, with `flags`."""
+    named = ["--run-name", run_name] if run_name else []
+    return ["train", "--data", "fashion-mnist", "--data-dir", str(data_dir), "--storage", str(storage), *named, *flags]
+
+
 HELP = [
     ["--help"],
     *([command, "--help"] for command in ("train", "generate", "evaluate", "promote", "bench")),
@@ -57,18 +63,7 @@ BAD_TRAIN_INPUT = [
 @pytest.mark.parametrize("flags, named", BAD_TRAIN_INPUT, ids=[" ".join(f) for f, _ in BAD_TRAIN_INPUT])
 def test_bad_train_input_is_one_line_exit_2_and_writes_nothing(flags, named, tmp_path, capsys, tiny_data_dir):
     storage = tmp_path / "runs"
-    argv = [
-        "train",
-        "--data",
-        "fashion-mnist",
-        "--data-dir",
-        str(tiny_data_dir),
-        "--storage",
-        str(storage),
-        "--run-name",
-        "r",
-        *flags,
-    ]
+    argv = train_argv(tiny_data_dir, storage, *flags)
     assert main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
@@ -124,16 +119,7 @@ def test_recipes_set_hyperparameters_and_explicit_flags_win():
     (["--on-divergence", "panic"], "--on-divergence"), (["--on-collapse", "ignore"], "--on-collapse"),
 ])  # fmt: skip
 def test_bad_recipe_and_guard_flags_are_named(flags, named, tmp_path, capsys, tiny_data_dir):
-    argv = [
-        "train",
-        "--data",
-        "fashion-mnist",
-        "--data-dir",
-        str(tiny_data_dir),
-        "--storage",
-        str(tmp_path / "runs"),
-        *flags,
-    ]
+    argv = train_argv(tiny_data_dir, tmp_path / "runs", *flags, run_name=None)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err
@@ -190,18 +176,7 @@ BAD_PROMOTIONS = [
 def test_a_bad_promotion_is_refused_before_training_in_one_line(flags, named, tmp_path, capsys, tiny_data_dir):
     flags = [flag(tmp_path) if callable(flag) else flag.format(tmp=tmp_path) for flag in flags]
     storage = tmp_path / "runs"
-    argv = [
-        "train",
-        "--data",
-        "fashion-mnist",
-        "--data-dir",
-        str(tiny_data_dir),
-        "--storage",
-        str(storage),
-        "--run-name",
-        "r",
-        *flags,
-    ]
+    argv = train_argv(tiny_data_dir, storage, *flags)
     assert main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
@@ -233,17 +208,7 @@ def test_promotion_is_never_an_environment_knob(monkeypatch, tmp_path, tiny_data
     assert args.promote_to is None and args.promote_margin is None
     seen = []
     monkeypatch.setattr(job.commands.train, "run_training", lambda config, promotion=None: seen.append(promotion) or 0)
-    argv = [
-        "train",
-        "--data",
-        "fashion-mnist",
-        "--data-dir",
-        str(tiny_data_dir),
-        "--storage",
-        str(tmp_path / "runs"),
-        "--run-name",
-        "r",
-    ]
+    argv = train_argv(tiny_data_dir, tmp_path / "runs")
     assert main(argv) == 0 and seen == [None]
     assert main([*argv, "--promote-to", str(tmp_path / "job" / "LATEST")]) == 0
     assert seen[-1] == job.commands.train.Promotion(str(tmp_path / "job" / "LATEST"), 0.0), "promote's default margin"

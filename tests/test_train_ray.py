@@ -11,7 +11,7 @@ import job.runtime.ray_session
 from job.cli import main
 from job.storage.checkpoint import checkpoint_folders, read_checkpoint
 from job.storage.location import resolve_location
-from tests.conftest import metrics_rows
+from tests.conftest import TWO_EPOCH_ARTIFACTS, metrics_rows
 
 pytestmark = pytest.mark.ray
 
@@ -31,14 +31,7 @@ def two_worker_run(ray_cluster, fashion_mnist_dir, tmp_path_factory):
 def test_two_worker_run_writes_checkpoints_and_every_artifact(two_worker_run):
     _, run = two_worker_run
     assert any(p.name.startswith("checkpoint_") and (p / "state.pt").is_file() for p in run.iterdir())
-    for name in (
-        "metrics.jsonl",
-        "samples/epoch_001.png",
-        "samples/epoch_002.png",
-        "losses.png",
-        "generator.pt",
-        "model.json",
-    ):
+    for name in TWO_EPOCH_ARTIFACTS:
         assert (run / "artifacts" / name).is_file(), name
     assert [row["epoch"] for row in metrics_rows(run)] == [1, 2]
 

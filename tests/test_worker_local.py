@@ -15,7 +15,7 @@ from job.config import TrainConfig
 from job.runtime.state import TrainingState
 from job.storage.checkpoint import REQUIRED_KEYS, STATE_FILE, CheckpointError, checkpoint_folders, read_checkpoint
 from job.storage.location import resolve_location
-from tests.conftest import metrics_rows, train_one_process
+from tests.conftest import TWO_EPOCH_ARTIFACTS, metrics_rows, train_one_process
 
 
 def _train(tmp_path, data_dir, run_name="local", **overrides):
@@ -31,14 +31,7 @@ def _metrics(run):
 def test_a_run_writes_every_artifact_and_a_complete_checkpoint(tmp_path, tiny_data_dir):
     run = _train(tmp_path, tiny_data_dir)
     artifacts = tmp_path / "runs" / "local" / "artifacts"
-    for name in (
-        "metrics.jsonl",
-        "samples/epoch_001.png",
-        "samples/epoch_002.png",
-        "losses.png",
-        "generator.pt",
-        "model.json",
-    ):
+    for name in TWO_EPOCH_ARTIFACTS:
         assert (artifacts / name).is_file(), name
     rows = _metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2]
