@@ -376,7 +376,9 @@ def test_a_request_the_cluster_can_never_place_fails_at_once_with_exit_2(
     assert main(_train_argv(tiny_data_dir, str(storage), "never-placed", 1, *flags)) == 2
     took_s = time.monotonic() - started_s
     captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
+    # A detached PlacementGroupCleaner left by an earlier test's run on this shared cluster may warn on a busy machine
+    # ("Failed to query Ray Train Controller actor state"); Ray forwards it to whichever driver is connected.
+    lines = [line for line in captured.err.strip().splitlines() if "(PlacementGroupCleaner pid=" not in line]
     assert len(lines) == 1 and named in lines[0] and "cannot be placed" in lines[0] and "Traceback" not in captured.err
     assert "2 CPUs and 0 GPUs" in lines[0]  # says what the cluster has, so the fix is clear
     assert not storage.exists()
