@@ -314,6 +314,8 @@ def decide(
         "margin": args.margin,
         "epoch": int(state["epoch"]),
     }
+    if getattr(args, "sweep", None):  # chosen by `gan-job tune`
+        decision["sweep"] = args.sweep
     if current is not None:
         decision["current_run"] = current["run"]
     if unfinished:

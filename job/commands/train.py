@@ -63,12 +63,22 @@ def check_promotion(promotion: Promotion, s3_endpoint: str | None) -> Location:
     return resolve_location(promotion.target, s3_endpoint, flag="--promote-to")
 
 
-def promote_finished_run(run: Location, promotion: Promotion, config: TrainConfig) -> int:
+def promote_finished_run(
+    run: Location, promotion: Promotion, config: TrainConfig, sweep: str | None = None, num: int | None = None
+) -> int:
     """`gan-job promote --run <the run> --target <promotion.target> --margin M` in this process; 0 when the
-    promotion was made or declined (promote prints and logs the decision), PROMOTION_FAILED otherwise."""
+    promotion was made or declined (promote prints and logs the decision), PROMOTION_FAILED otherwise. `sweep`:
+    the sweep that chose the run, named in the decision; `num`: promote's --num (the sweep's final evaluation's)."""
     # promote's defaults (the run's data, the default image count and seed); the IDX files the run used.
     args = promotion_args(run.uri, promotion.target, promotion.margin, config.data_dir, config.s3_endpoint)
-    print(f"promoting run {config.run_name} to {promotion.target} if it is no worse than the current one", flush=True)
+    args.sweep = sweep
+    if num is not None:
+        args.num = num
+    chosen = f" (the best of sweep {sweep})" if sweep else ""
+    print(
+        f"promoting run {config.run_name}{chosen} to {promotion.target} if it is no worse than the current one",
+        flush=True,
+    )
     try:
         status = promote(args)
     except (UsageError, DataError, OSError) as err:
@@ -96,6 +106,16 @@ def preflight(config: TrainConfig) -> Location:
     Everything here only reads (the S3 check's marker object is deleted again), so that bad input
     leaves nothing behind; `prepare_storage` writes, once every check has passed.
     """
+    storage = check_inputs(config)
+    run = storage.child(config.run_name)
+    found = latest_checkpoint_or_refuse(run, "run")
+    if found is not None:
+        check_resumable(config, found[1])
+    return run
+
+
+def check_inputs(config: TrainConfig) -> Location:
+    """The data (read, never written) and the storage (reachable and writable, or creatable); returns the storage."""
     storage = resolve_location(config.storage, config.s3_endpoint)
     if is_s3(config.data_dir):
         check_bucket(config.data_dir, config.s3_endpoint, flag="--data-dir", write=False)
@@ -107,11 +127,7 @@ def preflight(config: TrainConfig) -> Location:
         check_bucket(config.storage, config.s3_endpoint, flag="--storage", create=config.create_bucket)
     else:
         check_creatable(storage.path, config.storage)
-    run = storage.child(config.run_name)
-    found = latest_checkpoint_or_refuse(run, "run")
-    if found is not None:
-        check_resumable(config, found[1])
-    return run
+    return storage
 
 
 def warm_start_source(config: TrainConfig, run: Location) -> TrainConfig:
@@ -123,6 +139,11 @@ def warm_start_source(config: TrainConfig, run: Location) -> TrainConfig:
     if latest_checkpoint_or_refuse(run, "run") is not None:  # as the workers will find it
         print(f"note: run {config.run_name} has checkpoints of its own and resumes from them; --init-from is not used")
         return config.replace(init_from=None)
+    return resolve_warm_start(config)
+
+
+def resolve_warm_start(config: TrainConfig) -> TrainConfig:
+    """`config` with `--init-from` resolved to a checkpoint folder, once it is known to fit `config`'s model."""
     check_readable(config.init_from, config.s3_endpoint, "--init-from")
     source, donor = load_from(resolve_latest(config.init_from, config.s3_endpoint, "--init-from"), config.s3_endpoint,
                               flag="--init-from")  # fmt: skip
@@ -154,7 +175,7 @@ def prepare_storage(config: TrainConfig) -> None:
             ) from None
 
 
-def connect_ray() -> None:
+def connect_ray(resources: dict[str, float] | None = None) -> None:
     """Join the cluster of `ray job submit` (RAY_ADDRESS), or start a local one of this machine's own.
 
     The local cluster listens on loopback only, with token authentication: Ray's default for a new
@@ -163,7 +184,8 @@ def connect_ray() -> None:
     picked before it starts, so that every process of the run gets the cluster's address
     (RAY_ADDRESS): Ray's helpers (Ray Train's placement group cleaner) otherwise guess it, and fail
     when other Ray clusters run on the machine. Its preemption watcher, which only serves nodes that
-    a cloud can take away, is off.
+    a cloud can take away, is off. `resources`: custom resources the local cluster declares (a sweep's
+    trial drivers take one each); a joined cluster declares its own.
     """
     import ray  # lazy: Ray stays off the start-up path of every command
 
@@ -178,7 +200,13 @@ def connect_ray() -> None:
     runtime_env = {"env_vars": {"RAY_ADDRESS": f"{LOOPBACK}:{gcs_port}"}}
     auth_notice = logging.getLogger(RAY_AUTH_LOGGER)
     auth_notice.setLevel(logging.ERROR)  # "Token authentication is enabled": as documented above
-    ray.init(_node_ip_address=LOOPBACK, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=True)
+    ray.init(
+        _node_ip_address=LOOPBACK,
+        runtime_env=runtime_env,
+        resources=resources,
+        logging_level="WARNING",
+        log_to_driver=True,
+    )
 
 
 RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"  # tests/test_console.py pins it
@@ -212,8 +240,9 @@ def last_error_line(error: BaseException) -> str:
     return (named or lines or [type(error).__name__])[-1]
 
 
-def build_trainer(config: TrainConfig):  # -> ray.train.torch.TorchTrainer (Ray stays a lazy import)
-    """The TorchTrainer for `config`: scaling, backend, storage, checkpoint and failure policy."""
+def build_trainer(config: TrainConfig, callbacks: list | None = None):  # -> ray.train.torch.TorchTrainer
+    """The TorchTrainer for `config`: scaling, backend, storage, checkpoint and failure policy; `callbacks` are Ray
+    Train's (a sweep's trial passes Tune's report callback)."""
     import ray.train  # lazy: Ray stays off the start-up path of every command
     from ray.train.torch import TorchConfig, TorchTrainer  # lazy: as ray.train
 
@@ -236,6 +265,7 @@ def build_trainer(config: TrainConfig):  # -> ray.train.torch.TorchTrainer (Ray 
             storage_filesystem=ray_filesystem(storage, config.s3_endpoint),  # Ray's own calls retry inside pyarrow
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            callbacks=callbacks,
         ),
     )
 

@@ -89,6 +89,16 @@ def generator_from_checkpoint(checkpoint: dict) -> tuple[Generator, str]:
     return generator.eval(), key
 
 
+def checkpoint_digest(checkpoint: dict) -> str:
+    """The parameter digest of a checkpoint's G and D, as the run that wrote it computed it."""
+    num_classes = checkpoint_num_classes(checkpoint)
+    generator = Generator(int(checkpoint["config"]["noise_dim"]), num_classes)
+    discriminator = Discriminator(num_classes)
+    generator.load_state_dict(checkpoint["generator"])
+    discriminator.load_state_dict(checkpoint["discriminator"])
+    return parameter_digest(generator, discriminator)
+
+
 def grid_inputs(config: TrainConfig, num_classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The fixed noise (and labels) of a run's sample grid: the tutorial's 4x4, or one row per class."""
     if not num_classes:
