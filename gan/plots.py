@@ -79,3 +79,47 @@ def quality_curves_png(rows: Sequence[dict]) -> bytes:
         _epoch_axis(axis)
     figure.legend(loc="outside lower center", ncol=3, frameon=False)  # below both plots, never on the data
     return _png(figure)
+
+
+def sweep_png(
+    curves: dict[str, list[tuple[int, float]]],  # per trial: (epoch, FID) as it trained
+    best: str | None,  # the winning trial, highlighted
+    searched: dict[str, dict[str, float]],  # per searched setting: trial -> its value
+    final_fid: dict[str, float],  # per trial: the FID each panel of a setting shows (its last)
+    log_scaled: Sequence[str] = (),  # searched settings drawn on a log axis
+) -> bytes:
+    """A sweep at a glance: FID against epoch per trial (the best highlighted), FID against each searched setting,
+    and the best FID found against the number of trials."""
+    plt = _pyplot()
+    panels = 2 + len(searched)
+    figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.8), squeeze=False)
+    curve_axis, *setting_axes, budget_axis = axes[0]
+    for trial, points in curves.items():
+        if not points:
+            continue
+        epochs, fids = zip(*points)
+        highlighted = trial == best
+        curve_axis.plot(epochs, fids, marker="o", markersize=3, linewidth=2.5 if highlighted else 1,
+                        color="tab:red" if highlighted else "tab:gray", alpha=1 if highlighted else 0.6,
+                        label=f"best: {trial}" if highlighted else None, zorder=3 if highlighted else 2)  # fmt: skip
+    curve_axis.set(xlabel="epoch", ylabel="FID (classifier)", yscale="log", title="FID per trial")
+    _epoch_axis(curve_axis)
+    if best is not None:
+        curve_axis.legend(fontsize=8)
+    for axis, (name, values) in zip(setting_axes, searched.items()):
+        trials = [t for t in values if t in final_fid]
+        axis.scatter([values[t] for t in trials], [final_fid[t] for t in trials],
+                     c=["tab:red" if t == best else "tab:blue" for t in trials])  # fmt: skip
+        axis.set(xlabel=name, ylabel="FID (final where re-scored)", yscale="log", title=f"FID against {name}")
+        if name in log_scaled:
+            axis.set_xscale("log")
+    order = sorted(final_fid, key=lambda t: int(t.rsplit("_", 1)[-1]) if t.rsplit("_", 1)[-1].isdigit() else 0)
+    running, best_so_far = float("inf"), []
+    for trial in order:
+        running = min(running, final_fid[trial])
+        best_so_far.append(running)
+    budget_axis.step(range(1, len(best_so_far) + 1), best_so_far, where="post", marker="o")
+    _epoch_axis(budget_axis)
+    budget_axis.set(xlabel="trials", ylabel="best FID so far", yscale="log", title="best found against trials")
+    figure.tight_layout()
+    return _png(figure)

@@ -21,6 +21,7 @@ from job.commands import bench, data_push, evaluate, generate, promote, train
 from job.config import SETTINGS, TrainConfig
 from job.errors import StorageFailed, StorageRefused, UsageError, flag_name
 from job.settings import add_flag, env_var_for
+from job.sweep import command as tune
 
 # `train` flags that no environment variable sets: promoting is never a knob.
 NOT_FROM_ENVIRONMENT = ("promote_to", "promote_margin")
@@ -74,18 +75,42 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    return train.run_training(_train_config(args), _promotion(args))
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
     values = {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
     if "num_workers" in values:  # N or MIN-MAX, held as two settings
         values["num_workers"], values["max_workers"] = values["num_workers"]
-    config = TrainConfig(**values)
-    promotion = None
-    if args.promote_to is not None or args.promote_margin is not None:
-        promotion = train.Promotion(args.promote_to, 0.0 if args.promote_margin is None else args.promote_margin)
-    return train.run_training(config, promotion)
+    return TrainConfig(**values)
+
+
+def _promotion(args: argparse.Namespace) -> train.Promotion | None:
+    if args.promote_to is None and args.promote_margin is None:
+        return None
+    return train.Promotion(args.promote_to, 0.0 if args.promote_margin is None else args.promote_margin)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    sweep = tune.sweep_args(args)  # before the config: --run-name is the sweep's to set
+    return tune.run_tune(sweep, _train_config(args), _promotion(args))
+
+
+def _add_tune_flags(parser: argparse.ArgumentParser) -> None:
+    """train's flags (the base configuration), then the sweep's own."""
+    _add_train_flags(parser)
+    sweep = parser.add_argument_group("the sweep")
+    add_flag(sweep, "--sweep", tune.SWEEP, required=True)
+    add_flag(sweep, "--trials", tune.TRIALS, 1)
+    add_flag(sweep, "--space", tune.SPACE, action="append")
+    add_flag(sweep, "--scheduler", tune.SCHEDULER, "asha")
+    add_flag(sweep, "--max-concurrent", tune.MAX_CONCURRENT, 2)
+    add_flag(sweep, "--perturbation-interval", tune.PERTURBATION_INTERVAL, 1)
+    add_flag(sweep, "--final-eval-num", tune.FINAL_EVAL_NUM, tune.DEFAULT_NUM)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The whole command line: train, generate, evaluate, promote, bench, data push."""
+    """The whole command line: train, tune, generate, evaluate, promote, bench, data push."""
     parser = OneLineParser(
         prog="gan-job", description="Train the TensorFlow-tutorial DCGAN with Ray Train and PyTorch DDP."
     )
@@ -96,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_train_flags(train_parser)
     train_parser.set_defaults(handler=_train)
+    tune_parser = commands.add_parser(
+        "tune",
+        help="search train's settings with Ray Tune (asha, pbt or fifo), rank the trials by FID, promote the best",
+        description="A sweep of train runs on Ray Tune; the same --sweep again resumes it. Why: docs/tune.md",
+    )
+    _add_tune_flags(tune_parser)
+    tune_parser.set_defaults(handler=_tune)
     generate.add_generate_arguments(
         commands.add_parser("generate", help="images from a run's latest (or a given) checkpoint")
     )
