@@ -233,7 +233,14 @@ def ray_cluster(s3_service):
         # an outage the tests play ends the attempt quickly; the 1 s blips they play pass.
         patch.setenv("GAN_JOB_STORAGE_RETRY_S", str(RAY_RETRY_BUDGET_S))
         patch.setenv("GAN_JOB_STORAGE_TIMEOUT_S", "10")
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=True)
+        # Its GCS port picked up front, so that its processes get its address: Ray's helpers (Ray Train's placement
+        # group cleaner) otherwise guess it, and fail while the autoscaling tests run a second cluster.
+        gcs_port = free_port()
+        patch.setenv("RAY_GCS_SERVER_PORT", str(gcs_port))
+        # The trial drivers' slots of `gan-job tune`, as the manifests' heads declare them.
+        ray.init(num_cpus=2, resources={"gan_job_trial_driver": 8}, include_dashboard=False, logging_level="ERROR",
+                 configure_logging=True, _node_ip_address="127.0.0.1",
+                 runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}})  # fmt: skip
     yield ray
     ray.shutdown()
 

@@ -1,0 +1,176 @@
+"""`gan-job tune`: refusals before any Ray work, a real ASHA sweep and a real PBT sweep on the shared local Ray
+cluster (its head declares the trial drivers' resource, as the manifests' heads do)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+import job.sweep.command
+from job.cli import main
+from job.config import TrainConfig
+from job.runtime.state import checkpoint_digest
+from job.storage.checkpoint import read_checkpoint
+from job.storage.location import resolve_location
+from job.sweep.command import SweepArgs, spec_of
+from job.sweep.spec import SPEC_FILE
+from tests.conftest import metrics_rows
+
+SMALL = ["--data", "fashion-mnist", "--limit", "128", "--batch-size", "32", "--eval-num", "64", "--num-workers", "1",
+         "--cpus-per-worker", "1", "--final-eval-num", "64"]  # fmt: skip
+
+
+def tune_argv(storage: Path, data_dir: Path, *extra: str, sweep: str = "s") -> list[str]:
+    return ["tune", *SMALL, "--data-dir", str(data_dir), "--storage", str(storage), "--sweep", sweep, *extra]
+
+
+def refusal(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("space", "named"),
+    [
+        (["lr=log:0:1e-3"], "--lr must be a finite number in (0, 1]"),
+        (["beta1=log:0:0.9"], "log-uniform needs a low bound above 0"),
+        (["lr=log:1e-3:1e-5"], "the low bound must be below the high one"),
+        (["beta1=0,0.5,1.5"], "--beta1"),
+        (["batch_size=64,0"], "--batch-size"),
+        (["epochs=1,2"], "not a setting a sweep searches"),
+        (["lr"], "is not NAME=SPEC"),
+        (["lr=gauss:1:2"], "is not log or uniform"),
+        (["lr=log:1e-5:1e-3", "lr=1e-4"], "twice"),
+        (["batch_size=7,8", "--num-workers", "2"], "--batch-size"),  # 7 images do not split over 2 workers
+    ],
+)
+def test_a_bad_space_is_refused_in_one_line_before_anything_is_written(space, named, tmp_path, capsys):
+    flags = [word for text in space for word in (("--space", text) if "=" in text or text == "lr" else (text,))]
+    status = main(tune_argv(tmp_path / "runs", tmp_path, *flags))
+    err = refusal(capsys)
+    assert status == 2 and "--space" in err and named in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_pbt_refuses_a_setting_an_exploit_cannot_mutate(tmp_path, capsys):
+    status = main(tune_argv(tmp_path / "runs", tmp_path, "--scheduler", "pbt", "--space", "batch_size=32,64"))
+    err = refusal(capsys)
+    assert status == 2 and "--scheduler pbt mutates only lr and beta1" in err, err
+
+
+def test_flags_a_sweep_sets_itself_are_refused(tmp_path, capsys):
+    assert main(tune_argv(tmp_path / "runs", tmp_path, "--run-name", "x", "--space", "lr=1e-4")) == 2
+    assert "--run-name is set by the sweep" in refusal(capsys)
+    assert main(tune_argv(tmp_path / "runs", tmp_path, "--eval-every", "2", "--space", "lr=1e-4")) == 2
+    assert "--eval-every is 1 in a sweep" in refusal(capsys)
+
+
+def test_a_resume_with_other_flags_is_refused_naming_each(tmp_path, small_fashion_dir, capsys):
+    storage = tmp_path / "runs"
+    config = TrainConfig(data="fashion-mnist", data_dir=str(small_fashion_dir), storage=str(storage), limit=128,
+                         batch_size=32, eval_num=64, num_workers=1, cpus_per_worker=1)  # fmt: skip
+    started = SweepArgs("s", ["lr=log:1e-5:1e-3"], trials=4, final_eval_num=64)
+    (storage / "s").mkdir(parents=True)
+    (storage / "s" / SPEC_FILE).write_text(spec_of(started, config).to_json())
+    before = (storage / "s" / SPEC_FILE).read_text()
+    status = main(tune_argv(storage, small_fashion_dir, "--space", "lr=log:1e-5:1e-2", "--trials", "4", "--lr", "3e-4"))
+    err = refusal(capsys)
+    assert status == 2, err
+    assert "--space lr=log:1e-5:1e-3 (sweep.json) vs lr=log:1e-5:1e-2 (now)" in err
+    assert "--lr 0.0001 (sweep.json) vs 0.0003 (now)" in err
+    assert (storage / "s" / SPEC_FILE).read_text() == before and sorted(p.name for p in (storage / "s").iterdir()) == [
+        SPEC_FILE
+    ]
+
+
+@pytest.mark.ray
+def test_a_sweep_that_can_never_be_placed_is_refused_in_one_line(ray_cluster, tmp_path, small_fashion_dir, capsys):
+    argv = tune_argv(tmp_path / "runs", small_fashion_dir, "--space", "lr=1e-4,2e-4")
+    argv[argv.index("--num-workers") + 1] = "4"  # the shared cluster has 2 CPUs
+    status = main(argv)
+    err = refusal(capsys)
+    assert status == 2 and "cannot be placed" in err and "--num-workers 4" in err, err
+    assert not (tmp_path / "runs" / "s" / SPEC_FILE).exists()
+
+
+@pytest.mark.ray
+def test_a_cluster_without_the_trial_drivers_resource_is_refused(
+    ray_cluster, tmp_path, small_fashion_dir, capsys, monkeypatch
+):
+    # The shared cluster's head declares gan_job_trial_driver; a name it does not declare stands for a cluster
+    # that lacks it (the check asks the real cluster).
+    monkeypatch.setattr(job.sweep.command, "TRIAL_DRIVER_RESOURCE", "gan_job_trial_driver_missing")
+    status = main(tune_argv(tmp_path / "runs", small_fashion_dir, "--space", "lr=1e-4,2e-4"))
+    err = refusal(capsys)
+    assert status == 2 and "rayStartParams.resources" in err and "gan_job_trial_driver_missing" in err, err
+
+
+def results(sweep: Path) -> list[dict]:
+    with open(sweep / "results.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.ray
+def test_an_asha_sweep_runs_each_trial_as_a_run_ranks_them_by_fid_and_promotes_the_winner(
+    ray_cluster, tmp_path, small_fashion_dir, cached_classifier, capsys
+):
+    storage = tmp_path / "runs"
+    latest = storage / "gan" / "LATEST"
+    argv = tune_argv(storage, small_fashion_dir, "--epochs", "2", "--scheduler", "asha", "--space",
+                     "lr=1e-5,5e-4", "--promote-to", str(latest))  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    sweep = storage / "s"
+    rows = results(sweep)
+    assert sorted(float(r["lr"]) for r in rows) == [1e-5, 5e-4]
+    for row in rows:  # each trial an ordinary run: every epoch once, scored
+        assert row["status"] == "finished" or row["status"] == "stopped by asha at epoch 1", row
+        epochs = [r["epoch"] for r in metrics_rows(sweep / "runs" / row["run"])]
+        assert epochs == list(range(1, int(row["epochs"]) + 1)) and all(
+            "quality" in r for r in metrics_rows(sweep / "runs" / row["run"])
+        )
+    finished = [r for r in rows if r["status"] == "finished"]
+    winner = min(finished, key=lambda r: float(r["fid_final"]))
+    evaluation = json.loads((sweep / "runs" / winner["run"] / "artifacts" / "eval.json").read_text())
+    assert evaluation["num_images"] == 64 and evaluation["seed"] == 0 and evaluation["epoch"] == 2
+    assert float(winner["fid_final"]) == pytest.approx(evaluation["fid_classifier"], rel=1e-3)
+    assert (sweep / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((sweep / SPEC_FILE).read_text())["space"] == ["lr=1e-5,5e-4"]
+    pointer = json.loads(latest.read_text())
+    assert pointer["run"] == str(sweep / "runs" / winner["run"]) and pointer["decision"]["sweep"] == "s"
+    assert f"best: trial {winner['trial']}" in out
+
+
+@pytest.mark.ray
+def test_pbt_exploits_for_real_the_exploited_trial_continues_from_the_donors_weights(
+    ray_cluster, tmp_path, small_fashion_dir, cached_classifier, capsys
+):
+    storage = tmp_path / "runs"
+    # Two trials, one far worse (lr 1e-6 barely moves): at each segment's end the worse one takes the other's.
+    argv = tune_argv(storage, small_fashion_dir, "--epochs", "2", "--scheduler", "pbt", "--perturbation-interval",
+                     "1", "--space", "lr=1e-6,1e-3")  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    sweep = storage / "s"
+    exploits = [line for line in out.splitlines() if line.startswith("exploit: ")]
+    assert exploits, out[-3000:]
+    runs = sorted(p.name for p in (sweep / "runs").iterdir())
+    continued = [name for name in runs if "." in name]
+    assert continued, runs
+    for name in continued:
+        first = metrics_rows(sweep / "runs" / name)[0]
+        donor_state = Path(first["init_from"]["uri"])
+        segment = json.loads((donor_state / "segment.json").read_text())
+        trial, epoch = name.rsplit(".", 1)
+        assert segment["trial"] != trial and segment["trial_epoch"] == int(epoch)
+        # The digest of its first state, after loading, is the donor's: the weights really came across.
+        assert first["init_from"]["parameter_digest"] == checkpoint_digest(
+            read_checkpoint(resolve_location(str(donor_state)))
+        )
+        assert f"trial {trial} took trial {segment['trial']}'s weights at epoch {epoch}" in out
+    rows = results(sweep)
+    assert {r["status"] for r in rows} == {"finished"} and {r["epochs"] for r in rows} == {"2"}
