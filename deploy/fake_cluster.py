@@ -22,6 +22,7 @@ Ray on the machine (so does `ray.cluster_utils.AutoscalingCluster`, which is why
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import shutil
@@ -63,6 +64,7 @@ class WorkerGroup:
 class ClusterShape:
     head_cpus: int
     groups: tuple[WorkerGroup, ...]
+    head_resources: dict[str, float] = field(default_factory=dict)  # custom ones (rayStartParams.resources)
 
 
 @dataclass
@@ -118,13 +120,22 @@ def standing_shape(objects: list[dict], name: str = STANDING_CLUSTER) -> Cluster
     if cluster is None:
         raise SystemExit(f"fake_cluster.py: the overlay has no RayCluster {name!r}")
     head_cpus, _ = _group_resources(cluster["spec"]["headGroupSpec"])
+    head_resources = custom_resources(cluster["spec"]["headGroupSpec"])
     groups = []
     for spec in cluster["spec"].get("workerGroupSpecs", []):
         cpus, gpus = _group_resources(spec)
         groups.append(
             WorkerGroup(spec["groupName"], cpus, gpus, int(spec.get("minReplicas", 0)), int(spec.get("maxReplicas", 0)))
         )
-    return ClusterShape(head_cpus, tuple(groups))
+    return ClusterShape(head_cpus, tuple(groups), head_resources)
+
+
+def custom_resources(spec: dict) -> dict[str, float]:
+    """A group's `rayStartParams.resources`, which KubeRay passes on quoted: '"{\"name\": 8}"'."""
+    text = str((spec.get("rayStartParams") or {}).get("resources", "")).strip()
+    if text.startswith('"') and text.endswith('"'):
+        text = json.loads(text)
+    return json.loads(text) if text else {}
 
 
 def autoscaling_config(shape: ClusterShape, gcs_address: str, idle_timeout_s: float) -> dict:
@@ -135,6 +146,7 @@ def autoscaling_config(shape: ClusterShape, gcs_address: str, idle_timeout_s: fl
                 "min_workers": min_workers, "max_workers": max_workers}  # fmt: skip
 
     types = {HEAD_TYPE: node_type(shape.head_cpus, 0, 0, 0)}
+    types[HEAD_TYPE]["resources"].update(shape.head_resources)
     for group in shape.groups:
         types[group.name] = node_type(group.cpus, group.gpus, group.min_replicas, group.max_replicas)
     return {
@@ -290,6 +302,8 @@ class FakeCluster:
                 "--min-worker-port", "0", "--max-worker-port", "0", f"--autoscaling-config={config_path}"]  # fmt: skip
         for flag, port in self.ports.items():
             args += [f"--{flag}", str(port)]
+        if self.shape.head_resources:
+            args += ["--resources", json.dumps(self.shape.head_resources)]
         log = open(self.temp / "head.log", "w")  # noqa: SIM115 - the head writes to it until stop()
         self.head = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()

@@ -322,8 +322,10 @@ def driver_commands(
 
 
 def run_name_of(command: list[str]) -> str:
-    assert "--run-name" in command, f"{shlex.join(command)} names no run"
-    return command[command.index("--run-name") + 1]
+    """The run a `train` command names, or the sweep a `tune` command names (a retry resumes either)."""
+    flag = "--sweep" if command[3] == "tune" else "--run-name"
+    assert flag in command, f"{shlex.join(command)} names no {flag[2:]}"
+    return command[command.index(flag) + 1]
 
 
 def cronjob_script(cronjob: dict) -> str:
@@ -578,11 +580,12 @@ def test_entrypoints_run_train_with_flags_and_knobs_the_cli_accepts(objects, tmp
     for command in commands:
         assert command[:3] == ["python", "-m", "job"], shlex.join(command)
         args = build_parser().parse_args(command[3:])
-        assert args.command == "train", shlex.join(command)
+        assert args.command in ("train", "tune"), shlex.join(command)
 
 
 def test_every_entrypoint_trains_its_run_and_promotes_it_to_the_storage_latest(objects, tmp_path):
-    # One process: `train --promote-to`, no chain of commands that could promote a failed run.
+    # One process: `train --promote-to` (or `tune --promote-to`, its winner), no chain of commands that could
+    # promote a failed run.
     from job.cli import build_parser
 
     storage = knobs(objects)["GAN_JOB_STORAGE"]
@@ -591,7 +594,8 @@ def test_every_entrypoint_trains_its_run_and_promotes_it_to_the_storage_latest(o
     for where, driver_command in commands.items():
         (command,) = job_commands(tmp_path, driver_command, knobs(objects))
         train = build_parser().parse_args(command[3:])
-        assert train.command == "train" and train.run_name in ("gan-train", "gan-retrain-29000000"), where
+        name = train.run_name if train.command == "train" else train.sweep
+        assert train.command in ("train", "tune") and name in ("gan-train", "gan-retrain-29000000"), where
         assert train.promote_to == f"{storage}/gan/LATEST", f"{where}: promotes to {train.promote_to}"
         assert train.promote_margin is None, f"{where}: promote's default margin"
 
@@ -636,7 +640,11 @@ def test_knobs_fit_the_worker_group_of_the_rayjob(objects):
     for obj in named(objects, "RayJob"):
         (group,) = obj["spec"]["rayClusterSpec"]["workerGroupSpecs"]
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-        assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == int(values["GAN_JOB_NUM_WORKERS"])
+        # A sweep's trials train side by side: a worker group each.
+        words = shlex.split(obj["spec"]["entrypoint"].split('"')[1]) if " tune " in obj["spec"]["entrypoint"] else []
+        at_once = int(words[words.index("--max-concurrent") + 1]) if words else 1
+        workers = int(values["GAN_JOB_NUM_WORKERS"]) * at_once
+        assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == workers
         assert float(limits["cpu"]) == float(values["GAN_JOB_CPUS_PER_WORKER"]), (
             "Ray takes a worker's CPUs from its cpu limit"
         )
@@ -726,7 +734,7 @@ def test_a_rayjob_runs_under_its_own_name_so_a_retry_resumes(objects, tmp_path):
             # A retry is a new cluster and a new submission id, but the same RayJob (and Job) name.
             for name in ("gan-train", "gan-retrain-k2x9q"):
                 commands = job_commands(tmp_path, kuberay_submit(tmp_path, spec["entrypoint"], name), knobs(objects))
-                assert [run_name_of(command) for command in commands if command[3] == "train"] == [name]
+                assert [run_name_of(command) for command in commands if command[3] in ("train", "tune")] == [name]
 
 
 def test_each_raycronjob_firing_trains_under_its_own_run_name(objects, tmp_path):
