@@ -179,6 +179,7 @@ def base_argv(command: str, tmp_path: Path) -> list[str]:
     runs, out = tmp_path / "runs", tmp_path / "out"
     return {
         "train": ["train", "--data-dir", str(tmp_path / "data"), "--storage", str(runs), "--run-name", "r"],
+        "tune": ["tune", "--data-dir", str(tmp_path / "data"), "--storage", str(runs), "--sweep", "s"],
         "generate": [
             "generate",
             "--from",
