@@ -11,10 +11,12 @@ import contextlib
 import functools
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ from job.storage.location import resolve_location
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(autouse=True)
@@ -238,11 +241,56 @@ def ray_cluster(s3_service):
         gcs_port = free_port()
         patch.setenv("RAY_GCS_SERVER_PORT", str(gcs_port))
         # The trial drivers' slots of `gan-job tune`, as the manifests' heads declare them.
-        ray.init(num_cpus=2, resources={"gan_job_trial_driver": 8}, include_dashboard=False, logging_level="ERROR",
-                 configure_logging=True, _node_ip_address="127.0.0.1",
+        # Its dashboard on: the cleaner asks the State API (the dashboard) whether a run's controller still lives.
+        ray.init(num_cpus=2, resources={"gan_job_trial_driver": 8}, include_dashboard=True,
+                 dashboard_port=free_port(), logging_level="ERROR", configure_logging=True,
+                 _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}})  # fmt: skip
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_head(s3_service, tmp_path_factory):
+    """`ray start --head` on loopback with free ports, its own temp folder and its own token.
+
+    The S3 settings are in the head's environment only, as a head pod gets them from its Secret:
+    `env`, what a client (the submitter) runs with, has none.
+    """
+    # Short: Ray's Unix socket paths under it must stay within 107 bytes.
+    temp = Path(tempfile.mkdtemp(prefix="gjr-", dir="/tmp"))
+    token = secrets.token_hex(32)
+    fake_cluster = load_fake_cluster_module()  # its port list and its wait: the same `ray start --head` on loopback
+    ports = dict(zip(fake_cluster.RAY_PORT_FLAGS, fake_cluster.free_ports(len(fake_cluster.RAY_PORT_FLAGS))))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    assert not [name for name in env if name.startswith("AWS_")]
+    args = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats", "--num-cpus", "2",
+            "--temp-dir", str(temp / "ray"), "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+            "--min-worker-port", "0", "--max-worker-port", "0"]  # fmt: skip
+    for name, port in ports.items():
+        args += [f"--{name}", str(port)]
+    log = open(temp / "head.log", "w")
+    head = subprocess.Popen(
+        args, env={**env, **s3_service.env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        fake_cluster.wait_for_http(f"{address}/api/version", 120)
+        yield {"address": address, "gcs": f"127.0.0.1:{ports['port']}", "token": token, "env": env}
+    finally:
+        # As FakeCluster.stop: SIGTERM, which `ray start --block` answers by stopping the head's
+        # processes, slowly (half a minute at times); what is left after 10 s is killed.
+        leftovers = fake_cluster.descendants(head.pid)
+        head.terminate()
+        try:
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+        fake_cluster.kill_all(leftovers)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def job_env(*, s3: S3Server | None = None, **extra: str) -> dict[str, str]:

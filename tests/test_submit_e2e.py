@@ -9,21 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
-import tempfile
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import built_overlay, knobs_loaded_by, load_fake_cluster_module
+from tests.conftest import BIN, REPO, built_overlay, knobs_loaded_by
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 
 def rayjob_and_knobs(overlay: str = "local") -> tuple[str, dict[str, str]]:
@@ -32,49 +26,6 @@ def rayjob_and_knobs(overlay: str = "local") -> tuple[str, dict[str, str]]:
     rayjob = next(o for o in objects if o["kind"] == "RayJob")
     head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     return rayjob["spec"]["entrypoint"], knobs_loaded_by(head, list(objects))
-
-
-@pytest.fixture(scope="module")
-def ray_head(s3_service, tmp_path_factory):
-    """`ray start --head` on loopback with free ports, its own temp folder and its own token.
-
-    The S3 settings are in the head's environment only, as a head pod gets them from its Secret:
-    `env`, what a client (the submitter) runs with, has none.
-    """
-    # Short: Ray's Unix socket paths under it must stay within 107 bytes.
-    temp = Path(tempfile.mkdtemp(prefix="gjr-", dir="/tmp"))
-    token = secrets.token_hex(32)
-    fake_cluster = load_fake_cluster_module()  # its port list and its wait: the same `ray start --head` on loopback
-    ports = dict(zip(fake_cluster.RAY_PORT_FLAGS, fake_cluster.free_ports(len(fake_cluster.RAY_PORT_FLAGS))))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    assert not [name for name in env if name.startswith("AWS_")]
-    args = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats", "--num-cpus", "2",
-            "--temp-dir", str(temp / "ray"), "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-            "--min-worker-port", "0", "--max-worker-port", "0"]  # fmt: skip
-    for name, port in ports.items():
-        args += [f"--{name}", str(port)]
-    log = open(temp / "head.log", "w")
-    head = subprocess.Popen(
-        args, env={**env, **s3_service.env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    address = f"http://127.0.0.1:{ports['dashboard-port']}"
-    try:
-        fake_cluster.wait_for_http(f"{address}/api/version", 120)
-        yield {"address": address, "gcs": f"127.0.0.1:{ports['port']}", "token": token, "env": env}
-    finally:
-        # As FakeCluster.stop: SIGTERM, which `ray start --block` answers by stopping the head's
-        # processes, slowly (half a minute at times); what is left after 10 s is killed.
-        leftovers = fake_cluster.descendants(head.pid)
-        head.terminate()
-        try:
-            head.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
-        fake_cluster.kill_all(leftovers)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def submit(

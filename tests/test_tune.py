@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 import job.sweep.command
 from job.cli import main
+from job.commands.train import build_trainer, prepare_storage
 from job.config import TrainConfig
 from job.runtime.state import checkpoint_digest
 from job.storage.checkpoint import read_checkpoint
 from job.storage.location import resolve_location
 from job.sweep.command import SweepArgs, spec_of
 from job.sweep.spec import SPEC_FILE
+from job.sweep.trial import TRIAL_DRIVER_RESOURCE
 from tests.conftest import metrics_rows
 
 SMALL = ["--data", "fashion-mnist", "--limit", "128", "--batch-size", "32", "--eval-num", "64", "--num-workers", "1",
@@ -129,6 +132,7 @@ def test_an_asha_sweep_runs_each_trial_as_a_run_ranks_them_by_fid_and_promotes_t
     assert sorted(float(r["lr"]) for r in rows) == [1e-5, 5e-4]
     for row in rows:  # each trial an ordinary run: every epoch once, scored
         assert row["status"] == "finished" or row["status"] == "stopped by asha at epoch 1", row
+        # A stopped trial's run may finish the epoch it was in: results.csv counts what the run recorded.
         epochs = [r["epoch"] for r in metrics_rows(sweep / "runs" / row["run"])]
         assert epochs == list(range(1, int(row["epochs"]) + 1)) and all(
             "quality" in r for r in metrics_rows(sweep / "runs" / row["run"])
@@ -174,3 +178,32 @@ def test_pbt_exploits_for_real_the_exploited_trial_continues_from_the_donors_wei
         assert f"trial {trial} took trial {segment['trial']}'s weights at epoch {epoch}" in out
     rows = results(sweep)
     assert {r["status"] for r in rows} == {"finished"} and {r["epochs"] for r in rows} == {"2"}
+
+
+@pytest.mark.ray
+def test_a_stopped_trials_worker_group_is_released_while_another_ray_cluster_runs_on_the_machine(
+    ray_cluster, ray_head, tmp_path, small_fashion_dir
+):
+    # Tune stops a trial by killing its driver: the run's Train controller dies with it, ungracefully, and only
+    # Ray Train's PlacementGroupCleaner gives the worker group's CPUs back. It asks the State API whether the
+    # controller lives, at the address its processes were given (with a second cluster up, a guess fails).
+    config = TrainConfig(data="fashion-mnist", data_dir=str(small_fashion_dir), limit=128, batch_size=32, epochs=200,
+                         num_workers=1, cpus_per_worker=1, eval_every=0, storage=str(tmp_path / "runs"),
+                         run_name="stopped")  # fmt: skip
+    prepare_storage(config)
+
+    def trial_driver(trial_config: TrainConfig) -> None:
+        build_trainer(trial_config).fit()
+
+    ray = ray_cluster
+    driver = ray.remote(num_cpus=0, resources={TRIAL_DRIVER_RESOURCE: 1})(trial_driver).remote(config)
+    metrics = tmp_path / "runs" / "stopped" / "artifacts" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not metrics.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert metrics.exists() and ray.available_resources().get("CPU", 0) < 2  # training, on one of the two CPUs
+    ray.cancel(driver, force=True)
+    deadline = time.monotonic() + 90
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == 2

@@ -38,7 +38,7 @@ class TrialOutcome:
     trial: str
     params: dict
     status: str  # finished / stopped by asha at epoch k / stopped by a guard / failed
-    epochs: int  # the trial's epochs trained (across its runs under pbt)
+    epochs: int  # the epochs its runs recorded (a stopped trial's may include the one it was in when stopped)
     run: str | None  # its last run's name, under <sweep>/runs/
     fid: float | None  # the training FID of its last epoch
     quality: dict = field(default_factory=dict)  # its last training evaluation
@@ -81,6 +81,9 @@ def trial_outcomes(results, plan: TrialPlan, dimensions: list[Dimension]) -> lis
             if "run" in frame:
                 runs = list(dict.fromkeys(str(r) for r in frame["run"].dropna()))
         run = metrics.get("run") or (trial if plan.scheduler != "pbt" else None)
+        if plan.scheduler != "pbt" and run:
+            # A stopped trial's run may finish the epoch it was in while Tune's stop travels: count what it recorded.
+            epochs = max([int(row["epoch"]) for row in RunArtifacts(plan.run_location(run)).read_metrics()] or [0])
         quality = metrics.get("quality") if isinstance(metrics.get("quality"), dict) else {}
         fid = quality.get("fid_classifier", metrics.get(FID))
         fid = float(fid) if isinstance(fid, (int, float)) and math.isfinite(fid) else None
