@@ -42,7 +42,7 @@ class TrialOutcome:
     run: str | None  # its last run's name, under <sweep>/runs/
     fid: float | None  # the training FID of its last epoch
     quality: dict = field(default_factory=dict)  # its last training evaluation
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, FID) as reported
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (the trial's epoch, FID) as its runs recorded
     runs: list[str] = field(default_factory=list)  # every run it trained in, in order (pbt: after each exploit)
     final: dict | None = None  # the final evaluation (the best three finished only)
 
@@ -73,22 +73,38 @@ def trial_outcomes(results, plan: TrialPlan, dimensions: list[Dimension]) -> lis
             status = "finished"
         else:
             status = f"stopped by {plan.scheduler} at epoch {epochs}"
-        frame = result.metrics_dataframe
-        curve, runs = [], []
-        if frame is not None and FID in frame and time_attr in frame:
-            rows = frame[[time_attr, FID]].dropna()
-            curve = sorted({int(e): float(f) for e, f in zip(rows[time_attr], rows[FID])}.items())
-            if "run" in frame:
-                runs = list(dict.fromkeys(str(r) for r in frame["run"].dropna()))
         run = metrics.get("run") or (trial if plan.scheduler != "pbt" else None)
-        if plan.scheduler != "pbt" and run:
+        runs = continued_runs(plan, trial) if plan.scheduler == "pbt" else [run]
+        curve = recorded_curve(plan, runs)
+        if plan.scheduler != "pbt" and curve:
             # A stopped trial's run may finish the epoch it was in while Tune's stop travels: count what it recorded.
-            epochs = max([int(row["epoch"]) for row in RunArtifacts(plan.run_location(run)).read_metrics()] or [0])
+            epochs = curve[-1][0]
         quality = metrics.get("quality") if isinstance(metrics.get("quality"), dict) else {}
         fid = quality.get("fid_classifier", metrics.get(FID))
         fid = float(fid) if isinstance(fid, (int, float)) and math.isfinite(fid) else None
-        outcomes.append(TrialOutcome(trial, params, status, epochs, run, fid, quality, curve, runs or [run]))
+        outcomes.append(TrialOutcome(trial, params, status, epochs, run, fid, quality, curve, runs))
     return sorted(outcomes, key=lambda o: o.index)
+
+
+def continued_runs(plan: TrialPlan, trial: str) -> list[str]:
+    """A PBT trial's runs as its storage holds them: its first, then `<trial>.<k>` after each exploit, in the
+    order of k. Not from Tune's results: a trial restarted by an exploit may lose its earlier reports there."""
+    names = resolve_location(plan.runs, plan.base.get("s3_endpoint")).list_names(folders_only=True)
+    after = {int(name.rsplit(".", 1)[1]): name for name in names
+             if name.startswith(trial + ".") and name.rsplit(".", 1)[1].isdigit()}  # fmt: skip
+    return [trial, *(after[k] for k in sorted(after))]
+
+
+def recorded_curve(plan: TrialPlan, runs: list[str]) -> list[tuple[int, float]]:
+    """(the trial's epoch, FID) of every epoch its runs recorded; a run `<trial>.<k>` starts at the trial's epoch k."""
+    points = {}
+    for name in runs:
+        offset = int(name.rsplit(".", 1)[1]) if "." in name else 0
+        for row in RunArtifacts(plan.run_location(name)).read_metrics():
+            fid = (row.get("quality") or {}).get("fid_classifier")
+            if isinstance(fid, (int, float)) and math.isfinite(fid):
+                points[offset + int(row["epoch"])] = float(fid)
+    return sorted(points.items())
 
 
 def rescore(outcomes: list[TrialOutcome], plan: TrialPlan, config: TrainConfig, num: int) -> TrialOutcome | None:
