@@ -17,6 +17,7 @@ joined to it with RAY_ADDRESS, as on the head of a real cluster.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import subprocess
 import sys
@@ -291,3 +292,50 @@ def test_an_elastic_run_starts_with_the_minimum_and_grows_when_the_cluster_can_h
     assert sizes[:2] == [1, 1] and sizes[-1] == 2 and sizes == sorted(sizes)
     assert len(resumes) == 1 and resumes[0][1]["world_size_before"] == 1  # one resize, from the last checkpoint
     assert len(set(json.loads((run / "artifacts" / "model.json").read_text())["nodes"])) == 2
+
+
+# A sweep ------------------------------------------------------------------------------------------
+
+
+def held_worker_groups(cluster) -> list[dict]:
+    """The cluster's live placement groups that hold CPUs: Ray Train's worker groups (a trial driver's own
+    group holds only the head's `gan_job_trial_driver`), from the State API as `ray list` reads it."""
+    done = subprocess.run([str(BIN / "ray"), "list", "placement-groups", "--detail", "--format", "json", "--limit",
+                           "1000", "--address", cluster.dashboard_address], env=driver_env(cluster),
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [
+        group
+        for group in json.loads(done.stdout)
+        if group["state"] == "CREATED" and any(b["unit_resources"].get("CPU", 0) > 0 for b in group["bundles"])
+    ]
+
+
+def test_a_sweep_on_the_cluster_releases_the_worker_group_of_a_trial_asha_stops(
+    autoscaling_cluster, small_fashion_dir, tmp_path
+):
+    cluster = autoscaling_cluster
+    storage = tmp_path / "sweeps"
+    # One trial at a time, in the grid's order: lr 5e-4 trains both epochs; lr 1e-6, far worse at the epoch-1
+    # rung, is stopped there (its driver ended, its controller gone with it); lr 4e-4 then trains, and by its
+    # first epoch the stopped trial's worker group must be gone (Ray Train's PlacementGroupCleaner).
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "job", "tune", "--data", "fashion-mnist", "--data-dir", str(small_fashion_dir),
+         "--limit", "512", "--batch-size", "32", "--eval-num", "64", "--final-eval-num", "64", "--num-workers", "1",
+         "--cpus-per-worker", "1", "--epochs", "2", "--storage", str(storage), "--sweep", "s", "--scheduler", "asha",
+         "--max-concurrent", "1", "--space", "lr=5e-4,1e-6,4e-4"],
+        env=driver_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: list(storage.glob("s/runs/*_00002/artifacts/metrics.jsonl")), 400, "the third trial's epoch")
+        held = held_worker_groups(cluster)
+        output = sweep.communicate(timeout=300)[0]
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            print(sweep.communicate()[0][-4000:])
+    assert sweep.returncode == 0, output[-4000:]
+    with open(storage / "s" / "results.csv", newline="") as handle:
+        statuses = [row["status"] for row in csv.DictReader(handle)]
+    assert statuses == ["finished", "stopped by asha at epoch 1", "finished"], output[-4000:]
+    assert len(held) == 1, held  # the third trial's own; none left by the stopped one
