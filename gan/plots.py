@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 from types import ModuleType
 from typing import TYPE_CHECKING, Sequence
 
@@ -85,7 +86,7 @@ def sweep_png(
     curves: dict[str, list[tuple[int, float]]],  # per trial: (epoch, FID) as it trained
     best: str | None,  # the winning trial, highlighted
     searched: dict[str, dict[str, float]],  # per searched setting: trial -> its value
-    final_fid: dict[str, float],  # per trial: the FID each panel of a setting shows (its last)
+    final_fid: dict[str, float],  # per trial, in trial order: the FID each panel of a setting shows (its last)
     log_scaled: Sequence[str] = (),  # searched settings drawn on a log axis
 ) -> bytes:
     """A sweep at a glance: FID against epoch per trial (the best highlighted), FID against each searched setting,
@@ -113,11 +114,7 @@ def sweep_png(
         axis.set(xlabel=name, ylabel="FID (final where re-scored)", yscale="log", title=f"FID against {name}")
         if name in log_scaled:
             axis.set_xscale("log")
-    order = sorted(final_fid, key=lambda t: int(t.rsplit("_", 1)[-1]) if t.rsplit("_", 1)[-1].isdigit() else 0)
-    running, best_so_far = float("inf"), []
-    for trial in order:
-        running = min(running, final_fid[trial])
-        best_so_far.append(running)
+    best_so_far = list(itertools.accumulate(final_fid.values(), min))  # final_fid comes in trial order
     budget_axis.step(range(1, len(best_so_far) + 1), best_so_far, where="post", marker="o")
     _epoch_axis(budget_axis)
     budget_axis.set(xlabel="trials", ylabel="best FID so far", yscale="log", title="best found against trials")

@@ -100,15 +100,6 @@ def parse_space(texts: list[str], scheduler: str) -> list[Dimension]:
     return dimensions
 
 
-def grid_points(dimensions: list[Dimension]) -> int:
-    """How many grid points the space has (1 without a grid)."""
-    count = 1
-    for dimension in dimensions:
-        if dimension.is_grid:
-            count *= len(dimension.values)
-    return count
-
-
 def corner_values(dimensions: list[Dimension]) -> list[dict]:
     """Settings that every value of the space is checked with: each grid value and each sampled bound."""
     return [{d.name: value} for d in dimensions for value in d.values]

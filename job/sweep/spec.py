@@ -34,17 +34,12 @@ class SweepSpec:
 
     def differences(self, stored: dict) -> list[str]:
         """Each flag whose value differs from `stored` (a sweep.json), as `--flag OLD (sweep.json) vs NEW (now)`."""
-        found = []
-        for name, value in asdict(self).items():
-            if name in ("version", "base", "sweep"):
-                continue
-            if stored.get(name) != value:
-                found.append(f"{flag_name(name)} {_shown(stored.get(name))} (sweep.json) vs {_shown(value)} (now)")
         base = stored.get("base") or {}
-        for name, value in self.base.items():
-            if name not in NOT_COMPARED and base.get(name) != value:
-                found.append(f"{flag_name(name)} {_shown(base.get(name))} (sweep.json) vs {_shown(value)} (now)")
-        return found
+        own = [(name, stored.get(name), value) for name, value in asdict(self).items()
+               if name not in ("version", "base", "sweep")]  # fmt: skip
+        train = [(name, base.get(name), value) for name, value in self.base.items() if name not in NOT_COMPARED]
+        return [f"{flag_name(name)} {_shown(old)} (sweep.json) vs {_shown(new)} (now)"
+                for name, old, new in own + train if old != new]  # fmt: skip
 
 
 def _shown(value: object) -> str:
