@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-address", help="run stage 6's job on this Ray cluster instead of a local one it starts")
     parser.add_argument("--work-dir", type=Path, help="scratch folder (default: a temporary one, removed at the end)")
     args = parser.parse_args(argv)
+    refusal = out_refusal(args.out)
+    if refusal is not None:  # before any stage, so that no GPU time is spent on a report that cannot be written
+        print(f"gpu_check: {refusal}", file=sys.stderr)
+        return 2
 
     started_s = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="gpu-check-")) if args.work_dir is None else args.work_dir
@@ -103,6 +107,22 @@ def main(argv: list[str] | None = None) -> int:
         f"failed: {failed or 'none'}; {args.out}"
     )
     return 1 if failed else 0
+
+
+def out_refusal(out: Path) -> str | None:
+    """Why the report cannot be written to `out` (one line, naming --out and the fix), or None when it can."""
+    try:
+        if out.is_dir():
+            return f"--out {out} is a folder; pass a file in it, e.g. --out {out / 'results.json'}"
+        parent = out.parent
+        if not parent.is_dir():
+            problem = "is not a folder" if parent.exists() else "does not exist"
+            return f"--out {out}: its folder {parent} {problem}; create it or pass a file in an existing folder"
+    except OSError as err:  # a folder on the way that may not be searched
+        return f"--out {out} cannot be reached ({err.strerror}); pass a file in a folder you can write to"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out {out}: its folder {parent} is not writable; pass a file in a folder you can write to"
+    return None
 
 
 class Check:
@@ -149,7 +169,6 @@ class Check:
         self.write()
 
     def write(self) -> None:
-        self.args.out.parent.mkdir(parents=True, exist_ok=True)
         partial = self.args.out.with_suffix(".partial")
         partial.write_text(json.dumps(self.results, indent=2, default=str) + "\n")
         partial.replace(self.args.out)  # whole or not at all, should the machine be taken away mid-write

@@ -7,6 +7,7 @@ Why: docs/architecture.md#quality-metrics
 from __future__ import annotations
 
 import importlib.util
+import io
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -124,16 +125,33 @@ def precision_recall_on_device(
     return generated_is_realistic.float().mean(), real_is_covered.float().mean()
 
 
-def check_state_dict_file(path: str | Path) -> None:
-    """Raise ValueError unless `path` is a plain tensor state dict (it loads with `weights_only=True`)."""
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a plain state dict file, read once with `weights_only=True`; ValueError for anything else."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"{path} does not exist") from None
-    except Exception as err:  # damaged or pickled code: either way not a file to hand to torch.load(weights_only=False)
+    except Exception as err:  # damaged or pickled code: either way not a file to unpickle
         raise ValueError(f"{path} is not a plain state dict ({type(err).__name__})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise ValueError(f"{path} is not a state dict of tensors")
+    return state
+
+
+def check_state_dict_file(path: str | Path) -> None:
+    """Raise ValueError unless `path` is a plain tensor state dict (it loads with `weights_only=True`)."""
+    load_state_dict_file(path)
+
+
+def _as_torch_save_bytes(state: dict[str, torch.Tensor]) -> io.BytesIO:
+    """`state` re-serialized by us, as plain tensors: the only bytes a library's own unpickling load gets to see."""
+    buffer = io.BytesIO()
+    # detach: a Parameter comes out a plain Tensor, so the bytes name no class but Tensor's own rebuild
+    torch.save({key: value.detach() for key, value in state.items()}, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def torch_fidelity_missing_reason() -> str | None:
@@ -160,13 +178,26 @@ def inception_fid(generated: torch.Tensor, real: torch.Tensor, weights_path: str
     reason = torch_fidelity_missing_reason()
     if reason is not None:
         return {"computed": False, "reason": reason}
-    check_state_dict_file(weights_path)  # torch-fidelity loads it with weights_only=False: refuse pickled code first
+    # The user's file is read here, once, weights only. torch-fidelity's extractor reads whatever path it is
+    # given with torch.load(weights_only=False) (and downloads when given none): it gets our own torch.save of
+    # the tensors just read, which holds nothing but tensors, and never the user's file.
+    state = load_state_dict_file(weights_path)
     # why: heavy optional dependency, kept off the CLI's start-up path
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(
-        feature=2048, feature_extractor_weights_path=str(weights_path), sync_on_compute=False
-    )
+    try:
+        metric = FrechetInceptionDistance(
+            feature=2048, feature_extractor_weights_path=_as_torch_save_bytes(state), sync_on_compute=False
+        )
+    except RuntimeError as err:  # load_state_dict's missing or unexpected keys, or shapes that differ
+        if "state_dict" not in str(err):  # not the weights' fault: let it show as it is
+            raise
+        detail = " ".join(str(err).split())[:200]  # one line, however many keys it lists
+        return {
+            "computed": False,
+            "reason": f"{weights_path} is not torch-fidelity's Inception v3 state dict ({detail}); "
+            "pass weights-inception-2015-12-05-6726825d.pth",
+        }
     for images, is_real in ((real, True), (generated, False)):
         for chunk in images.split(INCEPTION_BATCH):
             metric.update(to_uint8(chunk).expand(-1, 3, -1, -1), real=is_real)  # Inception takes RGB

@@ -1,6 +1,10 @@
 """IDX files, where the data comes from, and how it is split across ranks."""
 
 import gzip
+import re
+import struct
+import tracemalloc
+import zlib
 
 import pytest
 import torch
@@ -91,6 +95,85 @@ def test_idx_reader_names_wrong_magic_and_truncation():
         decode_idx(good[:-10], "f.idx")
     with pytest.raises(IdxFormatError, match="damaged gzip"):
         decode_idx(gzip.compress(good)[:-8], "f.idx.gz")
+
+
+# Gzip bombs and oversized headers: refused before they are inflated or allocated (issue 28) ---------
+
+BOMB_BYTES = 64 * 2**20  # inflated size of the test's bombs: each is ~64 KB of gzip
+SMALL_CAP = 2**20  # MAX_IDX_BYTES in the tests that patch it, so that a bomb "past the cap" stays small
+
+
+def _idx_header(shape: tuple[int, ...]) -> bytes:
+    return bytes([0, 0, 0x08, len(shape)]) + struct.pack(f">{len(shape)}I", *shape)
+
+
+def _gzip_bomb(shape: tuple[int, ...], zeros: int = BOMB_BYTES) -> bytes:
+    """A gzipped IDX header for `shape` followed by `zeros` zero bytes, compressed ~1000:1 a MiB at a time."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: gzip's header and trailer
+    parts, mib = [compressor.compress(_idx_header(shape))], bytes(2**20)
+    parts += [compressor.compress(mib) for _ in range(zeros // 2**20)]
+    return b"".join([*parts, compressor.flush()])
+
+
+def _peak_bytes(call) -> int:
+    """The most memory Python (and numpy, which reports to tracemalloc) held at once while `call` ran."""
+    tracemalloc.start()
+    try:
+        call()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def test_a_gzip_bomb_past_the_cap_is_refused_without_being_inflated(monkeypatch):
+    """A well-formed IDX file, gzipped, whose data (all of it really there) inflate past the cap."""
+    monkeypatch.setattr("gan.idx.MAX_IDX_BYTES", SMALL_CAP)
+    bomb = _gzip_bomb((64, 1024, 1024))  # declares and holds 64 MiB
+    assert len(bomb) < BOMB_BYTES // 500
+
+    def decode() -> None:
+        with pytest.raises(IdxFormatError) as refused:
+            decode_idx(bomb, "bomb-idx3-ubyte.gz")
+        message = str(refused.value)
+        assert "\n" not in message and "bomb-idx3-ubyte.gz" in message and "MAX_IDX_BYTES" in message
+        assert "1,048,576 bytes" in message and "download it again" in message
+
+    assert _peak_bytes(decode) < 4 * 2**20  # nothing near the 64 MiB it would inflate to
+
+
+def test_a_gzip_bomb_behind_a_small_header_is_inflated_only_as_far_as_the_header_says():
+    """The header declares 4 bytes; 64 MiB of zeros follow. The default cap: the declared size bounds the reading."""
+    bomb = _gzip_bomb((4,))
+
+    def decode() -> None:
+        with pytest.raises(IdxFormatError, match="should hold 4 bytes of data"):
+            decode_idx(bomb, "bomb.gz")
+
+    assert _peak_bytes(decode) < 4 * 2**20
+
+
+def test_a_header_declaring_more_than_the_cap_is_refused_before_anything_is_allocated(tmp_path):
+    path = tmp_path / "huge-idx3-ubyte"
+    path.write_bytes(_idx_header((65536, 65536, 2)) + bytes(64))  # declares 8 GiB, the default cap is 4 GiB
+    for name, data in ((path, path.read_bytes()), (path.with_suffix(".gz"), gzip.compress(path.read_bytes()))):
+        name.write_bytes(data)
+        with pytest.raises(
+            IdxFormatError, match=re.escape(f"{name} declares 8,589,934,608 bytes") + ".* more than the 4 GiB"
+        ):
+            read_idx(name)
+
+
+def test_an_idx_file_exactly_at_the_cap_is_read_and_one_byte_more_is_refused(monkeypatch):
+    monkeypatch.setattr("gan.idx.MAX_IDX_BYTES", SMALL_CAP)
+    header = len(_idx_header((1,)))
+    fits = torch.full((SMALL_CAP - header,), 7, dtype=torch.uint8)
+    for raw in (encode_idx(fits), gzip.compress(encode_idx(fits))):
+        assert torch.equal(decode_idx(raw), fits)
+    over = encode_idx(torch.zeros(SMALL_CAP - header + 1, dtype=torch.uint8))
+    for raw in (over, gzip.compress(over)):
+        with pytest.raises(IdxFormatError, match="MAX_IDX_BYTES"):
+            decode_idx(raw)
 
 
 def test_wrong_image_size_is_a_data_error(tmp_path):

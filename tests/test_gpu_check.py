@@ -5,6 +5,7 @@ session's local cluster."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -38,3 +39,39 @@ def test_the_gpu_check_runs_every_stage_on_a_cpu_and_records_each(ray_cluster, t
     ray = stages["6_ray_train"]
     assert ray["resumed_ok"] and ray["ddp_world_size_1"]["ddp_vs_plain"]["bitwise_equal"]
     assert ray["ddp_world_size_1"]["broadcast_object"] == {"from": "rank 0"}
+
+
+def _refusal(tmp_path, out) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick", "--out", str(out),
+         "--work-dir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "where, fix",
+    [("folder", "is a folder"), ("missing/results.json", "does not exist"), ("file/results.json", "is not a folder")],
+)
+def test_an_out_that_cannot_be_written_is_refused_before_any_stage(tmp_path, where, fix):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    done = _refusal(tmp_path, tmp_path / where)
+    (line,) = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and "--out" in line and fix in line, done.stderr
+    assert done.stdout == ""  # no stage started: each prints its name first
+    assert not (tmp_path / "work").exists()  # nothing written, not even the scratch folder
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["file", "folder"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any folder")
+def test_an_out_in_a_folder_that_is_not_writable_is_refused_before_any_stage(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        done = _refusal(tmp_path, locked / "results.json")
+    finally:
+        locked.chmod(0o700)
+    (line,) = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and "--out" in line and "not writable" in line, done.stderr
+    assert done.stdout == "" and not (tmp_path / "work").exists()

@@ -2,6 +2,7 @@
 
 import json
 import math
+import pickle
 
 import pytest
 import torch
@@ -178,3 +179,133 @@ def test_a_missing_torch_fidelity_is_reported_with_how_to_install_it(monkeypatch
     assert "pip install torch-fidelity" in torch_fidelity_missing_reason()
     result = inception_fid(_noise(4), _noise(4, seed=2), weights)
     assert result == {"computed": False, "reason": torch_fidelity_missing_reason()}
+
+
+# The user's Inception weights are untrusted input: read once, weights only (issue 28) ----------
+
+
+class _Payload:
+    """Unpickling this runs code: it writes "executed" into `marker`."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('executed')",))
+
+
+def _payload_file(path, marker, kind: str) -> None:
+    if kind == "plain pickle":
+        path.write_bytes(pickle.dumps(_Payload(marker), protocol=2))
+    else:  # torch.save's zip format, shaped like a state dict, the payload where a weight goes
+        torch.save({"fc.weight": _Payload(marker), "fc.bias": torch.zeros(3)}, path)
+
+
+@pytest.fixture
+def torch_fidelity_like(monkeypatch) -> list[dict]:
+    """`inception_fid` as with torch-fidelity installed, but for the network; the state dicts its FID was given."""
+    built: list[dict] = []
+
+    class TorchFidelityLike:
+        """torchmetrics' FID as torch-fidelity 0.4 builds it, but for the network: its FeatureExtractorInceptionV3
+        reads the weights it is handed with `torch.load(path, weights_only=False)`."""
+
+        def __init__(self, feature: int, feature_extractor_weights_path, sync_on_compute: bool) -> None:
+            built.append(torch.load(feature_extractor_weights_path, weights_only=False))
+
+        def update(self, imgs: torch.Tensor, real: bool) -> None:
+            pass
+
+        def compute(self) -> torch.Tensor:
+            return torch.tensor(1.5)
+
+    monkeypatch.setattr("gan.metrics.torch_fidelity_missing_reason", lambda: None)
+    monkeypatch.setattr("torchmetrics.image.fid.FrechetInceptionDistance", TorchFidelityLike)
+    return built
+
+
+@pytest.mark.parametrize("kind", ["plain pickle", "torch.save zip"])
+def test_inception_weights_holding_a_pickle_payload_are_refused_and_never_run(torch_fidelity_like, tmp_path, kind):
+    marker, weights = tmp_path / "executed", tmp_path / "inception.pth"
+    _payload_file(weights, marker, kind)
+    with pytest.raises(ValueError, match="not a plain state dict"):
+        inception_fid(_noise(4), _noise(4, seed=2), weights)
+    assert not marker.exists() and torch_fidelity_like == []
+
+
+def test_inception_weights_reach_the_extractor_only_through_one_weights_only_read(
+    torch_fidelity_like, monkeypatch, tmp_path
+):
+    """The file is swapped for a payload right after its weights-only read (as by a writer racing the reader):
+    the extractor gets the tensors of that read, re-serialized here, and never the path, which torch-fidelity
+    would load with weights_only=False."""
+    marker, weights = tmp_path / "executed", tmp_path / "inception.pth"
+    state = {"fc.weight": torch.randn(3, 2), "fc.bias": torch.nn.Parameter(torch.randn(3))}
+    torch.save(state, weights)
+    reads: list[bool | None] = []
+    real_load = torch.load
+
+    def load_then_swap(file, *args, **kwargs):
+        if str(file) != str(weights):
+            return real_load(file, *args, **kwargs)
+        reads.append(kwargs.get("weights_only"))
+        try:
+            return real_load(file, *args, **kwargs)
+        finally:
+            _payload_file(weights, marker, "plain pickle")
+
+    monkeypatch.setattr(torch, "load", load_then_swap)
+    result = inception_fid(_noise(4), _noise(4, seed=2), weights)
+    assert not marker.exists()
+    assert reads == [True]  # the user's file: read once, weights only
+    assert result == {"computed": True, "value": 1.5, "num_real": 4}
+    (handed,) = torch_fidelity_like
+    assert handed.keys() == state.keys() and all(torch.equal(handed[key], state[key]) for key in state)
+    assert all(type(tensor) is torch.Tensor for tensor in handed.values())  # plain tensors, no Parameter
+
+
+def _random_inception_state_dict(monkeypatch) -> dict[str, torch.Tensor]:
+    """A state dict with the keys and shapes of torch-fidelity's Inception v3, randomly initialized (nothing is
+    downloaded: its loading is switched off while it is built)."""
+    inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    with monkeypatch.context() as patch:
+        patch.setattr(inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        patch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *args, **kwargs: None)
+        return inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+
+
+def test_real_inception_weights_load_through_the_weights_only_path(monkeypatch, tmp_path):
+    """With torch-fidelity installed: a state dict of the right keys gives a finite FID, the network holds exactly
+    its tensors, and the file is read once, weights only."""
+    state = _random_inception_state_dict(monkeypatch)
+    weights = tmp_path / "inception.pth"
+    torch.save(state, weights)
+    fid_module = pytest.importorskip("torchmetrics.image.fid")
+    built, reads, real_load = [], [], torch.load
+
+    class Kept(fid_module.FrechetInceptionDistance):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    def recorded(file, *args, **kwargs):
+        if str(file) == str(weights):
+            reads.append(kwargs.get("weights_only"))
+        return real_load(file, *args, **kwargs)
+
+    monkeypatch.setattr(fid_module, "FrechetInceptionDistance", Kept)
+    monkeypatch.setattr(torch, "load", recorded)
+    result = inception_fid(_noise(2), _noise(2, seed=2), weights)  # FID's least: 2 a side, each 299x299 in Inception
+    assert result["computed"] is True and math.isfinite(result["value"]), result
+    assert reads == [True]
+    loaded = built[0].inception.state_dict()
+    assert all(torch.equal(loaded[key], state[key]) for key in state)
+
+
+def test_a_state_dict_that_is_not_inception_is_reported_not_computed(monkeypatch, tmp_path):
+    pytest.importorskip("torch_fidelity")
+    weights = tmp_path / "other.pth"
+    torch.save({"w": torch.zeros(1)}, weights)
+    result = inception_fid(_noise(2), _noise(2, seed=2), weights)
+    assert result["computed"] is False and "not torch-fidelity's Inception v3 state dict" in result["reason"]
+    assert "\n" not in result["reason"]
