@@ -21,14 +21,19 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.conftest import built_overlay
 
@@ -50,6 +55,16 @@ S3_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"
 CREDENTIAL_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
 # The knobs a run on a cluster cannot do without: the default storage is a folder inside the pod.
 REQUIRED_KNOBS = ("GAN_JOB_STORAGE", "GAN_JOB_NUM_WORKERS", "GAN_JOB_CPUS_PER_WORKER")
+# What KubeRay sets from a cluster's token Secret in its Ray containers and submitters, beyond the manifests.
+KUBERAY_SECRET_VARIABLES = ("RAY_AUTH_TOKEN",)
+# A shell line that only assigns a variable (`NAME=value`, `export NAME=value`): no program, no argv.
+SHELL_ASSIGNMENT = re.compile(
+    r"""(?:export\s+)?[A-Za-z_]\w*=(?:"(?:[^"`$\\]|\$(?!\())*"|'[^']*'|(?:[^\s"'`$;&|<>()\\]|\$(?!\())*)"""
+)
+# The pod labels of KubeRay's operator as its Helm chart sets them (the release of deploy/README.md).
+KUBERAY_OPERATOR = {"app.kubernetes.io/name": "kuberay-operator"}
+# The image's hash-pinned requirements (deploy/image/pin_requirements.py writes them).
+REQUIREMENTS = (DEPLOY / "image" / "requirements.txt", DEPLOY / "image" / "requirements-gpu.txt")
 
 # Checkov findings accepted on purpose, each with its reason: (check id, resource or "*") -> why.
 # A finding not listed fails the test, and so does an entry that no longer matches anything.
@@ -479,7 +494,7 @@ def test_ray_version_is_one_in_pyproject_dockerfile_and_manifests(objects):
     args = dockerfile_args()
     assert args["RAY_VERSION"] == ray_version, "Dockerfile ARG RAY_VERSION"
     base = re.search(r"^FROM (\S+)", (REPO / "Dockerfile").read_text(), re.MULTILINE).group(1)
-    base = re.sub(r"\$\{(\w+)\}", lambda match: args[match.group(1)], base)
+    base = re.sub(r"\$\{(\w+)\}", lambda match: args.get(match.group(1), match.group(0)), base)
     assert base.startswith(f"rayproject/ray:{ray_version}-py311-"), (
         f"Dockerfile FROM {base}: Ray's own Python 3.11 image"
     )
@@ -616,11 +631,12 @@ def test_the_promotion_target_is_the_heads_storage_and_refused_without_it(object
 
 def test_every_knob_is_a_train_flag(objects):
     from job.cli import NOT_FROM_ENVIRONMENT, build_parser, env_var_for
+    from job.storage.signing import SIGNING_KEY_ENV
 
     defaults = vars(build_parser().parse_args(["train"]))
     flag_variables = {
         env_var_for(dest) for dest in defaults if dest not in ("command", "handler", *NOT_FROM_ENVIRONMENT)
-    }
+    } | {SIGNING_KEY_ENV}  # the one variable that is no flag: a secret, never a knob
     for obj in objects:
         for _, container in containers(obj):
             for name in container_env(container, objects):
@@ -707,8 +723,10 @@ def test_secret_examples_hold_placeholders_and_are_not_applied():
     assert examples(), "an example of the S3 Secret for clusters with their own S3"
     for example in examples():
         data = {**example.get("data", {}), **example.get("stringData", {})}
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            assert data.get(key) == "CHANGE_ME", f"{example['metadata']['name']}: {key} must be a placeholder"
+        secrets = [key for key in data if "KEY" in key.upper() or "SECRET" in key.upper()]
+        assert secrets, f"{example['metadata']['name']}: holds no key"
+        for key in secrets:
+            assert data[key] == "CHANGE_ME", f"{example['metadata']['name']}: {key} must be a placeholder"
     for path in DEPLOY.rglob("kustomization.yaml"):
         listed = yaml.safe_load(path.read_text()).get("resources", [])
         assert not [name for name in listed if name.endswith(".example.yaml")], (
@@ -806,6 +824,124 @@ def test_rayjobs_clean_up_and_stop_on_time(objects):
 # Tests: security.
 
 
+def secret_variables(container: dict, objs: list[dict]) -> set[str]:
+    """The environment variables of a container whose values come from a Secret."""
+    env = container_env(container, objs)
+    return {name for name, source in env.items() if source[0] == "secret"} | set(KUBERAY_SECRET_VARIABLES)
+
+
+def expands(text: str, name: str) -> bool:
+    """Whether a shell expands the variable in the text ($NAME, ${NAME...}), or Kubernetes does ($(NAME))."""
+    return re.search(rf"\$(?:{name}|\{{{name}|\({name}\))(?!\w)", text) is not None
+
+
+def secrets_on_command_lines(container: dict, secrets: set[str]) -> list[str]:
+    """The lines of a container's command and args that put a secret on some program's command line.
+
+    A secret may only be assigned to a shell variable (an assignment starts no process, and an
+    exported variable reaches a program through its environment, which only its own user can
+    read); a variable assigned from a secret counts as one. Kubernetes itself expands $(NAME) in
+    command and args, so that form is a leak wherever it stands: the value lands in the shell's argv."""
+    words = [*container.get("command", []), *container.get("args", [])]
+    leaks = [word for word in words for name in secrets if re.search(rf"\$\({name}\)", word)]
+    lines = [line.strip() for word in words for line in word.replace("\\\n", " ").splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    tainted = set(secrets)
+    while True:
+        assigned = {
+            line.removeprefix("export").strip().split("=", 1)[0]
+            for line in lines
+            if SHELL_ASSIGNMENT.fullmatch(line) and any(expands(line, name) for name in tainted)
+        }
+        if assigned <= tainted:
+            break
+        tainted |= assigned
+    return leaks + [
+        line for line in lines if not SHELL_ASSIGNMENT.fullmatch(line) and any(expands(line, name) for name in tainted)
+    ]
+
+
+class Pod(NamedTuple):
+    """A pod an overlay makes: where it comes from, the labels it will carry, the Ray cluster it
+    belongs to (Ray pods) or submits to (submitters), and its containers' port names."""
+
+    where: str
+    labels: dict[str, str]
+    role: str  # "ray", "submitter" or "other"
+    cluster: str | None
+    ports: frozenset[str]
+
+
+def kuberay_pod_labels(template: dict, cluster: str, node_type: str, group: str) -> dict[str, str]:
+    """A Ray pod's labels as KubeRay 1.6 sets them (common/pod.go labelPod): its own, then the
+    template's, which override all but ray.io/cluster, ray.io/node-type and ray.io/group."""
+    labels = {
+        "ray.io/is-ray-node": "yes",
+        "app.kubernetes.io/name": "kuberay",
+        "app.kubernetes.io/created-by": "kuberay-operator",
+        **template.get("metadata", {}).get("labels", {}),
+    }
+    return {**labels, "ray.io/cluster": cluster, "ray.io/node-type": node_type, "ray.io/group": group}
+
+
+def port_names(template: dict) -> frozenset[str]:
+    return frozenset(port.get("name", "") for c in template["spec"]["containers"] for port in c.get("ports", []))
+
+
+def overlay_pods(objs: list[dict]) -> list[Pod]:
+    """Every pod an overlay makes, with the labels of its template and those its controller adds."""
+    found = []
+    for obj in objs:
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        # The clusters of one RayJob spec share their labels: a RayCronJob fires copies of gan-train's.
+        clusters = [(f"RayCluster {name}", name, obj["spec"])] if kind == "RayCluster" else []
+        for spec in rayjob_specs(obj):
+            # KubeRay names a RayJob's cluster <rayjob>-<random>; a RayCronJob its RayJobs <cron>-<random>.
+            rayjob = f"{name}-a1b2c" if kind == "RayCronJob" else name
+            key = "RayJob spec " + json.dumps(spec, sort_keys=True)
+            clusters.append((key, f"{rayjob}-x7k2p", spec["rayClusterSpec"]))
+            template = spec["submitterPodTemplate"]
+            labels = {**template.get("metadata", {}).get("labels", {}), "batch.kubernetes.io/job-name": rayjob}
+            found.append(Pod(f"{kind} {name} submitter", labels, "submitter", key, port_names(template)))
+        for key, cluster_name, cluster in clusters:
+            head = cluster["headGroupSpec"]["template"]
+            labels = kuberay_pod_labels(head, cluster_name, "head", "headgroup")
+            found.append(Pod(f"{kind} {name} head", labels, "ray", key, port_names(head)))
+            for group in cluster.get("workerGroupSpecs", []):
+                labels = kuberay_pod_labels(group["template"], cluster_name, "worker", group["groupName"])
+                found.append(
+                    Pod(f"{kind} {name} {group['groupName']}", labels, "ray", key, port_names(group["template"]))
+                )
+        if kind == "CronJob":
+            template = obj["spec"]["jobTemplate"]["spec"]["template"]
+            labels = {**template.get("metadata", {}).get("labels", {}), "batch.kubernetes.io/job-name": f"{name}-1"}
+            address = container_env(template["spec"]["containers"][0], objs).get("RAY_API_SERVER_ADDRESS")
+            host = urlparse(address[1]).hostname if address else None
+            cluster = f"RayCluster {host.removesuffix('-head-svc')}" if host else None
+            found.append(
+                Pod(f"{kind} {name}", labels, "submitter" if cluster else "other", cluster, port_names(template))
+            )
+        if kind in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            template = obj["spec"]["template"]
+            found.append(
+                Pod(f"{kind} {name}", template.get("metadata", {}).get("labels", {}), "other", None, frozenset())
+            )
+    return found
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes label selector matches these labels (an empty one matches every pod)."""
+    if not all(labels.get(key) == value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    tests = {
+        "In": lambda key, values: labels.get(key) in values,
+        "NotIn": lambda key, values: labels.get(key) not in values,
+        "Exists": lambda key, values: key in labels,
+        "DoesNotExist": lambda key, values: key not in labels,
+    }
+    return all(tests[e["operator"]](e["key"], e.get("values", [])) for e in selector.get("matchExpressions", []))
+
+
 def test_every_container_has_requests_and_limits(objects):
     for obj in objects:
         for _, container in containers(obj):
@@ -881,6 +1017,94 @@ def test_the_job_namespace_enforces_the_restricted_pod_security_standard(objects
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
 
 
+def admits(rules: list[dict], pod: Pod, other: Pod, port: str | None) -> bool:
+    """Whether ingress rules of a pod admit another pod of its namespace: to every port, or to the
+    named port (which the pod must have)."""
+    for rule in rules:
+        if not any(
+            "namespaceSelector" not in peer and selects(peer["podSelector"], other.labels) for peer in rule["from"]
+        ):
+            continue
+        if not rule.get("ports") or (port in pod.ports and {"port": port} in rule["ports"]):
+            return True
+    return False
+
+
+def test_no_secret_reaches_a_command_line(objects):
+    # /proc/<pid>/cmdline is readable by whoever can see the process; its environment is not.
+    for obj in objects:
+        where = f"{obj['kind']} {obj['metadata']['name']}"
+        secrets: set[str] = set()
+        for _, container in containers(obj):
+            secrets |= secret_variables(container, objects)
+            leaks = secrets_on_command_lines(container, secret_variables(container, objects))
+            assert not leaks, f"{where} {container['name']}: a secret on a command line: {leaks}"
+        # The entrypoint becomes the argv of `ray job submit` and of the driver's shell, and KubeRay
+        # builds the `ray start` command lines from rayStartParams.
+        words = [spec["entrypoint"] for spec in rayjob_specs(obj)]
+        for cluster in raycluster_specs(obj):
+            for group in [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]:
+                words += [str(value) for value in group.get("rayStartParams", {}).values()]
+        assert not [word for word in words for name in secrets if expands(word, name)], where
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        'mc alias set local "$AWS_ENDPOINT_URL" "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY"',
+        'key="${AWS_SECRET_ACCESS_KEY}"\ncurl --user "me:$key" https://example.com',
+        'export X=$(printf %s "$AWS_SECRET_ACCESS_KEY")',
+        'export MC_HOST_local="http://me:$(AWS_SECRET_ACCESS_KEY)@minio:9000"',
+    ],
+    ids=["argument", "through-a-variable", "command-substitution", "kubernetes-expansion"],
+)
+def test_the_command_line_check_finds_a_secret_passed_to_a_program(script):
+    container = {"command": ["/bin/sh", "-c"], "args": [script]}
+    assert secrets_on_command_lines(container, {"AWS_SECRET_ACCESS_KEY"})
+
+
+def test_every_ray_pod_admits_only_its_own_cluster_and_its_submitters(objects):
+    everyone = overlay_pods(objects)
+    policies = [
+        policy
+        for policy in named(objects, "NetworkPolicy")
+        if "Ingress" in policy["spec"].get("policyTypes", ["Ingress"])
+    ]
+    ray_pods = [pod for pod in everyone if pod.role == "ray"]
+    assert ray_pods
+    for pod in ray_pods:
+        selecting = [policy for policy in policies if selects(policy["spec"]["podSelector"], pod.labels)]
+        assert selecting, f"{pod.where}: no ingress NetworkPolicy selects it"
+        rules = [rule for policy in selecting for rule in policy["spec"].get("ingress", [])]
+        for rule in rules:
+            assert rule.get("from"), f"{pod.where}: a rule without `from` admits every source"
+            for peer in rule["from"]:
+                assert set(peer) <= {"podSelector", "namespaceSelector"}, f"{pod.where}: {peer}"
+                if "namespaceSelector" in peer:
+                    # KubeRay's operator, in its own namespace, reads a RayJob's status from the job API.
+                    assert set(peer["namespaceSelector"].get("matchLabels", {})) == {"kubernetes.io/metadata.name"}
+                    assert peer.get("podSelector", {}).get("matchLabels") == KUBERAY_OPERATOR, peer
+                    assert rule.get("ports") == [{"port": "dashboard"}], "the operator only reads the job API"
+                    continue
+                selector = peer["podSelector"]
+                assert selector.get("matchLabels") or selector.get("matchExpressions"), (
+                    f"{pod.where}: an empty podSelector admits every pod of the namespace"
+                )
+                strangers = [
+                    other.where
+                    for other in everyone
+                    if selects(selector, other.labels) and other.cluster != pod.cluster
+                ]
+                assert not strangers, f"{pod.where} admits pods of no concern to its cluster: {strangers}"
+
+        # ... and the cluster still works: its own pods on every port, its submitters on the head's job API.
+        for other in everyone:
+            if other.cluster == pod.cluster and other.role == "ray":
+                assert admits(rules, pod, other, None), f"{pod.where} must admit {other.where} on every port"
+            if other.cluster == pod.cluster and other.role == "submitter" and pod.labels["ray.io/node-type"] == "head":
+                assert admits(rules, pod, other, "dashboard"), f"{pod.where} must admit {other.where} to the job API"
+
+
 def test_checkov_accepts_the_manifests_and_the_dockerfile(tmp_path):
     scan = tmp_path / "scan"
     scan.mkdir()
@@ -944,6 +1168,8 @@ def test_the_image_is_built_from_the_package_alone():
     assert ignored[0] == "*", ".dockerignore lets in only what it names"
     assert sorted(line for line in ignored if line.startswith("!")) == [
         "!README.md",
+        "!deploy/image/requirements-gpu.txt",
+        "!deploy/image/requirements.txt",
         "!gan/",
         "!job/",
         "!pyproject.toml",
@@ -956,6 +1182,108 @@ def test_the_image_is_built_from_the_package_alone():
     assert "[dev]" not in dockerfile and not re.search(
         r"^(ENV|ARG) \w*(SECRET|PASSWORD|TOKEN|KEY)\w*", dockerfile, re.MULTILINE
     )
+
+
+def pinned(path: Path) -> dict[str, str]:
+    """name -> version of a requirements file in which every requirement is pinned and hashed."""
+    pins = {}
+    for line in path.read_text().replace("\\\n", " ").splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][\w.-]*)(\[[\w,.-]+\])?==(\S+)", words[0])
+        assert match, f"{path.name}: {words[0]} is not pinned with =="
+        assert words[1:] and all(re.fullmatch(r"--hash=sha256:[0-9a-f]{64}", word) for word in words[1:]), (
+            f"{path.name}: {words[0]} has no sha256"
+        )
+        pins[canonicalize_name(match.group(1))] = match.group(3)
+    return pins
+
+
+def test_the_base_image_is_pinned_by_digest():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    (base,) = re.findall(r"^FROM (\S+)", dockerfile, re.MULTILINE)
+    _, _, digest = base.partition("@")
+    argument = re.fullmatch(r"\$\{(\w+)\}", digest)
+    if argument:
+        # Not known here: a build argument without a default, so that no build goes on without it.
+        assert re.search(rf"^ARG {argument.group(1)}$", dockerfile, re.MULTILINE), f"ARG {argument.group(1)}"
+    else:
+        assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), f"FROM {base}: the tag and its digest"
+
+
+def test_the_image_installs_hash_pinned_wheels_each_from_one_index():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    code = "\n".join(line for line in dockerfile.splitlines() if not line.lstrip().startswith("#"))
+    # Two indexes for one install let a package of the same name on either win.
+    assert not re.search(r"extra[-_]index[-_]url|find[-_]links|trusted[-_]host", code, re.IGNORECASE)
+    run = code.replace("\\\n", " ")
+    installs = [shlex.split(part) for part in re.split(r"&&|;|\bthen\b|\belse\b", run) if "pip install" in part]
+    assert len(installs) >= 3
+    for words in installs:
+        assert "--isolated" in words, f"{shlex.join(words)}: settings from the base image could add an index"
+        if "--no-index" in words:
+            assert "--no-deps" in words and "--no-build-isolation" in words, "this package, built offline"
+            continue
+        assert {"--require-hashes", "--only-binary=:all:"} <= set(words) and words.count("--index-url") == 1, (
+            shlex.join(words)
+        )
+    common, gpu = (pinned(path) for path in REQUIREMENTS)
+    assert not common.keys() & gpu.keys()
+    # The cpu variant takes torch and torchvision from PyTorch's CPU index, checked against build arguments
+    # that have no default; the gpu variant takes PyPI's, at the same versions.
+    args = dockerfile_args()
+    assert {"torch", "torchvision"}.isdisjoint(common)
+    assert (gpu["torch"], gpu["torchvision"]) == (args["TORCH_VERSION"], args["TORCHVISION_VERSION"])
+    for name in ("TORCH_CPU_SHA256", "TORCHVISION_CPU_SHA256"):
+        assert re.search(rf"^ARG {name}$", dockerfile, re.MULTILINE) and f"${{{name}:?" in dockerfile, name
+
+
+def test_the_image_pins_every_dependency_of_the_package_but_ray():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pins = {name: version for path in REQUIREMENTS for name, version in pinned(path).items()}
+    for line in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+        requirement = Requirement(line)
+        version = pins.get(canonicalize_name(requirement.name))
+        if canonicalize_name(requirement.name) == "ray":
+            assert version is None, "Ray comes with the base image"
+            continue
+        assert version and requirement.specifier.contains(version, prereleases=True), f"{line}: pinned {version}"
+
+
+def test_s3_env_files_stay_out_of_git_and_of_ray_job_submit_working_dir(tmp_path, monkeypatch):
+    # deploy/README.md creates the S3 Secret from a file of credentials and ships the checkout with
+    # `ray job submit --working-dir .`, which packs it as Ray's job SDK does here: honouring the
+    # .gitignore unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1.
+    from ray._private.runtime_env.packaging import create_package
+    from ray.dashboard.modules.dashboard_sdk import SubmissionClient
+
+    docs = [DEPLOY / "README.md", *DEPLOY.rglob("*.yaml")]
+    env_files = {name for path in docs for name in re.findall(r"--from-env-file=(\S+)", path.read_text())}
+    assert env_files, "the docs name the file the S3 Secret is created from"
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *env_files], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert set(ignored.stdout.split()) == env_files, "git would commit them"
+    monkeypatch.delenv("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", raising=False)
+    checkout = tmp_path / "checkout"
+    (checkout / "job").mkdir(parents=True)
+    (checkout / "job" / "cli.py").write_text("")
+    shutil.copy(REPO / ".gitignore", checkout)
+    for name in env_files:
+        (checkout / name).write_text("AWS_SECRET_ACCESS_KEY=not-a-real-one\n")
+    packages = []
+
+    def package(path, include_gitignore, include_parent_dir=False, excludes=None, is_file=False):
+        packages.append(tmp_path / "package.zip")
+        create_package(path, packages[-1], include_gitignore, include_parent_dir=include_parent_dir, excludes=excludes)
+
+    SubmissionClient._upload_working_dir_if_needed(
+        SimpleNamespace(_upload_package_if_needed=package), {"working_dir": str(checkout)}
+    )
+    (archive,) = packages
+    uploaded = set(zipfile.ZipFile(archive).namelist())
+    assert "job/cli.py" in uploaded and not env_files & uploaded, sorted(uploaded)
 
 
 def test_shell_scripts_pass_shellcheck(tmp_path):
