@@ -6,6 +6,8 @@ Keras defaults the tutorial relies on are spelled out: LeakyReLU slope 0.3, Batc
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -235,3 +237,14 @@ class Discriminator(nn.Module):
 def count_trainable_parameters(model: nn.Module) -> int:
     """Trainable parameters, counted as Keras's `model.summary()` counts them."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def parameter_digest(*models: nn.Module) -> str:
+    """A hash of the models' parameters (pass plain modules, not DDP wrappers): equal on all ranks when DDP keeps
+    them in sync, and the same for a checkpoint's weights loaded anew."""
+    digest = hashlib.sha256()
+    for model in models:
+        for name, param in model.named_parameters():
+            digest.update(name.encode())
+            digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Sequence
 
@@ -20,12 +21,15 @@ from gan.data import DataError
 from job.commands import bench, data_push, evaluate, generate, promote, train
 from job.config import SETTINGS, TrainConfig
 from job.errors import StorageFailed, StorageRefused, UsageError, flag_name
+from job.runtime.interrupts import Interrupted, install_interrupt_handlers
+from job.runtime.local_cluster import stop_local_cluster
 from job.settings import add_flag, env_var_for
 from job.sweep import command as tune
 
 # `train` flags that no environment variable sets: promoting is never a knob.
 NOT_FROM_ENVIRONMENT = ("promote_to", "promote_margin")
-__all__ = ["NOT_FROM_ENVIRONMENT", "build_parser", "env_var_for", "main", "main_entry"]
+CREDENTIALS_IN_URL = re.compile(r"//[^/@]*@")
+__all__ = ["NOT_FROM_ENVIRONMENT", "build_parser", "env_var_for", "main"]
 
 
 class BadEnvironment:
@@ -33,7 +37,8 @@ class BadEnvironment:
     so that `--help` still works and the error names both the flag and the variable."""
 
     def __init__(self, flag: str, variable: str, raw: str, reason: str) -> None:
-        self.message = f"{flag} from {variable}={raw!r}: {reason}"
+        shown = CREDENTIALS_IN_URL.sub("//***@", raw)  # an endpoint's password is never echoed
+        self.message = f"{flag} from {variable}={shown!r}: {reason}"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -148,11 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit status
-    (0 ok, 1 failed, 2 bad input, 3 `train --promote-to`: trained, promotion failed)."""
+    """Run one command; returns the exit status (0 ok, 1 failed, 2 bad input, 3 `train --promote-to`: trained,
+    promotion failed; 128 + the signal when SIGINT or SIGTERM ended it)."""
+    install_interrupt_handlers()
     try:
         args = build_parser().parse_args(argv)
         return args.handler(args)
+    except (Interrupted, KeyboardInterrupt) as stop:  # the cluster it started goes with it; runs resume from there
+        stop_local_cluster()
+        print("gan-job: interrupted", file=sys.stderr, flush=True)
+        return stop.status if isinstance(stop, Interrupted) else 130
     except (UsageError, DataError, StorageRefused) as err:
         message = " ".join(str(err).split())
         print(f"gan-job: error: {message}", file=sys.stderr)
@@ -165,11 +175,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else 0
-    except KeyboardInterrupt:
-        print("gan-job: interrupted", file=sys.stderr)
-        return 130
-
-
-def main_entry() -> None:
-    """The `gan-job` console script."""
-    sys.exit(main())

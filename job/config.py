@@ -24,7 +24,9 @@ from job.settings import (
     MAX_WORKERS,
     PRECISIONS,
     Setting,
+    check_endpoint_url,
     declared,
+    read_endpoint_url,
     setting,
 )
 
@@ -248,7 +250,10 @@ class TrainConfig:
         "(default; off until benchmarks/gpu_check.py has shown on a GPU that graphed equals eager and is faster)",
     )
     s3_endpoint: str | None = setting(
-        None, metavar="URL", help="S3 endpoint URL, e.g. http://minio:9000 (default: AWS_ENDPOINT_URL)"
+        None,
+        metavar="URL",
+        reads=read_endpoint_url,
+        help="S3 endpoint URL, e.g. http://minio:9000 (default: AWS_ENDPOINT_URL)",
     )
     create_bucket: bool = setting(False, kind=bool, help="create the --storage bucket if it is missing")
 
@@ -288,6 +293,12 @@ class TrainConfig:
             raise UsageError("--cuda-graphs on needs CUDA GPUs: add --use-gpu, or use --cuda-graphs off")
         if self.limit is not None and self.limit < self.max_workers:
             raise UsageError(f"--limit {self.limit} leaves no image for some of the {self.max_workers} workers")
+        if self.init_from is not None and not self.init_from.strip():
+            raise UsageError(
+                "--init-from is empty; pass a checkpoint folder, a run folder or a LATEST pointer, or leave it out"
+            )
+        if self.s3_endpoint is not None:
+            check_endpoint_url(self.s3_endpoint)  # checked even where no S3 location uses it
         if not RUN_NAME_PATTERN.fullmatch(self.run_name) or ".." in self.run_name:
             raise UsageError(
                 f"--run-name {self.run_name!r} is not a valid folder or key name; use letters, digits, '.', '_' "

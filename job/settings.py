@@ -10,6 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
+from urllib.parse import urlsplit
 
 from job.errors import UsageError
 
@@ -187,3 +188,41 @@ EVAL_NUM = Setting(
 DATASET_NAMES = ("mnist", "fashion-mnist")
 PRECISIONS = ("auto", "fp32", "bf16")
 CUDA_GRAPHS_MODES = ("auto", "on", "off")  # gan.stepper.graphs_wanted says what each means
+
+
+def endpoint_problem(url: str) -> str | None:
+    """Why `url` is not an S3 endpoint, as a phrase to follow its flag's name; None when it is http(s)://HOST[:PORT].
+    Credentials in it are refused without echoing them: they would be stored with every run's configuration."""
+    parsed = urlsplit(url)
+    if "@" in parsed.netloc:
+        return (
+            "carries credentials in its URL; give the endpoint as http(s)://HOST:PORT and the keys in "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
+    try:
+        parsed.port  # noqa: B018 (raises ValueError on a port that is not a number)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return f"{url!r} is not an http(s) URL; write it as http://HOST:PORT"
+    return None
+
+
+def check_endpoint_url(url: str, where: str = "--s3-endpoint") -> None:
+    """Refuse an S3 endpoint that `endpoint_problem` finds wrong, naming `where` it came from."""
+    problem = endpoint_problem(url)
+    if problem is not None:
+        raise UsageError(f"{where} {problem}")
+
+
+def read_endpoint_url(text: str) -> str:
+    """`--s3-endpoint` from a command line or a variable: checked as it is read."""
+    problem = endpoint_problem(text)
+    if problem is not None:
+        raise ValueError(problem)
+    return text
+
+
+S3_ENDPOINT = Setting(
+    "S3 endpoint URL, e.g. http://minio:9000 (default: AWS_ENDPOINT_URL)", metavar="URL", reads=read_endpoint_url
+)

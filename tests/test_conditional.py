@@ -414,7 +414,7 @@ def test_a_checkpoint_of_the_first_conditional_scheme_is_refused_in_one_line(
 @pytest.mark.parametrize("candidate, current", [("conditional", "plain"), ("plain", "conditional")])
 @pytest.mark.parametrize("recorded", [True, False], ids=["pointer records its kind", "older pointer"])
 def test_promoting_a_run_of_the_other_kind_over_latest_is_refused(runs, tmp_path, capsys, candidate, current, recorded):
-    target = tmp_path / "job" / "LATEST"
+    target = runs["data"].parent / f"job-{tmp_path.name}" / "LATEST"  # in the runs' storage, one job per test
     target.parent.mkdir()
     pointer = {"run": str(runs[current]), "fid_classifier": 1.0, "promoted_at": "2026-01-01T00:00:00+00:00"}
     if recorded:

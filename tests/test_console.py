@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from job.commands.train import RAY_AUTH_LOGGER
+from job.runtime.local_cluster import RAY_AUTH_LOGGER
 from tests.conftest import job_env
 
 pytestmark = pytest.mark.ray

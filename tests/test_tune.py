@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import pickle
 import time
 from pathlib import Path
 
@@ -14,13 +15,13 @@ import job.sweep.command
 from job.cli import main
 from job.commands.train import build_trainer, prepare_storage
 from job.config import TrainConfig
-from job.runtime.state import checkpoint_digest
+from job.storage.checkpoint_schema import checkpoint_digest
 from job.storage.checkpoint import read_checkpoint
 from job.storage.location import resolve_location
 from job.sweep.command import SweepArgs, spec_of
 from job.sweep.spec import SPEC_FILE
 from job.sweep.trial import TRIAL_DRIVER_RESOURCE
-from tests.conftest import metrics_rows
+from tests.conftest import metrics_rows, train_one_process
 
 SMALL = ["--data", "fashion-mnist", "--limit", "128", "--batch-size", "32", "--eval-num", "64", "--num-workers", "1",
          "--cpus-per-worker", "1", "--final-eval-num", "64"]  # fmt: skip
@@ -49,6 +50,10 @@ def refusal(capsys) -> str:
         (["lr=gauss:1:2"], "is not log or uniform"),
         (["lr=log:1e-5:1e-3", "lr=1e-4"], "twice"),
         (["batch_size=7,8", "--num-workers", "2"], "--batch-size"),  # 7 images do not split over 2 workers
+        # Sampled, every integer in the range may come: 65 does not split over 2 workers although 64 and 128 do.
+        (["batch_size=uniform:64:128", "--num-workers", "2"], "--batch-size 65 does not split evenly"),
+        (["seed=" + ",".join(map(str, range(101))), "lr=" + ",".join(f"{i}e-5" for i in range(1, 101))],
+         "makes 10,100 trials, more than the 10,000"),  # fmt: skip
     ],
 )
 def test_a_bad_space_is_refused_in_one_line_before_anything_is_written(space, named, tmp_path, capsys):
@@ -57,6 +62,33 @@ def test_a_bad_space_is_refused_in_one_line_before_anything_is_written(space, na
     err = refusal(capsys)
     assert status == 2 and "--space" in err and named in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_searched_noise_dims_are_checked_against_the_init_from_checkpoint(tmp_path, small_fashion_dir, capsys):
+    donor = train_one_process(tmp_path / "runs", small_fashion_dir, "donor", limit=32)
+    argv = tune_argv(tmp_path / "sweeps", small_fashion_dir, "--init-from", str(donor), "--space", "noise_dim=100,64")
+    assert main(argv) == 2
+    assert "cannot warm-start this configuration: --noise-dim 100 (it) vs 64 (now)" in refusal(capsys)
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_each_searched_dataset_is_found_before_any_trial(tmp_path, small_fashion_dir, capsys, monkeypatch):
+    argv = tune_argv(tmp_path / "sweeps", small_fashion_dir, "--space", "data=fashion-mnist,mnist")
+    assert main(argv) == 2  # with --data-dir, every trial would read the same files whatever its dataset
+    assert "--space 'data=fashion-mnist,mnist' with --data-dir" in refusal(capsys)
+    argv = [word for word in argv if word != str(small_fashion_dir)]
+    argv.remove("--data-dir")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # offline: MNIST is not on this machine
+    assert main(argv) == 2
+    assert "could not download mnist" in refusal(capsys)
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_a_sweep_named_after_a_file_is_refused(tmp_path, small_fashion_dir, capsys):
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "s").write_text("a file")
+    assert main(tune_argv(tmp_path / "sweeps", small_fashion_dir, "--space", "lr=1e-4")) == 2
+    assert "is a file, not a sweep's folder" in refusal(capsys)
 
 
 def test_pbt_refuses_a_setting_an_exploit_cannot_mutate(tmp_path, capsys):
@@ -207,3 +239,44 @@ def test_a_stopped_trials_worker_group_is_released_while_another_ray_cluster_run
     while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert ray.available_resources().get("CPU", 0) == 2
+
+
+class Planted:
+    """A pickle that, when loaded, creates the file `marker`: what someone who can write the sweep's storage plants."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.ray
+def test_a_sweep_resumes_only_from_state_it_signed_and_a_planted_pickle_never_runs(
+    ray_cluster, tmp_path, small_fashion_dir, cached_classifier, capsys
+):
+    storage, marker = tmp_path / "runs", tmp_path / "marker"
+    argv = tune_argv(storage, small_fashion_dir, "--epochs", "1", "--scheduler", "fifo", "--space", "lr=1e-4")
+    assert main(argv) == 0
+    tune = storage / "s" / "tune"
+    assert (tune / "tuner.pkl").read_bytes().startswith(b"gan-job signed v1")  # sealed, not a bare pickle
+    assert main(argv) == 0 and "resuming sweep s" in capsys.readouterr().out  # Tuner.restore reads its own state
+    genuine = (tune / "tuner.pkl").read_bytes()
+    # Tune's trial state: JSON whose objects may embed cloudpickle, which Tune expands when it resumes.
+    payload = {"_type": "CLOUDPICKLE_FALLBACK", "value": pickle.dumps(Planted(marker)).hex()}
+    state = json.dumps({"runner_data": payload, "trial_data": []}).encode()
+    newest = "experiment_state-2999-01-01_00-00-00.json"  # sorts after Tune's own: the one a resume would load
+    for name, planted in (("tuner.pkl", pickle.dumps(Planted(marker))), (newest, state)):
+        (tune / name).write_bytes(planted)
+        before = tree(storage)
+        assert main(argv) == 2
+        err = refusal(capsys)
+        assert f"{tune / name} is not signed by gan-job" in err and "not resumed" in err, err
+        assert not marker.exists() and tree(storage) == before
+        (tune / name).unlink()
+    (tune / "tuner.pkl").write_bytes(genuine[:-1] + bytes([genuine[-1] ^ 1]))  # one bit of the sealed state altered
+    assert main(argv) == 2 and "does not match its signature" in refusal(capsys)

@@ -13,7 +13,8 @@ from job.cli import main
 from job.errors import UsageError
 from job.config import TrainConfig
 from job.runtime.state import TrainingState
-from job.storage.checkpoint import REQUIRED_KEYS, STATE_FILE, CheckpointError, checkpoint_folders, read_checkpoint
+from job.storage.checkpoint import STATE_FILE, checkpoint_folders, read_checkpoint
+from job.storage.checkpoint_schema import REQUIRED_KEYS, CheckpointError
 from job.storage.location import resolve_location
 from tests.conftest import TWO_EPOCH_ARTIFACTS, metrics_rows, train_one_process
 

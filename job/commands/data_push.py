@@ -6,7 +6,7 @@ import argparse
 
 from gan.data import IDX_FILES, find_idx_file, load_split, resolve_data_dir
 from job.errors import StorageFailed, UsageError
-from job.settings import DATASET_NAMES, Setting, add_flag
+from job.settings import DATASET_NAMES, S3_ENDPOINT, Setting, add_flag
 from job.storage.location import is_s3, split_s3_uri
 from job.storage.retry import retried
 from job.storage.s3 import s3_client
@@ -18,7 +18,7 @@ def add_push_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--data", Setting("dataset name", choices=DATASET_NAMES), required=True)
     parser.add_argument("--data-dir", default=None, help="where the files are (default: cache, system copy, download)")
     parser.add_argument("--to", required=True, help="s3://bucket/prefix to upload to")
-    parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
+    add_flag(parser, "--s3-endpoint", S3_ENDPOINT)
     parser.set_defaults(handler=push)
 
 

@@ -18,8 +18,8 @@ from gan.models import Generator
 from gan.sampling import labels_split_evenly, sample, seeded_noise
 from job.console import warn
 from job.errors import UsageError
-from job.runtime.state import checkpoint_num_classes, generator_from_checkpoint
-from job.settings import DATASET_NAMES, EVAL_NUM, SEED, Setting, add_flag
+from job.storage.checkpoint_schema import checkpoint_num_classes, generator_from_checkpoint
+from job.settings import DATASET_NAMES, EVAL_NUM, S3_ENDPOINT, SEED, Setting, add_flag
 from job.storage.checkpoint import STATE_FILE, load_from
 from job.storage.data_source import local_data_folder
 from job.storage.location import Location, resolve_location
@@ -50,7 +50,7 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     )
     add_flag(parser, "--num", EVAL_NUM, DEFAULT_NUM)
     add_flag(parser, "--seed", SEED, 0)
-    parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
+    add_flag(parser, "--s3-endpoint", S3_ENDPOINT)
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:

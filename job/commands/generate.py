@@ -16,8 +16,8 @@ import torch
 from gan.grid import image_grid_png
 from gan.sampling import labels_split_evenly, sample, seeded_noise
 from job.errors import UsageError
-from job.runtime.state import checkpoint_num_classes, generator_from_checkpoint
-from job.settings import MAX_CLASSES, MAX_GENERATE_IMAGES, SEED, Setting, add_flag
+from job.storage.checkpoint_schema import checkpoint_num_classes, generator_from_checkpoint
+from job.settings import MAX_CLASSES, MAX_GENERATE_IMAGES, S3_ENDPOINT, SEED, Setting, add_flag
 from job.storage.checkpoint import load_from
 from job.storage.pointer import resolve_latest
 from job.storage.s3_preflight import check_readable
@@ -74,7 +74,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--label", LABEL)
     add_flag(parser, "--per-class", PER_CLASS, False)
     add_flag(parser, "--seed", SEED, 0)
-    parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
+    add_flag(parser, "--s3-endpoint", S3_ENDPOINT)
     parser.set_defaults(handler=generate)
 
 

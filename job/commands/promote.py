@@ -24,7 +24,7 @@ from job.commands.evaluate import (
 )
 from job.console import warn
 from job.errors import UsageError
-from job.runtime.state import checkpoint_num_classes
+from job.storage.checkpoint_schema import checkpoint_num_classes
 from job.settings import MAX_MARGIN, Setting, add_flag
 from job.storage.checkpoint import STATE_FILE, load_from
 from job.storage.location import Location, resolve_location
@@ -36,8 +36,10 @@ from job.storage.pointer import (
     Store,
     append,
     check_enforced,
+    is_under,
     read_pointer,
     read_snapshot,
+    storage_root,
 )
 from job.storage.pointer import replace_pointer
 
@@ -190,6 +192,18 @@ def check_margin(margin: object, flag: str = "--margin") -> None:
     MARGIN.check(flag, margin)
 
 
+def check_run_beside(run: Location, target: Location, flag: str = "--target") -> None:
+    """Refuse a run outside the storage of the pointer it would be promoted to: a LATEST names only runs under its
+    own storage root, so that a consumer of LATEST (and `evaluate --from LATEST`, which writes into the run) never
+    leaves it."""
+    root = storage_root(target)
+    if not is_under(run, root):
+        raise UsageError(
+            f"{flag} {target.uri} may name only runs under {root.uri}, and run {run.uri} is not; promote it to "
+            "a LATEST in its own storage, <storage>/<job>/LATEST"
+        )
+
+
 def check_target(target: Location, s3_endpoint: str | None, flag: str = "--target") -> None:
     """Refuse, before any work, a target that is not a LATEST pointer (nor absent), cannot be read, or whose
     store does not enforce the conditional writes that promotions rely on (a probe, written and deleted)."""
@@ -226,6 +240,7 @@ def promote(args: argparse.Namespace) -> int:
         raise UsageError(f"--run {args.run} does not exist; pass <storage>/<run-name> of a finished run")
     if run.child(STATE_FILE).exists():
         raise UsageError(f"--run {args.run} is a checkpoint folder; pass its run folder, <storage>/<run-name>")
+    check_run_beside(run, target)
     check_target(target, args.s3_endpoint)
     checkpoint, state, model, unfinished = finished_state(run, args.s3_endpoint)
     store, num_classes = Store(args.s3_endpoint), checkpoint_num_classes(state)

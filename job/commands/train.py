@@ -4,25 +4,34 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import re
-import socket
 import sys
 import traceback
 from dataclasses import dataclass
+from typing import Iterable
 
 from gan.data import DataError, load_split, resolve_data_dir
 from job.storage.checkpoint import latest_checkpoint_or_refuse, load_from
 from job.config import TrainConfig
 from job.storage.data_source import fetch_from_bucket
 from job.runtime.distributed import backend_for
+from job.runtime.interrupts import in_own_thread, install_interrupt_handlers
+from job.runtime.local_cluster import start_local_cluster
 from job.errors import StorageRefused, UsageError
 from job.runtime.placement import PlacementTimeout, place
 from job.storage.location import Location, is_s3, ray_filesystem, resolve_location
-from job.runtime.state import check_resumable
+from job.storage.checkpoint_schema import check_resumable
 from job.runtime.ray_session import train_loop_per_worker
-from job.commands.promote import MARGIN, check_margin, check_pointer_name, check_target, promote, promotion_args
+from job.commands.promote import (
+    MARGIN,
+    check_margin,
+    check_pointer_name,
+    check_run_beside,
+    check_target,
+    promote,
+    promotion_args,
+)
 from job.settings import Setting
 from job.storage.s3 import endpoint_url
 from job.storage.pointer import resolve_latest
@@ -117,17 +126,23 @@ def preflight(config: TrainConfig) -> Location:
 def check_inputs(config: TrainConfig) -> Location:
     """The data (read, never written) and the storage (reachable and writable, or creatable); returns the storage."""
     storage = resolve_location(config.storage, config.s3_endpoint)
-    if is_s3(config.data_dir):
-        check_bucket(config.data_dir, config.s3_endpoint, flag="--data-dir", write=False)
-        data_folder = fetch_from_bucket(config.data_dir, config.s3_endpoint)  # local workers then find it in the cache
-    else:
-        data_folder = resolve_data_dir(config.data, config.data_dir)
-    load_split(data_folder, "train", config.limit)  # a damaged or wrong-shaped file fails here, not in every worker
+    check_data(config)
     if is_s3(config.storage):
         check_bucket(config.storage, config.s3_endpoint, flag="--storage", create=config.create_bucket)
     else:
         check_creatable(storage.path, config.storage)
     return storage
+
+
+def check_data(config: TrainConfig) -> None:
+    """The training split of `config.data` is found and reads whole here (a bucket's copy is fetched into the cache,
+    where local workers then find it): a damaged or wrong-shaped file fails now, not in every worker."""
+    if is_s3(config.data_dir):
+        check_bucket(config.data_dir, config.s3_endpoint, flag="--data-dir", write=False)
+        data_folder = fetch_from_bucket(config.data_dir, config.s3_endpoint)
+    else:
+        data_folder = resolve_data_dir(config.data, config.data_dir)
+    load_split(data_folder, "train", config.limit)
 
 
 def warm_start_source(config: TrainConfig, run: Location) -> TrainConfig:
@@ -142,12 +157,14 @@ def warm_start_source(config: TrainConfig, run: Location) -> TrainConfig:
     return resolve_warm_start(config)
 
 
-def resolve_warm_start(config: TrainConfig) -> TrainConfig:
-    """`config` with `--init-from` resolved to a checkpoint folder, once it is known to fit `config`'s model."""
+def resolve_warm_start(config: TrainConfig, variants: Iterable[TrainConfig] = ()) -> TrainConfig:
+    """`config` with `--init-from` resolved to a checkpoint folder, once it is known to fit `config`'s model and
+    each of `variants` (a sweep's configurations with the searched values)."""
     check_readable(config.init_from, config.s3_endpoint, "--init-from")
-    source, donor = load_from(resolve_latest(config.init_from, config.s3_endpoint, "--init-from"), config.s3_endpoint,
-                              flag="--init-from")  # fmt: skip
-    check_resumable(config, donor, init_from=source.uri)
+    named = resolve_latest(config.init_from, config.s3_endpoint, "--init-from")
+    source, donor = load_from(named, config.s3_endpoint, flag="--init-from")
+    for variant in (config, *variants):
+        check_resumable(variant, donor, init_from=source.uri)
     return config.replace(init_from=source.uri)
 
 
@@ -176,50 +193,18 @@ def prepare_storage(config: TrainConfig) -> None:
 
 
 def connect_ray(resources: dict[str, float] | None = None) -> None:
-    """Join the cluster of `ray job submit` (RAY_ADDRESS), or start a local one of this machine's own.
-
-    The local cluster listens on loopback only, with token authentication: Ray's default for a new
-    local cluster, kept on purpose, so its notice about it is not shown (the token is
-    `~/.ray/auth_token`, made on first use; RAY_AUTH_MODE=disabled turns it off). Its GCS port is
-    picked before it starts, so that every process of the run gets the cluster's address
-    (RAY_ADDRESS): Ray's helpers (Ray Train's placement group cleaner) otherwise guess it, and fail
-    when other Ray clusters run on the machine. Its preemption watcher, which only serves nodes that
-    a cloud can take away, is off. `resources`: custom resources the local cluster declares (a sweep's
-    trial drivers take one each); a joined cluster declares its own.
-    """
+    """Join the cluster of `ray job submit` (RAY_ADDRESS), or start a local one of this machine's own, listening on
+    loopback only (`job.runtime.local_cluster`). `resources`: custom resources the local cluster declares (a
+    sweep's trial drivers take one each); a joined cluster declares its own."""
     import ray  # lazy: Ray stays off the start-up path of every command
 
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level="WARNING", log_to_driver=True)
-        return
-    gcs_port = free_port()
-    os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)  # read by the head ray.init starts
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # Ray Train hands it on to its controller
-    runtime_env = {"env_vars": {"RAY_ADDRESS": f"{LOOPBACK}:{gcs_port}"}}
-    auth_notice = logging.getLogger(RAY_AUTH_LOGGER)
-    auth_notice.setLevel(logging.ERROR)  # "Token authentication is enabled": as documented above
-    ray.init(
-        _node_ip_address=LOOPBACK,
-        runtime_env=runtime_env,
-        resources=resources,
-        logging_level="WARNING",
-        log_to_driver=True,
-    )
-
-
-RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"  # tests/test_console.py pins it
-
-
-LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now, on loopback."""
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+    else:
+        start_local_cluster(resources)
+    install_interrupt_handlers()  # again: ray.init replaced the SIGTERM one with its own
 
 
 def worker_failure(error: BaseException) -> BaseException:
@@ -289,6 +274,7 @@ def run_training(config: TrainConfig, promotion: Promotion | None = None) -> int
     run = preflight(config)
     config = warm_start_source(config, run)
     if target is not None:
+        check_run_beside(run, target, flag="--promote-to")
         # a LATEST that is no pointer, a store that cannot do it
         check_target(target, config.s3_endpoint, flag="--promote-to")
     config = absolute_locations(config)
@@ -315,7 +301,7 @@ def run_training(config: TrainConfig, promotion: Promotion | None = None) -> int
     import ray.train  # lazy: Ray stays off the start-up path of every command
 
     try:
-        result = trainer.fit()
+        result = in_own_thread(trainer.fit, "gan-job-fit")  # where Ray Train installs no SIGINT handler of its own
     except ray.train.TrainingFailedError as err:
         cause = worker_failure(err)
         if isinstance(cause, (UsageError, DataError, StorageRefused)):

@@ -6,7 +6,6 @@ Nothing here imports Ray: Ray Train sets up the process group; these only use it
 from __future__ import annotations
 
 import contextlib
-import hashlib
 
 import torch
 import torch.distributed as dist
@@ -92,13 +91,3 @@ def broadcast_object(value: object) -> object:
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
-
-
-def parameter_digest(*models: nn.Module) -> str:
-    """A hash of the models' parameters: equal on all ranks when DDP keeps them in sync."""
-    digest = hashlib.sha256()
-    for model in models:
-        for name, param in unwrap(model).named_parameters():
-            digest.update(name.encode())
-            digest.update(param.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]

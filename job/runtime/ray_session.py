@@ -10,9 +10,8 @@ from pathlib import Path
 
 import torch
 
-from job.storage.checkpoint import (
-    CheckpointError, latest_checkpoint_or_refuse, read_checkpoint, upload_checkpoint, write_checkpoint,
-)  # fmt: skip
+from job.storage.checkpoint import latest_checkpoint_or_refuse, read_checkpoint, upload_checkpoint, write_checkpoint
+from job.storage.checkpoint_schema import CheckpointError
 from job.config import TrainConfig
 from job.console import warn
 from job.runtime.distributed import print0, select_device

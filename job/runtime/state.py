@@ -1,4 +1,5 @@
-"""The training state of one worker, and the one place that turns it into a checkpoint and back.
+"""The training state of one worker: G, D, their optimizers, the EMA and the position, built into a checkpoint's
+dict and rebuilt from one (`job.storage.checkpoint_schema` says what the dict holds).
 
 Why: docs/architecture.md#checkpoints
 """
@@ -6,97 +7,24 @@ Why: docs/architecture.md#checkpoints
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from gan.data import dataset_info
-from gan.models import Discriminator, Generator
+from gan.models import Discriminator, Generator, parameter_digest
 from gan.sampling import class_grid_inputs, seeded_noise
 from gan.step import GeneratorEMA, make_optimizer, set_capturable
 from gan.stepper import DDP_WARMUP_STEPS, WARMUP_STEPS, Stepper, graphs_wanted
-from job.config import SHAPE_FIELDS, TrainConfig
-from job.errors import UsageError, flag_name
-from job.runtime.distributed import parameter_digest, print0, unwrap, wrap_ddp
-from job.storage.checkpoint import FORMAT_VERSION
+from job.config import TrainConfig
+from job.runtime.distributed import print0, unwrap, wrap_ddp
+from job.storage.checkpoint_schema import FORMAT_VERSION, check_resumable
 
 NUM_SAMPLES = 16  # the tutorial's 4x4 grid of fixed-noise samples
 GRID_PER_CLASS = 10  # a conditional run's grid: one row of this many per class (10x10 for 10 classes)
 ROLLBACK_SEED_STRIDE = 7919  # a rollback reseeds by this much per rollback: not the same road again
 RESEED_EPOCH_STRIDE = 1_000_003  # another world size reseeds each rank by this much per epoch
-EARLIER_CONDITIONING_KEY = "label_embedding.weight"  # G's label embedding in the first conditional scheme
-
-
-def check_resumable(config: TrainConfig, checkpoint: dict, init_from: str | None = None) -> None:
-    """Refuse a checkpoint whose shapes this configuration cannot load, naming the fields; `init_from`: the
-    checkpoint is a warm start's (`--init-from`), not the run's own."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    stored = {f: checkpoint["config"].get(f, defaults[f]) for f in SHAPE_FIELDS}  # not in an older config: default
-    differing = [f for f in SHAPE_FIELDS if stored[f] != getattr(config, f)]
-    if differing:
-        details = ", ".join(
-            f"{flag_name(f)} {_shown(stored[f])} (run) vs {_shown(getattr(config, f))} (now)" for f in differing
-        )
-        if init_from is not None:
-            raise UsageError(
-                f"--init-from {init_from} cannot warm-start this configuration: {details.replace('(run)', '(it)')}; "
-                "use its values or another checkpoint"
-            )
-        raise UsageError(
-            f"run {config.run_name!r} cannot resume with this configuration: {details}; "
-            "use the run's values or a new --run-name"
-        )
-    classes = checkpoint_num_classes(checkpoint)
-    if classes and classes != dataset_info(config.data).num_classes:
-        subject = f"--init-from {init_from}" if init_from is not None else f"run {config.run_name!r}"
-        raise UsageError(
-            f"{subject} is conditional on {classes} classes, --data {config.data} has "
-            f"{dataset_info(config.data).num_classes}; use its --data, or another "
-            + ("checkpoint" if init_from is not None else "--run-name")
-        )
-
-
-def _shown(value: object) -> str:
-    return ("on" if value else "off") if isinstance(value, bool) else str(value)
-
-
-def checkpoint_num_classes(checkpoint: dict) -> int:
-    """The classes a checkpoint's G and D are conditional on; 0 for an unconditional (or older) checkpoint.
-
-    Refuses, with one line, a conditional checkpoint of the first scheme (the label joined to G's
-    noise), which today's G cannot load: that scheme collapsed to one image per class, so such a
-    run is retrained, not converted.
-    """
-    if not checkpoint["config"].get("conditional"):
-        return 0
-    if EARLIER_CONDITIONING_KEY in checkpoint.get("generator", {}):
-        raise UsageError(
-            "this checkpoint is of the first conditional scheme (the label joined to G's noise), which made one image "
-            "per class and which this version cannot load; "
-            "train the run again with --conditional under a new --run-name"
-        )
-    return int(checkpoint.get("num_classes", 0))
-
-
-def generator_from_checkpoint(checkpoint: dict) -> tuple[Generator, str]:
-    """The checkpoint's G in inference mode, conditional where the run was: its EMA weights where it kept
-    an EMA, else its weights; and which key that was ("ema_generator" or "generator")."""
-    key = "ema_generator" if checkpoint.get("ema_generator") is not None else "generator"
-    generator = Generator(int(checkpoint["config"]["noise_dim"]), checkpoint_num_classes(checkpoint))
-    generator.load_state_dict(checkpoint[key])
-    return generator.eval(), key
-
-
-def checkpoint_digest(checkpoint: dict) -> str:
-    """The parameter digest of a checkpoint's G and D, as the run that wrote it computed it."""
-    num_classes = checkpoint_num_classes(checkpoint)
-    generator = Generator(int(checkpoint["config"]["noise_dim"]), num_classes)
-    discriminator = Discriminator(num_classes)
-    generator.load_state_dict(checkpoint["generator"])
-    discriminator.load_state_dict(checkpoint["discriminator"])
-    return parameter_digest(generator, discriminator)
 
 
 def grid_inputs(config: TrainConfig, num_classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -323,7 +251,7 @@ class TrainingState:
 
     def parameter_digest(self) -> str:
         """A hash of G's and D's parameters: equal on all ranks when DDP keeps them in sync."""
-        return parameter_digest(self.generator, self.discriminator)
+        return parameter_digest(unwrap(self.generator), unwrap(self.discriminator))
 
     def _weights_and_position(self) -> dict:
         state = {

@@ -6,7 +6,8 @@ pickle: it is read with `torch.load(weights_only=True)`, because a checkpoint fr
 untrusted input. The digest catches what `torch.load` does not: it checks no CRC, so a damaged
 byte in a tensor loads silently as a wrong weight; and a folder without both files is one whose
 upload never finished. (Format 1 checkpoints, written before digests, still load, unverified.)
-This module handles bytes; the dict inside is built and consumed by `job.runtime.state.TrainingState`.
+This module handles bytes; `job.storage.checkpoint_schema` says what the dict inside holds, and
+`job.runtime.state.TrainingState` builds and consumes it.
 """
 
 from __future__ import annotations
@@ -19,21 +20,12 @@ import torch
 
 from job.console import warn
 from job.errors import UsageError
+from job.storage.checkpoint_schema import CheckpointError, check_contents
 from job.storage.location import Location, resolve_location
 
 STATE_FILE = "state.pt"
 DIGEST_FILE = "state.pt.sha256"  # written after STATE_FILE, so a half-written folder lacks it
 CHECKPOINT_PREFIX = "checkpoint_"
-FORMAT_VERSION = 2  # 2: written with DIGEST_FILE; 1: without (still read, unverified)
-READABLE_FORMATS = (1, 2)
-REQUIRED_KEYS = (
-    "format_version", "generator", "discriminator", "optimizer_g", "optimizer_d",
-    "epoch", "step", "fixed_noise", "rng", "config", "data_fingerprint",
-)  # fmt: skip
-
-
-class CheckpointError(UsageError):
-    """A checkpoint that cannot be read safely: damaged, incomplete or not ours."""
 
 
 class IncompleteCheckpointError(CheckpointError):
@@ -85,13 +77,7 @@ def decode_checkpoint(raw: bytes, source: str) -> dict:
     except Exception as err:  # a damaged or hostile file fails in many ways; all mean "unusable"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {source} cannot be loaded safely ({reason[:200]})") from None
-    if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
-        raise CheckpointError(f"checkpoint {source} is not a gan-job checkpoint (keys missing)")
-    if state["format_version"] not in READABLE_FORMATS:
-        raise CheckpointError(
-            f"checkpoint {source} has format {state['format_version']}, this version reads {READABLE_FORMATS}"
-        )
-    return state
+    return check_contents(state, source)
 
 
 def _read_file(folder: Location, name: str) -> bytes | None:
@@ -125,22 +111,19 @@ def checkpoint_folders(run: Location) -> list[Location]:
 
 
 def latest_good_checkpoint(run: Location, refused: list[CheckpointError] | None = None) -> tuple[Location, dict] | None:
-    """The newest checkpoint of a run that loads; a bad one is skipped with a warning (and added to `refused`)."""
+    """The newest checkpoint of a run that loads; the ones skipped on the way are added to `refused`."""
     for folder in checkpoint_folders(run):
         try:
             return folder, read_checkpoint(folder)
         except CheckpointError as err:
-            warn(
-                f"skipping {'incomplete' if isinstance(err, IncompleteCheckpointError) else 'damaged'} "
-                f"checkpoint: {err}"
-            )
             if refused is not None:
                 refused.append(err)
     return None
 
 
 def latest_checkpoint_or_refuse(run: Location, what: str) -> tuple[Location, dict] | None:
-    """The run's latest good checkpoint; None for a run with none; an error when all are damaged.
+    """The run's latest good checkpoint, each newer one it skips warned about; None for a run with none; an error,
+    and no warning beside it, when all are damaged.
 
     Starting over beside damaged checkpoints would overwrite the run's history, so that is
     refused. Folders that are only incomplete (an upload cut off) do not count: the run never
@@ -154,6 +137,8 @@ def latest_checkpoint_or_refuse(run: Location, what: str) -> tuple[Location, dic
             f"{what} {run.uri}: no checkpoint loads safely ({damaged[0]}); "
             "delete the damaged checkpoint_* folders to start over, or use another run"
         )
+    for err in refused:
+        warn(f"skipping {'incomplete' if isinstance(err, IncompleteCheckpointError) else 'damaged'} checkpoint: {err}")
     return found
 
 

@@ -278,8 +278,38 @@ def read_pointer(location: Location, flag: str = "--target") -> dict | None:
 
 
 def resolve_latest(uri: str, s3_endpoint: str | None = None, flag: str = "--from") -> str:
-    """The run a LATEST pointer names; any other location (a run or checkpoint folder) as it is."""
+    """The run a LATEST pointer names, once it is a folder under the pointer's storage root; any other location
+    (a run or checkpoint folder) as it is."""
     location = resolve_location(uri, s3_endpoint, flag=flag)
     if not location.exists() or not location.is_file():
         return uri
-    return read_pointer(location, flag=flag)["run"]
+    named = read_pointer(location, flag=flag)["run"]
+    try:
+        run = resolve_location(named, s3_endpoint, flag=flag)
+    except UsageError:
+        run = None
+    if run is None or not is_under(run, storage_root(location)):
+        raise UsageError(
+            f"{flag} {uri} names {named!r}, which is not a run under its storage root {storage_root(location).uri}; "
+            "a LATEST pointer names only runs beside its job folder: fix or delete the pointer"
+        )
+    if run.is_file():
+        raise UsageError(f"{flag} {uri} names {run.uri}, which is a file, not a run folder; fix or delete the pointer")
+    return named
+
+
+def storage_root(target: Location) -> Location:
+    """The storage a pointer `<storage>/<job>/LATEST` belongs to: `<storage>` (at most its bucket)."""
+    uri, path = target.uri, target.path
+    for _ in range(2):
+        if "/" in path.strip("/"):
+            uri, path = uri.rstrip("/").rpartition("/")[0], path.rstrip("/").rpartition("/")[0]
+    return Location(uri, target.fs, path)
+
+
+def is_under(run: Location, root: Location) -> bool:
+    """Whether `run` is inside `root`, in the same store."""
+    if run.is_local != root.is_local:
+        return False
+    inner, outer = run.path.rstrip("/"), root.path.rstrip("/")
+    return inner != outer and inner.startswith(outer + "/")

@@ -92,9 +92,12 @@ _REFUSED_CODES = {
     "401",
 }
 _ABSENT_CODES = {"NoSuchKey", "404", "NotFound"}
-_REFUSED_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR}
+# A file where a folder is expected, or the other way round, is a wrong location: never absent, never retried.
+_REFUSED_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR}
 _FAILED_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # retrying a full disk within seconds helps nobody
-_ABSENT_ERRNOS = {errno.ENOENT, errno.ENOTDIR}
+_ABSENT_ERRNOS = {errno.ENOENT}
+# pyarrow raises some of those without an errno, naming them only in its message.
+_REFUSED_WORDS = re.compile(r"\bis a directory\b|\bnot a directory\b|\bis not a file\b", re.IGNORECASE)
 
 
 def classify(err: BaseException, unreachable_is_refused: bool = False) -> str | None:
@@ -127,14 +130,14 @@ def classify(err: BaseException, unreachable_is_refused: bool = False) -> str | 
         return RETRY  # resets, closed connections, read and connect timeouts
     if not isinstance(err, OSError):
         return None
+    if err.errno in _REFUSED_ERRNOS or isinstance(err, (IsADirectoryError, NotADirectoryError)):
+        return REFUSED
     if err.errno in _ABSENT_ERRNOS or isinstance(err, FileNotFoundError):
         return ABSENT
-    if err.errno in _REFUSED_ERRNOS:
-        return REFUSED
     if err.errno in _FAILED_ERRNOS:
         return FAILED
     message = str(err)
-    if _REFUSED_AWS.search(message):
+    if _REFUSED_AWS.search(message) or _REFUSED_WORDS.search(message):
         return REFUSED
     if unreachable_is_refused and re.search(r"curlCode: (6|7),", message):  # no such host; nothing listens
         return REFUSED

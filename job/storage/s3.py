@@ -15,7 +15,7 @@ import os
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from job.errors import UsageError
+from job.settings import check_endpoint_url
 from job.storage.retry import CONNECT_TIMEOUT_S, request_timeout_s
 
 if TYPE_CHECKING:
@@ -28,9 +28,7 @@ def endpoint_url(explicit: str | None = None) -> str | None:
     """The S3 endpoint: the flag, else `AWS_ENDPOINT_URL`, else None (AWS's own endpoints)."""
     url = explicit or os.environ.get("AWS_ENDPOINT_URL") or None
     if url is not None:
-        parsed = urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise UsageError(f"--s3-endpoint {url!r} is not an http(s) URL; write it as http://HOST:PORT")
+        check_endpoint_url(url, "--s3-endpoint" if explicit else "AWS_ENDPOINT_URL")
     return url
 
 

@@ -17,23 +17,28 @@ from job.commands.evaluate import DEFAULT_NUM, check_evaluation_flags
 from job.commands.train import (
     Promotion,
     absolute_locations,
+    check_data,
     check_inputs,
     check_promotion,
     connect_ray,
     prepare_storage,
     resolve_warm_start,
 )
-from job.commands.promote import check_target
+from job.commands.promote import check_run_beside, check_target
 from job.config import TrainConfig
 from job.errors import UsageError
+from job.runtime.interrupts import in_own_thread
 from job.runtime.placement import PlacementTimeout, place
 from job.settings import EVAL_NUM, MAX_EPOCHS, MAX_WORKERS, Setting
-from job.storage.location import Location, is_s3, ray_filesystem
+from job.storage.checkpoint import DIGEST_FILE, STATE_FILE
+from job.storage.location import Location, is_s3
 from job.storage.s3 import endpoint_url
+from job.storage.signed_filesystem import check_signed, signed_filesystem
+from job.storage.signing import SIGNING_KEY_ENV, SignatureError
 from job.sweep.outcome import conclude
-from job.sweep.space import Dimension, corner_values, parse_space, to_mutation, to_tune
+from job.sweep.space import Dimension, corner_values, parse_space, to_mutation, to_tune, trial_count
 from job.sweep.spec import SPEC_FILE, SweepSpec, check_same, read_spec
-from job.sweep.trial import TRIAL_DRIVER_RESOURCE, TRIAL_EPOCH, TrialPlan, run_trial
+from job.sweep.trial import SEGMENT_FILE, TRIAL_DRIVER_RESOURCE, TRIAL_EPOCH, TrialPlan, run_trial
 
 SCHEDULERS = ("fifo", "asha", "pbt")
 MAX_TRIALS = 10_000
@@ -42,6 +47,9 @@ TUNE_FOLDER = "tune"  # Tune's experiment in <storage>/<sweep>/
 RUNS_FOLDER = "runs"
 LOCAL_DRIVER_SLOTS = 8  # trial drivers the local cluster of `gan-job tune` holds (each takes no CPU)
 KEEP_TUNE_CHECKPOINTS = 3  # PBT hands out a trial's latest; older ones stay for a donor being read (ray#8441)
+# Files in Tune's folder that the project reads itself and never unpickles: a PBT checkpoint's state (loaded
+# weights-only, checked against its digest) and its segment record (JSON). Everything else Tune wrote is sealed.
+PLAIN_FILES = (STATE_FILE, DIGEST_FILE, SEGMENT_FILE)
 
 SWEEP = Setting("the sweep's name: its folder in --storage; the same name again resumes the sweep", str, metavar="NAME")
 TRIALS = Setting("Tune's num_samples: the sampled dimensions are drawn N times for each grid point", int, low=1,
@@ -80,11 +88,19 @@ def check_sweep(args: SweepArgs, config: TrainConfig) -> list[Dimension]:
         raise UsageError(f"--sweep {args.sweep!r} is not a valid folder or key name; use letters, digits, '.', '_' "
                          "or '-'") from None  # fmt: skip
     dimensions = parse_space(args.space, args.scheduler)
-    for corner in corner_values(dimensions):  # each grid value and sampled bound, with the base's other settings
-        try:
-            config.replace(**corner)
-        except UsageError as err:
-            raise UsageError(f"--space {next(d.text for d in dimensions if d.name in corner)!r}: {err}") from None
+    searched_data = next((d for d in dimensions if d.name == "data"), None)
+    if searched_data is not None and config.data_dir is not None:
+        raise UsageError(
+            f"--space {searched_data.text!r} with --data-dir: every trial would read the same files, "
+            "whatever its dataset; drop --data-dir, or search one dataset"
+        )
+    corner_configs(config, dimensions)
+    trials = trial_count(dimensions, args.trials)
+    if trials > MAX_TRIALS:
+        raise UsageError(
+            f"--space {' '.join(args.space)} with --trials {args.trials} makes {trials:,} trials, more than the "
+            f"{MAX_TRIALS:,} a sweep runs; search fewer grid values or fewer --trials"
+        )
     if args.scheduler == "pbt" and args.perturbation_interval >= config.epochs:
         raise UsageError(f"--perturbation-interval {args.perturbation_interval} leaves --epochs {config.epochs} one "
                          "segment, so PBT could never exploit; pass a smaller interval or more epochs")  # fmt: skip
@@ -92,6 +108,20 @@ def check_sweep(args: SweepArgs, config: TrainConfig) -> list[Dimension]:
         raise UsageError("--perturbation-interval is for --scheduler pbt; drop it")
     check_evaluation_flags(None, args.final_eval_num, 0)
     return dimensions
+
+
+def corner_configs(config: TrainConfig, dimensions: list[Dimension]) -> list[TrainConfig]:
+    """The base configuration with each of the space's corner values (`corner_values`), each one checked as `train`
+    checks its flags: a refusal names the --space it came from."""
+    configs = []
+    for corner in corner_values(dimensions):
+        dimension = next(d for d in dimensions if d.name in corner)
+        try:
+            configs.append(config.replace(**corner))
+        except UsageError as err:
+            sampled = "" if dimension.is_grid else " (a sampled setting may take any value in its range)"
+            raise UsageError(f"--space {dimension.text!r}{sampled}: {err}") from None
+    return configs
 
 
 def spec_of(args: SweepArgs, config: TrainConfig) -> SweepSpec:
@@ -119,6 +149,19 @@ def check_driver_resource() -> None:
             f'\'"{{\\"{TRIAL_DRIVER_RESOURCE}\\": {LOCAL_DRIVER_SLOTS}}}"\' (KubeRay) or '
             f"`ray start --head --resources '{{\"{TRIAL_DRIVER_RESOURCE}\": {LOCAL_DRIVER_SLOTS}}}'`"
         )
+
+
+def check_tune_state(args: SweepArgs, sweep: Location) -> None:
+    """Refuse, before any Ray work, a sweep whose Tune folder holds a file this project did not seal: Tune would
+    unpickle it on the resume (or on a new sweep's restore)."""
+    try:
+        check_signed(sweep.child(TUNE_FOLDER), PLAIN_FILES)
+    except SignatureError as err:
+        raise UsageError(
+            f"--sweep {args.sweep}: {err}, and Ray Tune would unpickle it to resume the sweep, so it is not resumed; "
+            f"if the sweep was started with another key, set {SIGNING_KEY_ENV} to that key, else move "
+            f"{sweep.child(TUNE_FOLDER).uri} away to start Tune's state afresh (the trials' runs are kept)"
+        ) from None
 
 
 def exploit_before_the_end():  # -> a PopulationBasedTraining subclass (Ray imported once the input is checked)
@@ -149,7 +192,7 @@ def build_tuner(args: SweepArgs, dimensions: list[Dimension], plan: TrialPlan, s
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, plan=plan), tune.PlacementGroupFactory([{"CPU": 0, TRIAL_DRIVER_RESOURCE: 1}])
     )
-    filesystem = ray_filesystem(sweep, config.s3_endpoint)
+    filesystem = signed_filesystem(sweep, config.s3_endpoint, PLAIN_FILES)  # Tune reads back only what it sealed
     path = sweep.child(TUNE_FOLDER).path
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         print(f"resuming sweep {args.sweep}: finished trials are kept, unfinished ones go on from their checkpoints; "
@@ -195,16 +238,23 @@ def run_tune(args: SweepArgs, config: TrainConfig, promotion: Promotion | None =
     """`gan-job tune`: 0 when the sweep ran (trials may have failed: results.csv says which), 1 when no trial
     finished, 2 on bad input, 3 when the winner's promotion failed."""
     dimensions = check_sweep(args, config)
+    variants = corner_configs(config, dimensions)
     target = check_promotion(promotion, config.s3_endpoint) if promotion is not None else None
     storage = check_inputs(config)
+    for data in sorted({variant.data for variant in variants} - {config.data}):
+        check_data(config.replace(data=data))  # each searched dataset, as its trials will load it
     sweep = storage.child(args.sweep)
+    if sweep.is_file():
+        raise UsageError(f"--sweep {args.sweep}: {sweep.uri} is a file, not a sweep's folder; name another --sweep")
     spec = spec_of(args, config)
     stored = read_spec(sweep)
     if stored is not None:
         check_same(spec, stored)
-    if config.init_from:
-        config = resolve_warm_start(config)  # once: every trial starts from the same checkpoint
+    check_tune_state(args, sweep)
+    if config.init_from is not None:
+        config = resolve_warm_start(config, variants)  # once: every trial starts from the same checkpoint
     if target is not None:
+        check_run_beside(sweep.child(RUNS_FOLDER, "trial"), target, flag="--promote-to")  # where the winner will be
         check_target(target, config.s3_endpoint, flag="--promote-to")
     config = absolute_locations(config)
     if is_s3(config.storage) or is_s3(config.data_dir):
@@ -222,7 +272,8 @@ def run_tune(args: SweepArgs, config: TrainConfig, promotion: Promotion | None =
     plan = TrialPlan(config.to_dict(), sweep.child(RUNS_FOLDER).uri, args.scheduler, args.perturbation_interval)
     print(f"sweep {args.sweep}: {args.scheduler}, {args.trials} sample(s) of {' '.join(args.space) or '(no space)'}, "
           f"{args.max_concurrent} at once, {config.epochs} epochs each; storage {sweep.uri}", flush=True)  # fmt: skip
-    results = build_tuner(args, dimensions, plan, sweep, config).fit()
+    tuner = build_tuner(args, dimensions, plan, sweep, config)
+    results = in_own_thread(tuner.fit, "gan-job-tune")  # where Tune installs no SIGINT handler of its own
     return conclude(results, args, dimensions, plan, sweep, config, promotion)
 
 

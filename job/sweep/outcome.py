@@ -19,7 +19,7 @@ from job.config import TrainConfig
 from job.storage.artifacts import RunArtifacts
 from job.storage.checkpoint import load_from, read_checkpoint
 from job.storage.location import Location, resolve_location
-from job.runtime.state import checkpoint_digest
+from job.storage.checkpoint_schema import checkpoint_digest
 from job.sweep.space import Dimension
 from job.sweep.trial import SEGMENT_FILE, TRIAL_EPOCH, TrialPlan
 

@@ -7,6 +7,7 @@ Ray work, and `to_tune` turns a checked one into Tune's search object.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from job.config import SETTINGS
@@ -101,8 +102,20 @@ def parse_space(texts: list[str], scheduler: str) -> list[Dimension]:
 
 
 def corner_values(dimensions: list[Dimension]) -> list[dict]:
-    """Settings that every value of the space is checked with: each grid value and each sampled bound."""
-    return [{d.name: value} for d in dimensions for value in d.values]
+    """Settings that every value of the space is checked with: each grid value and each sampled bound, and of a
+    sampled integer also its low bound + 1. The settings' rules are ranges, but for one: the global batch must
+    split across the workers, and of two neighbouring integers one is not a multiple of any split above 1."""
+    corners = [{d.name: value} for d in dimensions for value in d.values]
+    for d in dimensions:
+        low, high = d.values if not d.is_grid else (None, None)
+        if isinstance(low, int) and high > low + 1:
+            corners.append({d.name: low + 1})
+    return corners
+
+
+def trial_count(dimensions: list[Dimension], samples: int) -> int:
+    """The trials a sweep runs: every grid point (the product of the grids' sizes) times `samples`."""
+    return math.prod(len(d.values) for d in dimensions if d.is_grid) * samples
 
 
 def to_tune(dimension: Dimension):  # -> a ray.tune search object

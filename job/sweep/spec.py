@@ -48,18 +48,38 @@ def _shown(value: object) -> str:
     return "(unset)" if value is None else str(value)
 
 
+# What each field of a sweep.json must be for this version to compare it with a command line.
+FIELD_TYPES = {
+    "format": int,
+    "sweep": str,
+    "base": dict,
+    "space": list,
+    "trials": int,
+    "scheduler": str,
+    "max_concurrent": int,
+    "perturbation_interval": int,
+    "final_eval_num": int,
+}
+
+
 def read_spec(folder: Location) -> dict | None:
-    """The stored sweep.json; None only when there is none (a read that fails raises: `job.storage.retry`)."""
+    """The stored sweep.json; None only when there is none (a read that fails raises: `job.storage.retry`). One
+    that is not what this project writes (not UTF-8 JSON, a field of another type) is refused in one line."""
+    source = folder.child(SPEC_FILE)
     try:
-        text = folder.child(SPEC_FILE).read_text()
+        raw = source.read_bytes()
     except FileNotFoundError:
         return None
     try:
-        stored = json.loads(text)
-    except ValueError:
+        stored = json.loads(raw.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included
         stored = None
-    if not isinstance(stored, dict) or stored.get("format") != SPEC_FORMAT:
-        raise UsageError(f"{folder.child(SPEC_FILE).uri} is not a sweep.json this version reads; use another --sweep")
+    well_formed = isinstance(stored, dict) and all(
+        isinstance(stored.get(name), kind) and not isinstance(stored.get(name), bool)
+        for name, kind in FIELD_TYPES.items()
+    )
+    if not well_formed or stored["format"] != SPEC_FORMAT or not all(isinstance(t, str) for t in stored["space"]):
+        raise UsageError(f"{source.uri} is not a sweep.json this version reads; fix or move it, or use another --sweep")
     return stored
 
 
