@@ -89,9 +89,13 @@ class TrainedClassifier:
     def describe(self) -> dict:
         """Plain values for a JSON report."""
         return {
-            "digest": self.digest, "data_fingerprint": self.data_fingerprint, "seed": self.seed,
-            "epochs": self.epochs, "recipe_version": RECIPE_VERSION, "test_accuracy": self.test_accuracy,
-        }  # fmt: skip
+            "digest": self.digest,
+            "data_fingerprint": self.data_fingerprint,
+            "seed": self.seed,
+            "epochs": self.epochs,
+            "recipe_version": RECIPE_VERSION,
+            "test_accuracy": self.test_accuracy,
+        }
 
 
 def train_classifier(

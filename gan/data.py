@@ -107,7 +107,7 @@ def download(name: str) -> Path:
     with file_lock(cache_root() / f"{name}.lock"):
         if not missing_files(target):
             return target
-        import torchvision.datasets  # why: heavy (~1 s) and only needed to download, once per node
+        import torchvision.datasets
 
         dataset_class = getattr(torchvision.datasets, info.torchvision_class)
         try:

@@ -37,7 +37,6 @@ MIN_IMAGES = K_NEAREST + 1  # k-NN needs k other images; FID's covariance needs 
 
 
 def _fid_metric(extractor: torch.nn.Module) -> FrechetInceptionDistance:
-    # why: heavy optional dependency, kept off the CLI's start-up path
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     # sync_on_compute=False: only one rank computes metrics during training, and a sync would wait
@@ -182,7 +181,6 @@ def inception_fid(generated: torch.Tensor, real: torch.Tensor, weights_path: str
     # given with torch.load(weights_only=False) (and downloads when given none): it gets our own torch.save of
     # the tensors just read, which holds nothing but tensors, and never the user's file.
     state = load_state_dict_file(weights_path)
-    # why: heavy optional dependency, kept off the CLI's start-up path
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     try:

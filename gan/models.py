@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMAGE_SHAPE = (1, 28, 28)  # channels, height, width
 LEAKY_SLOPE = 0.3  # Keras LeakyReLU default
 BN_MOMENTUM = 0.01  # Keras momentum 0.99
 BN_EPS = 1e-3  # Keras default

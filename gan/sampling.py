@@ -40,10 +40,12 @@ def sample(
                     f"labels of shape {tuple(labels.shape)} for {noise.shape[0]} noise vectors; "
                     "pass one label per vector"
                 )
-            return torch.cat([
-                generator(chunk.to(device), labels=chunk_labels.to(device, torch.long)).float().to(to)
-                for chunk, chunk_labels in zip(noise.split(CHUNK), labels.split(CHUNK))
-            ])  # fmt: skip
+            return torch.cat(
+                [
+                    generator(chunk.to(device), labels=chunk_labels.to(device, torch.long)).float().to(to)
+                    for chunk, chunk_labels in zip(noise.split(CHUNK), labels.split(CHUNK))
+                ]
+            )
     finally:
         generator.train(was_training)
 

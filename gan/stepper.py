@@ -112,8 +112,16 @@ class Stepper:
         real_images = to_unit_range(self.images_u8.index_select(0, batch_indices))
         real_labels = self.labels.index_select(0, batch_indices).long() if self.labels is not None else None
         noise = torch.randn(batch_indices.shape[0], self.noise_dim, device=self.images_u8.device)
-        stats = train_step(self.generator, self.discriminator, self.optimizer_g, self.optimizer_d, real_images, noise,
-                           self.amp_dtype, labels=real_labels)  # fmt: skip
+        stats = train_step(
+            self.generator,
+            self.discriminator,
+            self.optimizer_g,
+            self.optimizer_d,
+            real_images,
+            noise,
+            self.amp_dtype,
+            labels=real_labels,
+        )
         if self.ema is not None:  # the average follows the plain module, never the DDP wrapper
             generator = self.generator
             self.ema.update(generator.module if isinstance(generator, DistributedDataParallel) else generator)

@@ -18,13 +18,14 @@ import sys
 from typing import Sequence
 
 from gan.data import DataError
-from job.commands import bench, data_push, evaluate, generate, promote, train
+from job.commands import bench, data_push, evaluate, generate, promote, train, tune
 from job.config import SETTINGS, TrainConfig
-from job.errors import StorageFailed, StorageRefused, UsageError, flag_name
+from job.errors import RunFailed, StorageFailed, StorageRefused, UsageError, flag_name
+from job.promotion.evaluation import DEFAULT_NUM
+from job.promotion.gate import PROMOTE_MARGIN, PROMOTE_TO, Promotion
 from job.runtime.interrupts import Interrupted, install_interrupt_handlers
 from job.runtime.local_cluster import stop_local_cluster
 from job.settings import add_flag, env_var_for
-from job.sweep import command as tune
 
 # `train` flags that no environment variable sets: promoting is never a knob.
 NOT_FROM_ENVIRONMENT = ("promote_to", "promote_margin")
@@ -75,8 +76,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         action.help = f"{action.help} [env {env_var_for(name)}]"
     # Not knobs, on purpose: only a command line that says so moves LATEST, never a job submitted by
     # hand to a cluster whose head loads the knobs. (NOT_FROM_ENVIRONMENT lists them.)
-    add_flag(parser, "--promote-to", train.PROMOTE_TO)
-    add_flag(parser, "--promote-margin", train.PROMOTE_MARGIN)
+    add_flag(parser, "--promote-to", PROMOTE_TO)
+    add_flag(parser, "--promote-margin", PROMOTE_MARGIN)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -90,10 +91,10 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def _promotion(args: argparse.Namespace) -> train.Promotion | None:
+def _promotion(args: argparse.Namespace) -> Promotion | None:
     if args.promote_to is None and args.promote_margin is None:
         return None
-    return train.Promotion(args.promote_to, 0.0 if args.promote_margin is None else args.promote_margin)
+    return Promotion(args.promote_to, 0.0 if args.promote_margin is None else args.promote_margin)
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -111,7 +112,7 @@ def _add_tune_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(sweep, "--scheduler", tune.SCHEDULER, "asha")
     add_flag(sweep, "--max-concurrent", tune.MAX_CONCURRENT, 2)
     add_flag(sweep, "--perturbation-interval", tune.PERTURBATION_INTERVAL, 1)
-    add_flag(sweep, "--final-eval-num", tune.FINAL_EVAL_NUM, tune.DEFAULT_NUM)
+    add_flag(sweep, "--final-eval-num", tune.FINAL_EVAL_NUM, DEFAULT_NUM)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(err).split())
         print(f"gan-job: error: {message}", file=sys.stderr)
         return 2
+    except RunFailed as err:  # the run failed past its restarts: its checkpoints are kept
+        print(f"gan-job: {err}", file=sys.stderr, flush=True)
+        return 1
     except StorageFailed as err:  # retried within its bounds, then given up
         print(f"gan-job: error: {' '.join(str(err).split())}; {err.outcome}", file=sys.stderr)
         return 1

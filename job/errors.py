@@ -32,3 +32,8 @@ class StorageRefused(StorageError):
 
 class StorageFailed(StorageError):
     """The store failed: transient errors that outlasted the retry bounds, or a full disk; exit status 1."""
+
+
+class RunFailed(Exception):
+    """A run that failed past its restarts, lost its controller, was stopped by a guard, or was never placed in
+    time: one line, exit status 1; its checkpoints are kept and the same command resumes it."""

@@ -29,6 +29,7 @@ from gan.data import IDX_FILES, load_split
 from gan.idx import write_idx
 from job.config import TrainConfig
 from job.runtime.local_session import LocalSession
+from job.runtime.driver import SCRATCH, DriverRun
 from job.runtime.loop import run_worker
 from job.storage.location import resolve_location
 
@@ -317,6 +318,12 @@ def train_one_process(storage: Path, data_dir: Path, run_name: str = "run", **ov
         ),
     )
     return storage / run_name
+
+
+def driver_run(config: TrainConfig) -> DriverRun:
+    """`config` as the driver hands a new run to Ray Train, without the driver's checks (no data is read)."""
+    storage = resolve_location(config.storage)
+    return DriverRun(config, storage, storage.child(config.run_name), SCRATCH)
 
 
 # What a finished two-epoch run leaves in its artifacts/ folder.

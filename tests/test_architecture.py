@@ -1,8 +1,9 @@
 """The architecture holds: import-linter's contracts (pyproject.toml), and imports at module top.
 
 An import inside a function hides a dependency (and, between sibling modules, an import circle)
-from readers and from import-linter. Only heavy optional dependencies may load lazily, so that
-`gan-job --help`, `bench` and the workers' start-up stay fast, and each such line says why.
+from readers and from import-linter. Only the heavy optional dependencies of LAZY_ALLOWED may load
+lazily, so that `gan-job --help`, `bench` and the workers' start-up stay fast: the rule is stated
+once, in docs/architecture.md, not on each such line.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("job", "gan")
-# Dependencies heavy or optional enough to load only where used; the import must say why.
+# Dependencies heavy or optional enough to load only where used (docs/architecture.md#the-layers).
 LAZY_ALLOWED = (
     "ray",
     "boto3",
@@ -26,10 +27,8 @@ LAZY_ALLOWED = (
     "tensorboardX",
     "torchvision",
     "yaml",
+    "torch_fidelity",
 )
-# Files that still import inside functions without leave, listed so that this test passes
-# meanwhile; checked for staleness below, so the list only shrinks. Empty since issue 14.
-PENDING: dict[str, str] = {}
 
 
 def test_lint_imports_keeps_every_contract():
@@ -39,62 +38,29 @@ def test_lint_imports_keeps_every_contract():
     assert result.returncode == 0 and " 0 broken" in report, report[-3000:]
 
 
-def function_level_imports(path: Path) -> list[tuple[int, str, bool]]:
-    """(line, module, has a reason comment) of every import inside a function of `path`."""
-    source = path.read_text()
-    lines = source.splitlines()
-    found = []
-    for node in ast.walk(ast.parse(source)):
+def function_level_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import inside a function of `path`."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
         for inner in ast.walk(node):
             if isinstance(inner, ast.Import):
-                modules = [alias.name for alias in inner.names]
+                found |= {(inner.lineno, alias.name) for alias in inner.names}
             elif isinstance(inner, ast.ImportFrom):
-                modules = ["." * inner.level + (inner.module or "")]
-            else:
-                continue
-            line = lines[inner.lineno - 1]
-            above = lines[inner.lineno - 2].strip() if inner.lineno >= 2 else ""
-            reasoned = "#" in line or above.startswith("#")
-            found += [(inner.lineno, module, reasoned) for module in modules]
-    return sorted(set(found))
+                found.add((inner.lineno, "." * inner.level + (inner.module or "")))
+    return sorted(found)
 
 
-def all_function_level_imports() -> dict[tuple[str, str], list[tuple[int, bool]]]:
-    found: dict[tuple[str, str], list[tuple[int, bool]]] = {}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            relative = path.relative_to(ROOT).as_posix()
-            for line, module, reasoned in function_level_imports(path):
-                found.setdefault((relative, module), []).append((line, reasoned))
-    return found
-
-
-def problems_by_file() -> dict[str, list[str]]:
-    problems: dict[str, list[str]] = {}
-    for (path, module), places in all_function_level_imports().items():
-        for line, reasoned in places:
-            if module.split(".")[0] not in LAZY_ALLOWED:
-                problems.setdefault(path, []).append(
-                    f"{path}:{line}: `{module}` imported inside a function; move it to the module's top"
-                )
-            elif not reasoned:
-                problems.setdefault(path, []).append(
-                    f"{path}:{line}: lazy `{module}` needs a short reason comment on its line or above"
-                )
-    return problems
-
-
-def test_imports_are_at_module_top_but_for_heavy_optional_dependencies_with_a_reason():
-    problems = [problem for path, found in problems_by_file().items() if path not in PENDING for problem in found]
+def test_imports_are_at_module_top_but_for_heavy_optional_dependencies():
+    problems = [
+        f"{path.relative_to(ROOT)}:{line}: `{module}` imported inside a function; move it to the module's top"
+        for package in PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for line, module in function_level_imports(path)
+        if module.split(".")[0] not in LAZY_ALLOWED
+    ]
     assert problems == [], "\n".join(problems)
-
-
-def test_the_pending_list_names_only_files_that_still_need_it():
-    problems = problems_by_file()
-    stale = [path for path in PENDING if path not in problems]
-    assert stale == [], f"fixed meanwhile: remove {stale} from PENDING"
 
 
 # Kept off `gan-job --help`'s start-up: each is seconds to import, or optional.
@@ -126,3 +92,30 @@ def test_no_python_line_is_longer_than_120_characters():
         if len(line) > MAX_LINE
     ]
     assert long == [], "\n".join(long)
+
+
+MAX_FUNCTION_LINES = 70  # the house rule: a function reads on one screen
+
+
+def test_no_function_of_the_package_is_longer_than_70_lines():
+    long = [
+        f"{path.relative_to(ROOT)}:{node.lineno}: {node.name} has {node.end_lineno - node.lineno + 1} lines"
+        for package in PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert long == [], "\n".join(long)
+
+
+def test_the_package_is_formatted_without_exceptions():
+    """No `# fmt: skip`: the formatter's layout is the house layout (ruff format, line length 120)."""
+    skipped = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for package in PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "fmt: skip" in line
+    ]
+    assert skipped == [], "\n".join(skipped)

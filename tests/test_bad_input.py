@@ -61,12 +61,12 @@ def push_argv(data_dir) -> list[str]:
 @pytest.fixture(autouse=True)
 def ray_must_not_start(monkeypatch):
     """Bad input is refused before Ray: reaching `connect_ray` here fails the test at once."""
-    import job.commands.train
+    import job.runtime.driver
 
     def refuse() -> None:
-        raise AssertionError("bad input reached Ray: job.commands.train.connect_ray() was called")
+        raise AssertionError("bad input reached Ray: job.runtime.driver.connect_ray() was called")
 
-    monkeypatch.setattr(job.commands.train, "connect_ray", refuse)
+    monkeypatch.setattr(job.runtime.driver, "connect_ray", refuse)
 
 
 def refused(argv: list[str], named: str, capsys, fix: bool = True, warnings: bool = False) -> str:

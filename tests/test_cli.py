@@ -132,12 +132,12 @@ def test_bad_recipe_and_guard_flags_are_named(flags, named, tmp_path, capsys, ti
 @pytest.fixture
 def ray_must_not_start(monkeypatch):
     """Reaching `connect_ray` fails the test: bad promotion input is refused before Ray."""
-    import job.commands.train
+    import job.runtime.driver
 
     def refuse() -> None:
-        raise AssertionError("bad input reached Ray: job.commands.train.connect_ray() was called")
+        raise AssertionError("bad input reached Ray: job.runtime.driver.connect_ray() was called")
 
-    monkeypatch.setattr(job.commands.train, "connect_ray", refuse)
+    monkeypatch.setattr(job.runtime.driver, "connect_ray", refuse)
 
 
 def not_a_pointer(tmp_path):
@@ -201,6 +201,7 @@ def test_a_promotion_into_a_missing_bucket_is_refused_before_training(s3_server,
 
 def test_promotion_is_never_an_environment_knob(monkeypatch, tmp_path, tiny_data_dir):
     import job.commands.train
+    from job.promotion.gate import Promotion
 
     monkeypatch.setenv("GAN_JOB_PROMOTE_TO", str(tmp_path / "job" / "LATEST"))
     monkeypatch.setenv("GAN_JOB_PROMOTE_MARGIN", "nan")  # would be refused, were it read
@@ -211,7 +212,7 @@ def test_promotion_is_never_an_environment_knob(monkeypatch, tmp_path, tiny_data
     argv = train_argv(tiny_data_dir, tmp_path / "runs")
     assert main(argv) == 0 and seen == [None]
     assert main([*argv, "--promote-to", str(tmp_path / "job" / "LATEST")]) == 0
-    assert seen[-1] == job.commands.train.Promotion(str(tmp_path / "job" / "LATEST"), 0.0), "promote's default margin"
+    assert seen[-1] == Promotion(str(tmp_path / "job" / "LATEST"), 0.0), "promote's default margin"
     assert main([*argv, "--promote-to", str(tmp_path / "job" / "LATEST"), "--promote-margin", "0.05"]) == 0
     assert seen[-1].margin == 0.05
     train_help = build_parser()._subparsers._group_actions[0].choices["train"].format_help()  # noqa: SLF001

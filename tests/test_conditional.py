@@ -14,14 +14,14 @@ import pytest
 import torch
 
 import gan.sampling
-import job.commands.train
+import job.runtime.driver
 from gan.classifier import Classifier
 from gan.data import dataset_info, iterate_batches
 from gan.models import Generator
 from gan.grid import GAP_PX, image_grid_png
 from gan.sampling import class_grid_inputs, labels_split_evenly, sample
 from job.cli import build_parser, main
-from job.commands.evaluate import evaluate_state
+from job.promotion.evaluation import evaluate_state
 from job.commands.generate import GRID_SCALE
 from job.config import RECIPES, TrainConfig
 from job.storage.checkpoint import checkpoint_folders, read_checkpoint, write_checkpoint
@@ -102,9 +102,9 @@ def ray_must_not_start(monkeypatch):
     """Every command here runs without Ray; a refused `train` must stop before it."""
 
     def refuse() -> None:
-        raise AssertionError("reached Ray: job.commands.train.connect_ray() was called")
+        raise AssertionError("reached Ray: job.runtime.driver.connect_ray() was called")
 
-    monkeypatch.setattr(job.commands.train, "connect_ray", refuse)
+    monkeypatch.setattr(job.runtime.driver, "connect_ray", refuse)
 
 
 @pytest.fixture(scope="module")

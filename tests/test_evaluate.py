@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import job.commands.evaluate
+import job.promotion.evaluation
 from gan.classifier import TrainedClassifier
 from gan.metrics import MIN_IMAGES
 from gan.models import Generator
@@ -175,7 +176,7 @@ def test_cas_scores_the_conditional_generator_against_the_real_test_split_with_t
         calls.append((source, real_classifier, real_test, real_test_labels, kwargs))
         return {"generated": {"overall": 0.5}, "real": {"overall": 0.8}}
 
-    monkeypatch.setattr(job.commands.evaluate, "classification_accuracy_score", cas)
+    monkeypatch.setattr(job.promotion.evaluation, "classification_accuracy_score", cas)
     argv = ["--from", conditional_run, "--data-dir", small_fashion_dir, "--num", "100", "--seed", "7", "--cas"]
     assert evaluate_main(argv) == 0
     result = json.loads(capsys.readouterr().out)

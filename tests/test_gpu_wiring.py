@@ -7,7 +7,8 @@ the real CUDA path is checked on a lent GPU machine (docs/performance.md).
 import pytest
 import torch
 
-from job.commands.train import build_trainer
+from job.runtime.driver import build_trainer
+from tests.conftest import driver_run
 from job.config import TrainConfig
 from job.runtime.distributed import backend_for, select_device
 from job.errors import UsageError
@@ -30,7 +31,7 @@ def test_use_gpu_without_a_visible_gpu_is_a_clear_error(monkeypatch):
 
 def test_trainer_asks_ray_for_one_gpu_per_worker_and_nccl(tmp_path):
     config = TrainConfig(use_gpu=True, num_workers=4, cpus_per_worker=3, storage=str(tmp_path), run_name="gpu")
-    trainer = build_trainer(config)
+    trainer = build_trainer(driver_run(config))
     scaling = trainer.scaling_config
     assert scaling.use_gpu and scaling.num_workers == 4
     assert scaling.resources_per_worker == {"CPU": 3, "GPU": 1}
@@ -40,13 +41,15 @@ def test_trainer_asks_ray_for_one_gpu_per_worker_and_nccl(tmp_path):
 def test_an_elastic_run_asks_ray_train_for_min_and_max_workers(tmp_path):
     config = TrainConfig(num_workers=1, max_workers=4, batch_size=240, cpus_per_worker=1, elastic_resize_interval=7.5,
                          storage=str(tmp_path), run_name="elastic")  # fmt: skip
-    scaling = build_trainer(config).scaling_config
+    scaling = build_trainer(driver_run(config)).scaling_config
     assert scaling.num_workers == (1, 4) and scaling.elastic_resize_monitor_interval_s == 7.5
-    assert build_trainer(config.replace(max_workers=1)).scaling_config.num_workers == 1  # N-N is N
+    assert build_trainer(driver_run(config.replace(max_workers=1))).scaling_config.num_workers == 1  # N-N is N
 
 
 def test_trainer_uses_gloo_and_no_gpu_on_cpu(tmp_path):
-    trainer = build_trainer(TrainConfig(num_workers=2, cpus_per_worker=1, storage=str(tmp_path), run_name="cpu"))
+    trainer = build_trainer(
+        driver_run(TrainConfig(num_workers=2, cpus_per_worker=1, storage=str(tmp_path), run_name="cpu"))
+    )
     assert not trainer.scaling_config.use_gpu and trainer.backend_config.backend == "gloo"
 
 

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-import job.commands.train
+import job.runtime.driver
 from job.cli import main
-from job.commands.train import warm_start_source
+from job.runtime.driver import decide_start
 from job.config import TrainConfig
 from job.storage.checkpoint import checkpoint_folders, read_checkpoint
 from job.storage.location import resolve_location
@@ -80,22 +80,23 @@ def test_the_driver_resolves_a_latest_pointer_to_its_runs_newest_checkpoint(dono
     latest.parent.mkdir()
     latest.write_text(json.dumps({"run": str(donor)}))
     config = _config(tmp_path, small_fashion_dir, str(latest))
-    resolved = warm_start_source(config, resolve_location(config.storage).child("new"))
-    assert resolved.init_from == checkpoint_folders(resolve_location(str(donor)))[0].uri
+    start, resolved = decide_start(config, resolve_location(config.storage).child("new"))
+    assert start == "warm" and resolved.init_from == checkpoint_folders(resolve_location(str(donor)))[0].uri
 
 
 def test_a_run_with_checkpoints_of_its_own_ignores_init_from_and_says_so(donor, tmp_path, small_fashion_dir, capsys):
     config = _config(tmp_path, small_fashion_dir, str(donor), run_name="donor")
-    assert warm_start_source(config, resolve_location(config.storage).child("donor")).init_from is None
+    start, resolved = decide_start(config, resolve_location(config.storage).child("donor"))
+    assert start == "resume" and resolved.init_from is None
     assert "has checkpoints of its own and resumes from them; --init-from is not used" in capsys.readouterr().out
 
 
 @pytest.fixture
 def no_ray(monkeypatch):
     def refuse() -> None:
-        raise AssertionError("bad input reached Ray: job.commands.train.connect_ray() was called")
+        raise AssertionError("bad input reached Ray: job.runtime.driver.connect_ray() was called")
 
-    monkeypatch.setattr(job.commands.train, "connect_ray", refuse)
+    monkeypatch.setattr(job.runtime.driver, "connect_ray", refuse)
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from tests.conftest import REPO
 
 # The subprocess: argv[1] the output folder, argv[2] "module:function" that starts the cluster, argv[3] its
 # keyword arguments as JSON. Its functions are pickled by value (they live in __main__), so Ray's workers can run
-# them. Run it by hand with job.commands.train:connect_ray to see what the cluster did before.
+# them. Run it by hand with job.runtime.driver:connect_ray.
 CHILD = r'''
 import importlib
 import json

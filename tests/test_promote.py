@@ -256,7 +256,7 @@ def ray_train_replaced(monkeypatch):
     `state.metrics`. The runs it "trains" are the storage fixture's, which are already finished."""
     from types import SimpleNamespace
 
-    import job.commands.train
+    import job.runtime.driver
 
     state = SimpleNamespace(on_fit=lambda: None, metrics={})
 
@@ -265,10 +265,10 @@ def ray_train_replaced(monkeypatch):
             state.on_fit()
             return SimpleNamespace(metrics=state.metrics)
 
-    monkeypatch.setattr(job.commands.train, "connect_ray", lambda: None)
-    monkeypatch.setattr(job.commands.train, "place", lambda config: config)
-    monkeypatch.setattr(job.commands.train, "build_trainer", lambda config: Trainer())
-    monkeypatch.setattr("job.commands.evaluate.DEFAULT_NUM", int(NUM))  # promote's default image count, small here
+    monkeypatch.setattr(job.runtime.driver, "connect_ray", lambda resources=None: None)
+    monkeypatch.setattr(job.runtime.driver, "place", lambda config: config)
+    monkeypatch.setattr(job.runtime.driver, "build_trainer", lambda run, callbacks=None: Trainer())
+    monkeypatch.setattr("job.promotion.gate.DEFAULT_NUM", int(NUM))  # promote's default image count, small here
     return state
 
 
@@ -318,7 +318,7 @@ def test_train_exits_0_when_the_promotion_is_declined_and_the_margin_is_promotes
 def test_train_exits_3_when_training_finished_but_the_promotion_failed(
     storage, small_fashion_dir, ray_train_replaced, capsys
 ):
-    from job.commands.train import PROMOTION_FAILED
+    from job.promotion.gate import PROMOTION_FAILED
 
     target = storage / "job" / "LATEST"
     ray_train_replaced.on_fit = lambda: target.write_text(
@@ -339,12 +339,12 @@ def test_train_exits_3_when_training_finished_but_the_promotion_failed(
 def test_train_exits_3_on_an_unexpected_promotion_failure_too(
     storage, small_fashion_dir, ray_train_replaced, monkeypatch, capsys
 ):
-    import job.commands.train
+    import job.promotion.gate
 
-    def broken(args):
+    def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(job.commands.train, "promote", broken)
+    monkeypatch.setattr(job.promotion.gate, "promote_run", broken)
     assert train_main(storage, "a", small_fashion_dir, "--promote-to", storage / "job" / "LATEST") == 3
     err = capsys.readouterr().err
     assert "RuntimeError: a bug" in err.splitlines()[-1] and "Traceback" in err  # a bug keeps its trace

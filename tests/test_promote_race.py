@@ -1,6 +1,6 @@
 """Overlapping promotions lose nothing: both decisions are logged, LATEST is the better run's.
 
-The race is made deterministic with `job.commands.promote.decided`, the seam called after each decision and
+The race is made deterministic with `job.promotion.gate.decided`, the seam called after each decision and
 before any of it is written: both promotions read LATEST and decide before either writes; then
 the one called `first` writes and finishes while `second` waits, and `second` writes against what
 it read, loses, reads again and decides again. Locally and against the S3 server on loopback.
@@ -19,10 +19,11 @@ import uuid
 import pytest
 
 import job.storage.pointer
-import job.commands.promote
+import job.promotion.gate
 from job.storage.checkpoint import checkpoint_folders
 from job.errors import UsageError
-from job.commands.evaluate import add_evaluate_arguments, prepare_evaluator
+from job.commands.evaluate import add_evaluate_arguments
+from job.promotion.evaluation import prepare_evaluator
 from job.storage.pointer import PreconditionFailed, Store
 from job.commands.promote import add_promote_arguments
 from job.storage.location import resolve_location
@@ -139,7 +140,7 @@ def overlapped(monkeypatch, place, first, second, small_fashion_dir):
             if name == second:
                 assert first_done.wait(120)
 
-    monkeypatch.setattr(job.commands.promote, "decided", decided)
+    monkeypatch.setattr(job.promotion.gate, "decided", decided)
     statuses = {}
 
     def promote_in_thread(name):
@@ -220,7 +221,7 @@ def test_a_promotion_that_dies_between_latest_and_the_log_is_logged_by_the_next_
     def die(*_):
         raise KeyboardInterrupt  # killed after LATEST was replaced, before its log line was written
 
-    monkeypatch.setattr(job.commands.promote, "log_promotion", die)
+    monkeypatch.setattr(job.promotion.gate, "log_promotion", die)
     with pytest.raises(KeyboardInterrupt):
         promote(place, "bad", small_fashion_dir)
     monkeypatch.undo()
@@ -262,7 +263,7 @@ def test_a_promotion_that_keeps_losing_gives_up_with_one_line_and_writes_nothing
         pointer["promoted_at"] = uuid.uuid4().hex  # a hand edit between every read and write
         latest.write_text(json.dumps(pointer))
 
-    monkeypatch.setattr(job.commands.promote, "decided", another_writer_moves_latest)
+    monkeypatch.setattr(job.promotion.gate, "decided", another_writer_moves_latest)
     capsys.readouterr()
     assert promote(place, "good", small_fashion_dir) == 1
     out, err = capsys.readouterr()

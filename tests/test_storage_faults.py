@@ -24,7 +24,7 @@ import torch
 
 from gan.data import IDX_FILES
 from job.cli import main
-from job.commands.train import preflight
+from job.runtime.driver import check as preflight
 from job.config import TrainConfig
 from job.errors import StorageFailed
 from job.runtime.local_session import LocalSession
@@ -241,7 +241,7 @@ def _play(path: str, token: str, stored_run: TrainConfig, run_uri: str, data_uri
             run = resolve_location(config.storage).child(token)
             return run_worker(config, LocalSession(run, torch.device("cpu"), keep_checkpoints=3))
         if path == "driver's preflight":
-            return preflight(stored_run)
+            return preflight(stored_run).run
         if path == "generate --from":
             return main(["generate", "--from", run_uri, "--num", "4", "--out", str(tmp_path / "grid.png")])
         if path == "evaluate":

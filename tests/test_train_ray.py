@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-import job.commands.train
+import job.runtime.driver
 import job.runtime.ray_session
 from job.cli import main
 from job.storage.checkpoint import checkpoint_folders, read_checkpoint
@@ -80,9 +80,9 @@ def test_a_rollback_on_two_workers_retrains_the_epoch_once_and_keeps_the_ranks_i
         step_module.generator_loss = planted
         real_loop(config)
 
-    # The driver hands Ray whichever function job.commands.train finds under this name.
+    # The driver hands Ray whichever function job.runtime.driver finds under this name.
     monkeypatch.setattr(job.runtime.ray_session, "train_loop_per_worker", loop_with_nan_in_epoch_2)
-    monkeypatch.setattr(job.commands.train, "train_loop_per_worker", loop_with_nan_in_epoch_2, raising=False)
+    monkeypatch.setattr(job.runtime.driver, "train_loop_per_worker", loop_with_nan_in_epoch_2)
     argv = [
         "train", "--data", "fashion-mnist", "--data-dir", str(fashion_mnist_dir), "--limit", "256",
         "--batch-size", "64", "--epochs", "3", "--num-workers", "2", "--storage", str(tmp_path),

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 
-import job.sweep.command
+import job.sweep.tuner
 from job.cli import main
-from job.commands.train import build_trainer, prepare_storage
+from job.runtime.driver import DriverRun, build_trainer
 from job.config import TrainConfig
 from job.storage.checkpoint_schema import checkpoint_digest
 from job.storage.checkpoint import read_checkpoint
 from job.storage.location import resolve_location
-from job.sweep.command import SweepArgs, spec_of
+from job.sweep.spec import SweepArgs, spec_of
 from job.sweep.spec import SPEC_FILE
 from job.sweep.trial import TRIAL_DRIVER_RESOURCE
-from tests.conftest import metrics_rows, train_one_process
+from tests.conftest import driver_run, metrics_rows, train_one_process
 
 SMALL = ["--data", "fashion-mnist", "--limit", "128", "--batch-size", "32", "--eval-num", "64", "--num-workers", "1",
          "--cpus-per-worker", "1", "--final-eval-num", "64"]  # fmt: skip
@@ -52,8 +52,10 @@ def refusal(capsys) -> str:
         (["batch_size=7,8", "--num-workers", "2"], "--batch-size"),  # 7 images do not split over 2 workers
         # Sampled, every integer in the range may come: 65 does not split over 2 workers although 64 and 128 do.
         (["batch_size=uniform:64:128", "--num-workers", "2"], "--batch-size 65 does not split evenly"),
-        (["seed=" + ",".join(map(str, range(101))), "lr=" + ",".join(f"{i}e-5" for i in range(1, 101))],
-         "makes 10,100 trials, more than the 10,000"),  # fmt: skip
+        (
+            ["seed=" + ",".join(map(str, range(101))), "lr=" + ",".join(f"{i}e-5" for i in range(1, 101))],
+            "makes 10,100 trials, more than the 10,000",
+        ),  # fmt: skip
     ],
 )
 def test_a_bad_space_is_refused_in_one_line_before_anything_is_written(space, named, tmp_path, capsys):
@@ -88,7 +90,7 @@ def test_a_sweep_named_after_a_file_is_refused(tmp_path, small_fashion_dir, caps
     (tmp_path / "sweeps").mkdir()
     (tmp_path / "sweeps" / "s").write_text("a file")
     assert main(tune_argv(tmp_path / "sweeps", small_fashion_dir, "--space", "lr=1e-4")) == 2
-    assert "is a file, not a sweep's folder" in refusal(capsys)
+    assert "--sweep s:" in (line := refusal(capsys)) and "is a file, not a folder" in line
 
 
 def test_pbt_refuses_a_setting_an_exploit_cannot_mutate(tmp_path, capsys):
@@ -138,7 +140,7 @@ def test_a_cluster_without_the_trial_drivers_resource_is_refused(
 ):
     # The shared cluster's head declares gan_job_trial_driver; a name it does not declare stands for a cluster
     # that lacks it (the check asks the real cluster).
-    monkeypatch.setattr(job.sweep.command, "TRIAL_DRIVER_RESOURCE", "gan_job_trial_driver_missing")
+    monkeypatch.setattr(job.sweep.tuner, "TRIAL_DRIVER_RESOURCE", "gan_job_trial_driver_missing")
     status = main(tune_argv(tmp_path / "runs", small_fashion_dir, "--space", "lr=1e-4,2e-4"))
     err = refusal(capsys)
     assert status == 2 and "rayStartParams.resources" in err and "gan_job_trial_driver_missing" in err, err
@@ -222,13 +224,13 @@ def test_a_stopped_trials_worker_group_is_released_while_another_ray_cluster_run
     config = TrainConfig(data="fashion-mnist", data_dir=str(small_fashion_dir), limit=128, batch_size=32, epochs=200,
                          num_workers=1, cpus_per_worker=1, eval_every=0, storage=str(tmp_path / "runs"),
                          run_name="stopped")  # fmt: skip
-    prepare_storage(config)
+    (tmp_path / "runs").mkdir()
 
-    def trial_driver(trial_config: TrainConfig) -> None:
-        build_trainer(trial_config).fit()
+    def trial_driver(trial: DriverRun) -> None:
+        build_trainer(trial).fit()
 
     ray = ray_cluster
-    driver = ray.remote(num_cpus=0, resources={TRIAL_DRIVER_RESOURCE: 1})(trial_driver).remote(config)
+    driver = ray.remote(num_cpus=0, resources={TRIAL_DRIVER_RESOURCE: 1})(trial_driver).remote(driver_run(config))
     metrics = tmp_path / "runs" / "stopped" / "artifacts" / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while not metrics.exists() and time.monotonic() < deadline:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import job.commands.train
-import job.sweep.command
+import job.runtime.driver
 from job.cli import main
 from job.errors import StorageRefused
 from job.storage.checkpoint import STATE_FILE, checkpoint_folders, read_checkpoint, write_checkpoint
@@ -39,8 +38,7 @@ def no_ray(monkeypatch):
     def refuse(*_args, **_kwargs) -> None:
         raise AssertionError("bad input reached Ray")
 
-    monkeypatch.setattr(job.commands.train, "connect_ray", refuse)
-    monkeypatch.setattr(job.sweep.command, "connect_ray", refuse)
+    monkeypatch.setattr(job.runtime.driver, "connect_ray", refuse)
 
 
 @pytest.fixture
@@ -149,7 +147,8 @@ def test_a_file_where_a_folder_belongs_and_a_folder_where_a_file_belongs_are_ref
     (tmp_path / "folder").mkdir()
     (tmp_path / "file").write_text("x")
     started = time.monotonic()
-    for path, kind in ((tmp_path / "folder", "(?i)is a directory"), (tmp_path / "file" / "inside", "(?i)not a directory")):
+    wrong_kinds = ((tmp_path / "folder", "(?i)is a directory"), (tmp_path / "file" / "inside", "(?i)not a directory"))
+    for path, kind in wrong_kinds:
         with pytest.raises(StorageRefused, match=kind):
             resolve_location(str(path)).read_bytes()
     with pytest.raises(StorageRefused, match="Not a directory"):

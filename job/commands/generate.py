@@ -30,8 +30,10 @@ DEFAULT_NUM = 64  # images of an unconditional model; a conditional one makes GR
 NUM = Setting(
     f"how many images (default {DEFAULT_NUM}; a conditional model: {GRID_PER_CLASS} per class asked for); "
     "with classes, a multiple of their count, split evenly over them in order",
-    kind=int, low=1, high=MAX_GENERATE_IMAGES,
-)  # fmt: skip
+    kind=int,
+    low=1,
+    high=MAX_GENERATE_IMAGES,
+)
 CLASS = Setting("a class index", kind=int, low=0, high=MAX_CLASSES - 1)
 
 
@@ -46,13 +48,17 @@ def class_list(text: str) -> tuple[int, ...]:
 LABEL = Setting(
     "conditional models only: make these classes, e.g. 3 or 3,5 (--num split evenly over them, in order), "
     "each a class index",
-    kind=int, low=0, high=MAX_CLASSES - 1, reads=class_list, metavar="K[,K...]",
-)  # fmt: skip
+    kind=int,
+    low=0,
+    high=MAX_CLASSES - 1,
+    reads=class_list,
+    metavar="K[,K...]",
+)
 PER_CLASS = Setting(
     "conditional models only: make every class, --num split evenly over them in class order (what a conditional model "
     "makes with neither --label nor --per-class, too)",
     kind=bool,
-)  # fmt: skip
+)
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,15 +68,17 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_flag(parser, "--num", NUM)
     parser.add_argument(
-        "--out", required=True,
+        "--out",
+        required=True,
         help=f"PNG grid: the first min(N, {GRID_MAX}) images; a conditional model's, one row per class asked for "
         "with its first "
         f"{GRID_PER_CLASS} (more than {GRID_MAX_ROWS} classes: as unconditional)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--npy", help="also save all N images as an N x 28 x 28 float32 array in [-1, 1]; a conditional model's labels "
+        "--npy",
+        help="also save all N images as an N x 28 x 28 float32 array in [-1, 1]; a conditional model's labels "
         "(N int64) go to OUT.labels.npy next to it",
-    )  # fmt: skip
+    )
     add_flag(parser, "--label", LABEL)
     add_flag(parser, "--per-class", PER_CLASS, False)
     add_flag(parser, "--seed", SEED, 0)

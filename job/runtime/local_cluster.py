@@ -48,9 +48,8 @@ def start_local_cluster(resources: dict[str, float] | None = None, num_cpus: int
     resources the cluster declares (a sweep's trial drivers take one each); `num_cpus`: its CPUs (default: the
     machine's). Nothing happens when this process is already connected to a cluster.
     """
-    # why: Ray is imported here, not at the top, so that the CLI starts without importing it.
     import ray
-    from ray._private import ray_constants  # why: as ray
+    from ray._private import ray_constants
 
     if ray.is_initialized():
         return
@@ -113,7 +112,6 @@ def stop_local_cluster() -> list[int]:
     if not _started.pop("here", False):
         return []  # and Ray is not imported: an interrupt may have come in the middle of its import
     members = cluster_processes(_started.pop("raylets", set()))  # before the shutdown re-parents any of them
-    # why: Ray is imported here, not at the top, so that the CLI starts without importing it.
     import ray
 
     try:
@@ -234,8 +232,9 @@ def _store_on_master_addr(rendezvous: ModuleType) -> None:
     """Replace the TCPStore that `rendezvous` makes its stores with by one whose server listens on loopback."""
     tcp_store: Callable = rendezvous.TCPStore
 
-    def loopback_store(host_name: str, port: int, world_size: int | None = None, is_master: bool = False,
-                       *args, **kwargs) -> object:  # fmt: skip
+    def loopback_store(
+        host_name: str, port: int, world_size: int | None = None, is_master: bool = False, *args, **kwargs
+    ) -> object:
         if is_master and host_name == LOOPBACK and kwargs.get("master_listen_fd") is None:
             sock = socket.socket()
             try:

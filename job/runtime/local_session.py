@@ -14,8 +14,12 @@ import torch
 
 from job.runtime.state import HostSnapshot
 from job.storage.checkpoint import (
-    CHECKPOINT_PREFIX, checkpoint_folders, latest_checkpoint_or_refuse, upload_checkpoint, write_checkpoint,
-)  # fmt: skip
+    CHECKPOINT_PREFIX,
+    checkpoint_folders,
+    latest_checkpoint_or_refuse,
+    upload_checkpoint,
+    write_checkpoint,
+)
 from job.storage.location import Location
 
 

@@ -15,10 +15,10 @@ from typing import Protocol
 
 import torch
 
-from gan.data import load_split, shard_indices
+from gan.data import ImageSet, load_split, shard_indices
 from gan.epoch import STAT_NAMES, train_epoch
 from gan.step import amp_dtype_for
-from gan.stepper import prepare_cuda
+from gan.stepper import Stepper, prepare_cuda
 from job.config import TrainConfig
 from job.runtime.distributed import broadcast_object, gather_objects, mean_across_ranks, print0
 from job.runtime.guards import Guards
@@ -64,23 +64,9 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
     torch.manual_seed(config.seed + session.rank)  # each rank draws its own noise and dropout masks
     prepare_cuda(session.device)  # cuDNN's kernel choice on each shape's first step, before any capture
 
-    # Load the data once, as uint8 on the device (and a conditional run's labels with it); batches are cut there.
-    train_set = load_split(local_data_folder(config), "train", config.limit)
-    images_u8 = train_set.images.to(session.device)
-    labels = train_set.labels.to(session.device, torch.long) if config.conditional else None
-    num_images = images_u8.shape[0]
-
-    # Build the training state, and resume it from the latest checkpoint if there is one.
-    state = TrainingState.build(config, train_set.fingerprint, session.rank, session.world_size, session.device)
-    checkpoint = session.load_checkpoint()
-    resumed = state.resume(checkpoint) if checkpoint is not None else None  # noted in this attempt's first row
-    # Or, for a run with no checkpoint of its own, a warm start from the one --init-from names (its first row says).
-    init_from = None
-    if checkpoint is None and config.init_from:
-        source, donor = load_from(config.init_from, config.s3_endpoint, flag="--init-from")
-        init_from = state.warm_start(donor, source.uri)
-    state.wrap_ddp()
-    stepper = state.build_stepper(images_u8, labels, amp_dtype_for(config.precision, session.device))
+    # Load the data, build the training state and start it where the driver decided (its first row says where).
+    train_set, state, stepper, started = set_up(config, session)
+    num_images = train_set.images.shape[0]
     recorder = Recorder(config, session.run, train_set, state.epoch) if session.rank == 0 else None  # rank 0 writes
     guards = Guards(config.on_divergence, config.on_collapse)
     quality = QualityProbe(config, session.device) if config.eval_every else None
@@ -100,9 +86,9 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
         state.epoch, state.step = epoch, state.step + totals.steps
 
         # Measure the epoch: losses, speed and, every eval_every epochs, quality.
-        row = clock.epoch_row(epoch, state.step, stats, resumed)
-        if init_from is not None:
-            row["init_from"], init_from = init_from, None
+        row = clock.epoch_row(epoch, state.step, stats, started.get("resumed"))
+        if "init_from" in started:
+            row["init_from"] = started.pop("init_from")
         laps = Laps(row)  # where the rest of the epoch's time goes, part by part, into the row
         if quality and (epoch % config.eval_every == 0 or epoch == config.epochs):
             row["quality"] = broadcast_object(quality.evaluate(state.sampler) if recorder else None)
@@ -117,23 +103,9 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
                 recorder.forget_after(state.epoch)
             continue
 
-        # Record the epoch: the sample grid, the checkpoint when due (a host snapshot), the metrics line, the report.
+        # Record the epoch (the sample grid, the checkpoint when due, the metrics line) and report it.
         stopped = verdict is not None and verdict.action == "stop"
-        checkpoint_due = epoch % config.checkpoint_every == 0 or epoch == config.epochs or stopped
-        grid_png = recorder.sample_grid(state) if recorder else None
-        laps.lap("sample_grid_time_s")
-        snapshot = None
-        if checkpoint_due:
-            rng_states = gather_objects(rng_state())  # every rank's random streams: part of the checkpoint
-            snapshot = state.checkpoint(rng_states) if recorder else None  # copies; written on the session's side
-            laps.lap("checkpoint_time_s")  # what training waits for: serialising and storing go on behind it
-        if recorder:
-            recorder.write_epoch(row, grid_png)  # the metrics line before the checkpoint is reported
-        laps.lap("artifacts_time_s")  # here and below: in metrics.jsonl from its next rewrite on
-        session.report(dict(row), snapshot)  # a copy: Ray may read it on its upload thread while the row gains a lap
-        laps.lap("report_time_s")
-        if checkpoint_due and guards.trusted:
-            state.keep_as_last_good()  # only states no guard has doubts about
+        record_epoch(state, session, recorder, guards, row, laps, checkpoint_due=checkpoint_due(config, epoch, stopped))
         clock.end_epoch()
         if recorder:
             recorder.status_line(row, stats, clock.epoch_time_s, clock.eta_s())
@@ -148,6 +120,65 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
     nodes = gather_objects(session.node_id)
     if recorder:
         recorder.finish(state, digests, nodes)
+
+
+def set_up(config: TrainConfig, session: WorkerSession) -> tuple[ImageSet, TrainingState, Stepper, dict]:
+    """The data, loaded once as uint8 on the device (and a conditional run's labels with it: batches are cut
+    there); the training state, started (`start`) and wrapped in DDP; its step; and what `start` records."""
+    train_set = load_split(local_data_folder(config), "train", config.limit)
+    images_u8 = train_set.images.to(session.device)
+    labels = train_set.labels.to(session.device, torch.long) if config.conditional else None
+    state = TrainingState.build(config, train_set.fingerprint, session.rank, session.world_size, session.device)
+    started = start(state, config, session)
+    state.wrap_ddp()
+    stepper = state.build_stepper(images_u8, labels, amp_dtype_for(config.precision, session.device))
+    return train_set, state, stepper, started
+
+
+def start(state: TrainingState, config: TrainConfig, session: WorkerSession) -> dict:
+    """Start `state` where the driver decided (`job.runtime.driver.decide_start`): the run's own newest checkpoint
+    when it has one (a restarted worker group too), else the checkpoint --init-from was resolved to, else the
+    fresh weights `state` holds. Returns what the metrics rows record of it: `resumed` (each attempt's first row),
+    `init_from` (the run's first)."""
+    checkpoint = session.load_checkpoint()
+    if checkpoint is not None:
+        return {"resumed": state.resume(checkpoint)}
+    if config.init_from:
+        source, donor = load_from(config.init_from, config.s3_endpoint, flag="--init-from")
+        return {"init_from": state.warm_start(donor, source.uri)}
+    return {}
+
+
+def checkpoint_due(config: TrainConfig, epoch: int, stopped: bool) -> bool:
+    """Every `--checkpoint-every` epochs, the last epoch, and an epoch a guard stops the run at."""
+    return epoch % config.checkpoint_every == 0 or epoch == config.epochs or stopped
+
+
+def record_epoch(
+    state: TrainingState,
+    session: WorkerSession,
+    recorder: Recorder | None,  # rank 0's; None on the other ranks
+    guards: Guards,
+    row: dict,
+    laps: Laps,
+    checkpoint_due: bool,
+) -> None:
+    """The epoch's sample grid, its checkpoint when due (a host snapshot, written on the session's side), its metrics
+    line, and the report every rank makes (the RNG gather and the report are collective calls)."""
+    grid_png = recorder.sample_grid(state) if recorder else None
+    laps.lap("sample_grid_time_s")
+    snapshot = None
+    if checkpoint_due:
+        rng_states = gather_objects(rng_state())  # every rank's random streams: part of the checkpoint
+        snapshot = state.checkpoint(rng_states) if recorder else None  # copies; written on the session's side
+        laps.lap("checkpoint_time_s")  # what training waits for: serialising and storing go on behind it
+    if recorder:
+        recorder.write_epoch(row, grid_png)  # the metrics line before the checkpoint is reported
+    laps.lap("artifacts_time_s")  # here and below: in metrics.jsonl from its next rewrite on
+    session.report(dict(row), snapshot)  # a copy: Ray may read it on its upload thread while the row gains a lap
+    laps.lap("report_time_s")
+    if checkpoint_due and guards.trusted:
+        state.keep_as_last_good()  # only states no guard has doubts about
 
 
 class Laps:

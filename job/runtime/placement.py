@@ -125,7 +125,7 @@ def check_fits(config: TrainConfig, view: ClusterView) -> None:
 
 def discover() -> ClusterView:
     """The cluster the connected driver runs on: its live nodes, its autoscaler and its node types."""
-    import ray  # why: Ray takes seconds to load; kept off the CLI's start-up path
+    import ray
 
     live = tuple(
         NodeType(
@@ -150,7 +150,7 @@ def discover() -> ClusterView:
 
 
 def types_from_gcs_cluster_config() -> tuple[NodeType, ...] | None:
-    from ray._private.state import state  # why: Ray, kept off the CLI's start-up path
+    from ray._private.state import state
 
     try:
         config = state.get_cluster_config()
@@ -176,7 +176,7 @@ def types_from_cluster_config(config) -> tuple[NodeType, ...]:  # config: autosc
 
 def autoscaler_v1_status() -> dict | None:
     """The classic autoscaler's latest status, if one has written it recently."""
-    from ray.experimental.internal_kv import _internal_kv_get  # why: Ray, kept off the CLI's start-up path
+    from ray.experimental.internal_kv import _internal_kv_get
 
     raw = _internal_kv_get(AUTOSCALER_STATUS_KEY)
     if not raw:
@@ -209,7 +209,7 @@ def types_from_v1_monitor(status: dict) -> tuple[NodeType, ...] | None:
     path = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--autoscaling-config=")), None)
     if path is None:
         return None
-    import yaml  # why: only to read the classic autoscaler's config on the head
+    import yaml
 
     try:
         config = yaml.safe_load(Path(path).read_text())
@@ -233,9 +233,9 @@ def types_from_autoscaling_config(config: dict) -> tuple[NodeType, ...]:
 
 
 def _cluster_status_reply():  # -> autoscaler_pb2.GetClusterStatusReply | None
-    import ray  # why: Ray takes seconds to load; kept off the CLI's start-up path
-    from ray._raylet import GcsClient  # why: Ray, kept off the CLI's start-up path
-    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply  # why: Ray, kept off the CLI's start-up path
+    import ray
+    from ray._raylet import GcsClient
+    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
 
     try:
         raw = GcsClient(address=ray.get_runtime_context().gcs_address).get_cluster_status(timeout_s=10)
@@ -267,7 +267,6 @@ def infeasible_bundles(reply) -> list[dict[str, float]]:
 
 def wait_for_workers(config: TrainConfig, view: ClusterView) -> None:
     """Hold the workers' bundles until the cluster places them all; raise PlacementTimeout past the deadline."""
-    # why: Ray, kept off the CLI's start-up path
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
     bundle = {"CPU": float(config.cpus_per_worker or 1), **({"GPU": 1.0} if config.use_gpu else {})}

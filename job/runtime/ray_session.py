@@ -16,7 +16,7 @@ from job.config import TrainConfig
 from job.console import warn
 from job.runtime.distributed import print0, select_device
 from job.runtime.state import HostSnapshot
-from job.storage.location import Location, resolve_location
+from job.storage.location import resolve_location
 from job.runtime.loop import run_worker
 from job.runtime.ray_logging import quiet_ray_train_reports
 
@@ -25,9 +25,9 @@ class RaySession:
     """Rank, device, checkpoints and reports from Ray Train's context."""
 
     def __init__(self, config: TrainConfig) -> None:
-        import ray  # why: Ray is imported only where it runs, so the one-process session never pays for it
-        import ray.train  # why: as above
-        import ray.train.torch  # why: as above
+        import ray
+        import ray.train
+        import ray.train.torch
 
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
@@ -47,7 +47,7 @@ class RaySession:
         storage read that fails raises (`job.storage.retry`), which fails this attempt; Ray Train then
         restarts the group, up to `--max-failures`.
         """
-        import ray.train  # why: Ray stays a lazy import (see __init__)
+        import ray.train
 
         checkpoint = ray.train.get_checkpoint()
         named = posixpath.basename(checkpoint.path.rstrip("/")) if checkpoint is not None else None
@@ -72,7 +72,7 @@ class RaySession:
 
     def report(self, metrics: dict, checkpoint: HostSnapshot | None) -> None:
         """Ray Train's report; a checkpoint is serialised, hashed and stored on Ray's upload pool (all ranks call)."""
-        import ray.train  # why: Ray stays a lazy import (see __init__)
+        import ray.train
 
         if checkpoint is None:
             ray.train.report(metrics)
@@ -97,14 +97,14 @@ class RaySession:
     def _upload(self, snapshot: HostSnapshot, checkpoint, checkpoint_dir_name: str):  # -> ray.train.Checkpoint
         """Ray Train's upload step: serialise and hash the snapshot, then store it so that a failed write fails
         the report (see `upload_checkpoint`): the state first, its digest last."""
-        import ray.train  # why: Ray stays a lazy import (see __init__)
+        import ray.train
 
         storage = ray.train.get_context().get_storage()
         path = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
         write_checkpoint(Path(checkpoint.path), snapshot.wait())  # the one writer: state.pt, then its digest
         # Through this run's own filesystem (one attempt a call, under job.storage.retry's loop), not Ray's, whose
         # calls retry inside pyarrow: retries never multiply.
-        upload_checkpoint(Path(checkpoint.path), Location(f"{self.run.uri}/{checkpoint_dir_name}", self.run.fs, path))
+        upload_checkpoint(Path(checkpoint.path), self.run.child(checkpoint_dir_name))
         return ray.train.Checkpoint(path=path, filesystem=storage.storage_filesystem)
 
 

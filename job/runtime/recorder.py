@@ -72,22 +72,25 @@ class Recorder:
         self.close()
         rows = self.rows
         self.artifacts.write_generator(state.sampler.state_dict())
-        self.artifacts.write_json("model.json", {
-            "config": self.config.to_dict(),
-            "data": self.data,
-            "epochs": self.config.epochs,
-            "step": state.step,
-            "final_metrics": rows[-1] if rows else None,
-            "param_digests": digests,  # one per rank, equal when DDP kept them in sync
-            "nodes": nodes,  # the node of each rank, in rank order
-            "conditional": self.config.conditional,  # G takes labels (N,) of classes 0..num_classes-1 with its noise
-            "num_classes": state.num_classes,  # 0 when unconditional
-            "generator": {
-                "class": "gan.models.Generator",
-                "kwargs": {"noise_dim": self.config.noise_dim, "num_classes": state.num_classes},
-                "ema": state.ema is not None,
+        self.artifacts.write_json(
+            "model.json",
+            {
+                "config": self.config.to_dict(),
+                "data": self.data,
+                "epochs": self.config.epochs,
+                "step": state.step,
+                "final_metrics": rows[-1] if rows else None,
+                "param_digests": digests,  # one per rank, equal when DDP kept them in sync
+                "nodes": nodes,  # the node of each rank, in rank order
+                "conditional": self.config.conditional,  # G takes labels (N,), classes 0..num_classes-1, with noise
+                "num_classes": state.num_classes,  # 0 when unconditional
+                "generator": {
+                    "class": "gan.models.Generator",
+                    "kwargs": {"noise_dim": self.config.noise_dim, "num_classes": state.num_classes},
+                    "ema": state.ema is not None,
+                },
             },
-        })  # fmt: skip
+        )
         if rows:
             self.artifacts.write_png("losses.png", loss_curves_png(rows))
         if self.config.eval_every and any("quality" in r for r in rows):

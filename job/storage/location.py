@@ -8,6 +8,7 @@ bounds, and the rest fails with one line naming the location.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tempfile
@@ -50,11 +51,20 @@ def split_s3_uri(uri: str, flag: str = "location") -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Location:
-    """A folder-like place: `uri` as a person writes it, `fs` and `path` as pyarrow needs them."""
+    """A folder-like place: `uri` as a person writes it, `fs` and `path` as pyarrow needs them.
+
+    It pickles as its URI and endpoint, and the process that receives it makes its own filesystem: a pickled
+    pyarrow S3 filesystem loses its one-attempt retry strategy (pyarrow leaves it out), and then its attempts
+    would multiply under `job.storage.retry`'s loop.
+    """
 
     uri: str
     fs: "pyarrow.fs.FileSystem"
     path: str  # absolute folder for local, "bucket/prefix" for S3
+    endpoint: str | None = None  # the S3 endpoint it was resolved with (None: AWS_ENDPOINT_URL, or local)
+
+    def __reduce__(self):
+        return resolve_location, (self.uri, self.endpoint)
 
     @property
     def is_local(self) -> bool:
@@ -62,14 +72,16 @@ class Location:
 
     def child(self, *parts: str) -> Location:
         suffix = "/".join(p.strip("/") for p in parts if p)
-        return Location(f"{self.uri.rstrip('/')}/{suffix}", self.fs, f"{self.path.rstrip('/')}/{suffix}")
+        return dataclasses.replace(
+            self, uri=f"{self.uri.rstrip('/')}/{suffix}", path=f"{self.path.rstrip('/')}/{suffix}"
+        )
 
     @property
     def bucket(self) -> str | None:
         return None if self.is_local else self.path.split("/", 1)[0]
 
     def exists(self) -> bool:
-        import pyarrow.fs  # lazy: pyarrow is heavy and only storage work needs it
+        import pyarrow.fs
 
         info = retried(lambda: self.fs.get_file_info(self.path), f"reading {self.uri}")
         if info.type == pyarrow.fs.FileType.NotFound:
@@ -79,7 +91,7 @@ class Location:
 
     def is_file(self) -> bool:
         """Whether this is one object (a file), not a folder or nothing."""
-        import pyarrow.fs  # lazy: pyarrow is heavy and only storage work needs it
+        import pyarrow.fs
 
         info = retried(lambda: self.fs.get_file_info(self.path), f"reading {self.uri}")
         if info.type == pyarrow.fs.FileType.NotFound:
@@ -124,7 +136,7 @@ class Location:
 
     def list_names(self, folders_only: bool = False) -> list[str]:
         """Names of the entries directly under this folder (empty when it does not exist)."""
-        import pyarrow.fs  # lazy: pyarrow is heavy and only storage work needs it
+        import pyarrow.fs
 
         selector = pyarrow.fs.FileSelector(self.path, allow_not_found=True, recursive=False)
         infos = retried(lambda: self.fs.get_file_info(selector), f"listing {self.uri}")
@@ -144,7 +156,7 @@ class Location:
 
     def confirm_bucket(self) -> None:
         """Refuse, once per bucket and filesystem, a location whose bucket does not exist (local folders pass)."""
-        import pyarrow.fs  # lazy: pyarrow is heavy and only storage work needs it
+        import pyarrow.fs
 
         if self.is_local or (id(self.fs), self.bucket) in _buckets_seen:
             return
@@ -163,10 +175,10 @@ def resolve_location(uri: str, s3_endpoint: str | None = None, flag: str = "--st
     if is_s3(uri):
         bucket, prefix = split_s3_uri(uri, flag)
         path = f"{bucket}/{prefix}" if prefix else bucket
-        return Location(f"s3://{path}", s3_filesystem(s3_endpoint), path)
+        return Location(f"s3://{path}", s3_filesystem(s3_endpoint), path, s3_endpoint)
     if "://" in uri:
         raise UsageError(f"{flag} {uri!r}: only local folders and s3://BUCKET/PREFIX are supported")
-    import pyarrow.fs  # lazy: pyarrow is heavy and only storage work needs it
+    import pyarrow.fs
 
     path = str(Path(uri).expanduser().resolve())
     return Location(path, pyarrow.fs.LocalFileSystem(), path)

@@ -7,6 +7,7 @@ Why: docs/architecture.md#promotion-by-compare-and-swap
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -98,7 +99,7 @@ class Store:
             finally:
                 os.close(fd)  # releases the lock
             return
-        from botocore.exceptions import ClientError  # lazy: botocore loads only when S3 is used
+        from botocore.exceptions import ClientError
 
         bucket, key = _bucket_key(location)
         condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
@@ -188,7 +189,7 @@ def log_of(target: Location) -> Location:
     """`promotions.jsonl` beside LATEST."""
     folder_uri, _, _ = target.uri.rstrip("/").rpartition("/")
     folder_path, _, _ = target.path.rstrip("/").rpartition("/")
-    return Location(folder_uri, target.fs, folder_path).child(LOG_FILE)
+    return dataclasses.replace(target, uri=folder_uri, path=folder_path).child(LOG_FILE)
 
 
 def log_entries(data: bytes | None) -> list[dict]:
@@ -304,7 +305,7 @@ def storage_root(target: Location) -> Location:
     for _ in range(2):
         if "/" in path.strip("/"):
             uri, path = uri.rstrip("/").rpartition("/")[0], path.rstrip("/").rpartition("/")[0]
-    return Location(uri, target.fs, path)
+    return dataclasses.replace(target, uri=uri, path=path)
 
 
 def is_under(run: Location, root: Location) -> bool:

@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 def retrying_s3_filesystem(endpoint: str | None) -> "pyarrow.fs.FileSystem":
     """An S3 filesystem for Ray Train whose every call retries within `job.storage.retry`'s bounds."""
-    import pyarrow.fs  # lazy: pyarrow is heavy, and `gan-job --help` must not load it
+    import pyarrow.fs
 
     return pyarrow.fs.PyFileSystem(rebuild_handler(endpoint))
 
@@ -33,7 +33,7 @@ def rebuild_handler(endpoint: str | None) -> Any:
 @functools.cache
 def _handler_class() -> type:
     """The handler class, made on first use: it subclasses pyarrow's, which loads only where a run is handed to Ray."""
-    import pyarrow.fs  # lazy: pyarrow is heavy, and `gan-job --help` must not load it
+    import pyarrow.fs
 
     class RetryingS3Handler(pyarrow.fs.FileSystemHandler):
         """Every call to an S3 filesystem that makes one attempt per call, inside `retried`."""

@@ -107,10 +107,10 @@ def classify(err: BaseException, unreachable_is_refused: bool = False) -> str | 
     `unreachable_is_refused`: a connection that cannot even be made (nothing listens, no such host)
     is taken as a wrong endpoint and refused at once, as the preflights do, rather than retried.
     """
-    # why: botocore loads only when storage fails, not on every command's start. Its ConnectionError covers a
-    # refused connection, an unknown host and a connect timeout: never a reset or a read timeout.
+    # botocore's ConnectionError covers a refused connection, an unknown host and a connect timeout: never a reset
+    # or a read timeout.
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
-    from botocore.exceptions import ConnectionError as UnreachableError  # why: as above
+    from botocore.exceptions import ConnectionError as UnreachableError
 
     if isinstance(err, StorageError):  # an inner operation's own verdict (its retries are spent): not retried again
         return None

@@ -41,7 +41,7 @@ def s3_filesystem(explicit_endpoint: str | None = None) -> "pyarrow.fs.S3FileSys
 
     (Its `retry_strategy` would not survive pickling into Ray's processes anyway: pyarrow leaves it out.)
     """
-    import pyarrow.fs  # lazy: pyarrow is heavy and only storage work needs it
+    import pyarrow.fs
 
     url = endpoint_url(explicit_endpoint)
     options: dict = dict(
@@ -61,8 +61,8 @@ def s3_client(
 ):
     """A boto3 S3 client (typed loosely to keep boto3 lazy) for the same endpoint; one attempt a call unless told
     otherwise, and the request timeout in force unless `read_timeout_s` is given."""
-    import boto3  # lazy: boto3 loads only when S3 is used
-    from botocore.config import Config  # lazy: as boto3
+    import boto3
+    from botocore.config import Config
 
     config = Config(
         connect_timeout=CONNECT_TIMEOUT_S,

@@ -22,9 +22,8 @@ PREFLIGHT_READ_TIMEOUT_S = 10  # a probe is a few bytes
 
 
 def _explain(err: Exception, where: str, bucket: str, flag: str) -> UsageError:
-    # lazy: botocore loads only when S3 is used
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError
-    from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError  # lazy: as above
+    from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
 
     if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
         return UsageError(
@@ -88,7 +87,7 @@ def check_readable(uri: str, endpoint: str | None, flag: str) -> None:
 
 
 def _bucket_exists(client, bucket: str) -> bool:  # client: a boto3 S3 client (boto3 stays lazy)
-    from botocore.exceptions import ClientError  # lazy: botocore loads only when S3 is used
+    from botocore.exceptions import ClientError
 
     try:
         _call(lambda: client.head_bucket(Bucket=bucket), f"reading bucket s3://{bucket}")
@@ -102,7 +101,7 @@ def _bucket_exists(client, bucket: str) -> bool:  # client: a boto3 S3 client (b
 
 
 def _no_such_bucket() -> Exception:
-    from botocore.exceptions import ClientError  # lazy: botocore loads only when S3 is used
+    from botocore.exceptions import ClientError
 
     return ClientError({"Error": {"Code": "NoSuchBucket"}, "ResponseMetadata": {"HTTPStatusCode": 404}}, "HeadBucket")
 
@@ -118,7 +117,7 @@ def check_conditional_writes(uri: str, endpoint: str | None, flag: str = "--targ
     let one of two concurrent promotions overwrite the other's. The probe is an object of its own
     beside `uri`, written, overwritten under two failing conditions, and deleted.
     """
-    from botocore.exceptions import ClientError  # lazy: botocore loads only when S3 is used
+    from botocore.exceptions import ClientError
 
     bucket, key = split_s3_uri(uri, flag)
     where = endpoint_url(endpoint) or "AWS S3"

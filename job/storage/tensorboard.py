@@ -37,8 +37,8 @@ class EpochWriter:
     """The events of one attempt (or of what follows a rollback), from `first_epoch` on."""
 
     def __init__(self, artifacts: Location, first_epoch: int, config: Mapping[str, Any]) -> None:
-        from tensorboardX.event_file_writer import EventsWriter  # lazy: it loads torch and protobufs (seconds)
-        from tensorboardX.proto import event_pb2  # lazy: as above
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2
 
         self.folder = artifacts.child(FOLDER)
         logdir = Path(self.folder.path) if self.folder.is_local else Path(tempfile.mkdtemp(prefix="gan-tensorboard-"))
@@ -51,8 +51,8 @@ class EpochWriter:
 
     def log_epoch(self, row: Mapping[str, Any], grid_png: bytes | None) -> None:
         """The row's numbers, its notes and the epoch's grid, at step = the epoch; then flushed (and uploaded)."""
-        from tensorboardX.proto import summary_pb2  # lazy: as above
-        from tensorboardX.summary import scalar  # lazy: as above
+        from tensorboardX.proto import summary_pb2
+        from tensorboardX.summary import scalar
 
         values = [scalar(tag, value).value[0] for tag, value in _row_scalars(row)]
         if notes := _notes(row):
@@ -68,7 +68,7 @@ class EpochWriter:
 
     def _write(self, step: int, values: list) -> None:
         """One event of summary `values` at `step`, in the file when this returns."""
-        from tensorboardX.proto import event_pb2, summary_pb2  # lazy: as above
+        from tensorboardX.proto import event_pb2, summary_pb2
 
         summary = summary_pb2.Summary(value=values)
         self.writer.write_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
@@ -104,7 +104,7 @@ def _notes(row: Mapping[str, Any]) -> str:
 
 
 def _text(tag: str, text: str) -> Any:
-    from tensorboardX.summary import text as text_summary  # lazy: as above
+    from tensorboardX.summary import text as text_summary
 
     value = text_summary(tag, text).value[0]
     value.tag = tag  # not tensorboardX's `<tag>/text_summary`

@@ -1,5 +1,9 @@
 """What a sweep found: each trial's status and FID, the winner re-scored with `evaluate`'s protocol, `results.csv`,
-`sweep.png`, the closing table, PBT's exploits, and the winner's promotion (`--promote-to`)."""
+`sweep.png`, the closing table, PBT's exploits, and the winner's promotion (`--promote-to`).
+
+Each trial is read from Tune's own result (its id, its searched values, its error, its last report); what its runs
+recorded is read from storage, in one place (`recorded`), which says why.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +12,26 @@ import io
 import json
 import math
 import posixpath
-import re
 import sys
 from dataclasses import dataclass, field
 
-from gan.plots import sweep_png
-from job.commands.evaluate import evaluate_state, prepare_evaluator, store_in_run
-from job.commands.train import Promotion, promote_finished_run
-from job.config import TrainConfig
+from job.errors import UsageError
+from job.promotion.evaluation import DEFAULT_SEED, evaluate_state, prepare_evaluator, store_in_run
+from job.promotion.gate import promote_after_training
 from job.storage.artifacts import RunArtifacts
 from job.storage.checkpoint import load_from, read_checkpoint
-from job.storage.location import Location, resolve_location
 from job.storage.checkpoint_schema import checkpoint_digest
+from job.storage.location import Location, resolve_location
+from job.sweep.figure import sweep_png
 from job.sweep.space import Dimension
+from job.sweep.spec import SweepArgs
 from job.sweep.trial import SEGMENT_FILE, TRIAL_EPOCH, TrialPlan
 
 RESULTS_FILE = "results.csv"
 FIGURE_FILE = "sweep.png"
 RESCORED = 3  # the best finished trials by training FID that the final evaluation re-scores
-FINAL_EVAL_SEED = 0  # evaluate's and promote's default: the winner's eval.json is the one promote reuses
 FID = "quality/fid_classifier"
-TRIAL_ID = re.compile(r"([0-9a-f]{5}_\d{5})")
+COLUMNS = ("status", "epochs", "fid_train", "fid_final", "modes", "precision", "recall")
 
 
 @dataclass
@@ -48,78 +51,90 @@ class TrialOutcome:
 
     @property
     def index(self) -> int:
-        return int(self.trial.rsplit("_", 1)[-1]) if self.trial.rsplit("_", 1)[-1].isdigit() else 0
+        """Its place in Tune's order: the number after the last underscore of its id."""
+        number = self.trial.rsplit("_", 1)[-1]
+        return int(number) if number.isdigit() else 0
 
     @property
     def final_fid(self) -> float | None:
         return self.final["fid_classifier"] if self.final else None
 
 
-def trial_outcomes(results, plan: TrialPlan, dimensions: list[Dimension]) -> list[TrialOutcome]:  # ray ResultGrid
-    target = int(plan.base["epochs"])
-    time_attr = TRIAL_EPOCH if plan.scheduler == "pbt" else "epoch"
-    outcomes = []
-    for result in results:
-        metrics = result.metrics or {}
-        found = TRIAL_ID.search(str(metrics.get("trial_id") or posixpath.basename(result.path.rstrip("/"))))
-        trial = found.group(1) if found else posixpath.basename(result.path)
-        params = {d.name: (result.config or {}).get(d.name) for d in dimensions}
-        epochs = int(metrics.get(time_attr) or 0)
-        if result.error is not None:
-            status = "failed"
-        elif metrics.get("stopped"):
-            status = "stopped by a guard"
-        elif epochs >= target:
-            status = "finished"
-        else:
-            status = f"stopped by {plan.scheduler} at epoch {epochs}"
-        run = metrics.get("run") or (trial if plan.scheduler != "pbt" else None)
-        runs = continued_runs(plan, trial) if plan.scheduler == "pbt" else [run]
-        curve = recorded_curve(plan, runs)
-        if plan.scheduler != "pbt" and curve:
-            # A stopped trial's run may finish the epoch it was in while Tune's stop travels: count what it recorded.
-            epochs = curve[-1][0]
-        quality = metrics.get("quality") if isinstance(metrics.get("quality"), dict) else {}
-        fid = quality.get("fid_classifier", metrics.get(FID))
-        fid = float(fid) if isinstance(fid, (int, float)) and math.isfinite(fid) else None
-        outcomes.append(TrialOutcome(trial, params, status, epochs, run, fid, quality, curve, runs))
-    return sorted(outcomes, key=lambda o: o.index)
+def trial_id_of(result) -> str:  # result: ray.tune.Result
+    """The trial's id from Tune's own report; a trial that failed before its first report has none, and is named
+    by its folder, which Tune names `<trainable>_<trial id>_<values>`."""
+    reported = (result.metrics or {}).get("trial_id")
+    if reported:
+        return str(reported)
+    parts = posixpath.basename(result.path.rstrip("/")).split("_")
+    return "_".join(parts[2:4]) if len(parts) >= 4 else posixpath.basename(result.path)
 
 
-def continued_runs(plan: TrialPlan, trial: str) -> list[str]:
-    """A PBT trial's runs as its storage holds them: its first, then `<trial>.<k>` after each exploit, in the
-    order of k. Not from Tune's results: a trial restarted by an exploit may lose its earlier reports there."""
-    names = resolve_location(plan.runs, plan.base.get("s3_endpoint")).list_names(folders_only=True)
-    after = {int(name.rsplit(".", 1)[1]): name for name in names
-             if name.startswith(trial + ".") and name.rsplit(".", 1)[1].isdigit()}  # fmt: skip
-    return [trial, *(after[k] for k in sorted(after))]
+def trial_outcome(result, plan: TrialPlan, dimensions: list[Dimension]) -> TrialOutcome:  # result: ray.tune.Result
+    """One trial from Tune's result, and the epochs and FIDs its runs recorded."""
+    metrics = result.metrics or {}
+    trial = trial_id_of(result)
+    pbt = plan.scheduler == "pbt"
+    run = metrics.get("run") or (None if pbt else trial)  # a PBT trial's reports name the run they came from
+    runs, curve = recorded(plan, trial, run)
+    epochs = int(metrics.get(TRIAL_EPOCH if pbt else "epoch") or 0)
+    if not pbt and curve:
+        epochs = curve[-1][0]  # a stopped trial's run may finish the epoch it was in: what it recorded counts
+    if result.error is not None:
+        status = "failed"
+    elif metrics.get("stopped"):
+        status = "stopped by a guard"
+    elif epochs >= int(plan.base["epochs"]):
+        status = "finished"
+    else:
+        status = f"stopped by {plan.scheduler} at epoch {epochs}"
+    quality = metrics.get("quality") if isinstance(metrics.get("quality"), dict) else {}
+    fid = quality.get("fid_classifier", metrics.get(FID))
+    fid = float(fid) if isinstance(fid, (int, float)) and math.isfinite(fid) else None
+    params = {d.name: (result.config or {}).get(d.name) for d in dimensions}
+    return TrialOutcome(trial, params, status, epochs, run, fid, quality, curve, runs)
 
 
-def recorded_curve(plan: TrialPlan, runs: list[str]) -> list[tuple[int, float]]:
-    """(the trial's epoch, FID) of every epoch its runs recorded; a run `<trial>.<k>` starts at the trial's epoch k."""
+def recorded(plan: TrialPlan, trial: str, run: str | None) -> tuple[list[str], list[tuple[int, float]]]:
+    """A trial's runs and (the trial's epoch, FID) of every epoch they recorded, read from their own records in
+    storage, not from Tune's results, for two reasons: a trial that Tune stops may finish the epoch it was in while
+    the stop travels, and its run records it; and the results of a PBT trial restarted by an exploit can lack its
+    earlier reports. A PBT trial's runs are its first, then `<trial>.<k>` (from the trial's epoch k) after each
+    exploit, in the order of k."""
+    if plan.scheduler != "pbt":
+        runs = [run or trial]
+    else:
+        names = plan.runs.list_names(folders_only=True)
+        after = {}
+        for name in names:
+            stem, _, epoch = name.rpartition(".")
+            if stem == trial and epoch.isdigit():
+                after[int(epoch)] = name
+        runs = [trial, *(after[k] for k in sorted(after))]
     points = {}
     for name in runs:
         offset = int(name.rsplit(".", 1)[1]) if "." in name else 0
-        for row in RunArtifacts(plan.run_location(name)).read_metrics():
+        for row in RunArtifacts(plan.runs.child(name)).read_metrics():
             fid = (row.get("quality") or {}).get("fid_classifier")
             if isinstance(fid, (int, float)) and math.isfinite(fid):
                 points[offset + int(row["epoch"])] = float(fid)
-    return sorted(points.items())
+    return runs, sorted(points.items())
 
 
-def rescore(outcomes: list[TrialOutcome], plan: TrialPlan, config: TrainConfig, num: int) -> TrialOutcome | None:
+def rescore(outcomes: list[TrialOutcome], plan: TrialPlan, num: int) -> TrialOutcome | None:
     """Evaluate the best RESCORED finished trials as `evaluate --num num` does, each into its run's eval.json;
     the winner: the lowest FID, ties to more modes, then to the lower trial index."""
     finished = [o for o in outcomes if o.status == "finished" and o.fid is not None and o.run]
     shortlist = sorted(finished, key=lambda o: (o.fid, o.index))[:RESCORED]
     if not shortlist:
         return None
-    evaluator = prepare_evaluator(config.data, config.data_dir, config.s3_endpoint)
+    data, endpoint = plan.base["data"], plan.base.get("s3_endpoint")
+    evaluator = prepare_evaluator(data, plan.base.get("data_dir"), endpoint)
     for outcome in shortlist:
-        run = plan.run_location(outcome.run)
-        checkpoint, state = load_from(run.uri, config.s3_endpoint)
-        print(f"final evaluation of trial {outcome.trial} ({num} images, seed {FINAL_EVAL_SEED})", flush=True)
-        outcome.final = evaluate_state(evaluator, state, checkpoint.uri, config.data, num, FINAL_EVAL_SEED)
+        run = plan.runs.child(outcome.run)
+        checkpoint, state = load_from(run.uri, endpoint)
+        print(f"final evaluation of trial {outcome.trial} ({num} images, seed {DEFAULT_SEED})", flush=True)
+        outcome.final = evaluate_state(evaluator, state, checkpoint.uri, data, num, DEFAULT_SEED)
         store_in_run(run, outcome.final, evaluator)
     return min(shortlist, key=lambda o: (o.final_fid, -o.final.get("modes_covered", 0), o.index))
 
@@ -127,13 +142,13 @@ def rescore(outcomes: list[TrialOutcome], plan: TrialPlan, config: TrainConfig, 
 def results_csv(outcomes: list[TrialOutcome], dimensions: list[Dimension]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["trial", "run", *(d.name for d in dimensions), "status", "epochs", "fid_train", "fid_final",
-                     "modes", "precision", "recall"])  # fmt: skip
+    writer.writerow(["trial", "run", *(d.name for d in dimensions), *COLUMNS])
     for o in outcomes:
         measured = o.final or o.quality
-        writer.writerow([o.trial, o.run or "", *(_number(o.params[d.name], 6) for d in dimensions), o.status, o.epochs,
-                         _number(o.fid), _number(o.final_fid), measured.get("modes_covered", ""),
-                         _number(measured.get("precision")), _number(measured.get("recall"))])  # fmt: skip
+        searched = [_number(o.params[d.name], 6) for d in dimensions]
+        scores = [_number(o.fid), _number(o.final_fid), measured.get("modes_covered", "")]
+        recall = [_number(measured.get("precision")), _number(measured.get("recall"))]
+        writer.writerow([o.trial, o.run or "", *searched, o.status, o.epochs, *scores, *recall])
     return buffer.getvalue()
 
 
@@ -152,61 +167,83 @@ def closing_table(outcomes: list[TrialOutcome], dimensions: list[Dimension], win
     return "\n".join(lines)
 
 
-def exploits(outcomes: list[TrialOutcome], plan: TrialPlan, s3_endpoint: str | None) -> list[dict]:
+def exploits(outcomes: list[TrialOutcome], plan: TrialPlan) -> list[dict]:
     """PBT's exploits, read back from the runs: each run that a trial started from another's checkpoint, with the
     donor, the trial's epoch there, and the digests of the donor's checkpoint and of the run's first state."""
     found = []
     for outcome in outcomes:
         for run_name in outcome.runs[1:] if plan.scheduler == "pbt" else []:
-            rows = RunArtifacts(plan.run_location(run_name)).read_metrics()
+            rows = RunArtifacts(plan.runs.child(run_name)).read_metrics()
             started = rows[0].get("init_from") if rows else None
             if not started:
                 continue
-            source = resolve_location(started["uri"], s3_endpoint)
+            source = resolve_location(started["uri"], plan.base.get("s3_endpoint"))
             segment = source.child(SEGMENT_FILE)
             donor = json.loads(segment.read_text()) if segment.exists() else {}
-            found.append({
-                "trial": outcome.trial,
-                "run": run_name,
-                "donor": donor.get("trial"),
-                "donor_run": donor.get("run"),
-                "epoch": donor.get(TRIAL_EPOCH),
-                "donor_digest": checkpoint_digest(read_checkpoint(source)),
-                "first_state_digest": started.get("parameter_digest"),
-                "source": started["uri"],
-            })  # fmt: skip
+            if not isinstance(donor, dict):
+                raise UsageError(f"{segment.uri} is not a segment record this version writes; fix or move it")
+            found.append(
+                {
+                    "trial": outcome.trial,
+                    "run": run_name,
+                    "donor": donor.get("trial"),
+                    "donor_run": donor.get("run"),
+                    "epoch": donor.get(TRIAL_EPOCH),
+                    "donor_digest": checkpoint_digest(read_checkpoint(source)),
+                    "first_state_digest": started.get("parameter_digest"),
+                    "source": started["uri"],
+                }
+            )
     return found
 
 
-def conclude(results, args, dimensions: list[Dimension], plan: TrialPlan, sweep: Location, config: TrainConfig,
-             promotion: Promotion | None) -> int:  # fmt: skip
-    """Rank, re-score, write and print what the sweep found; promote the winner when asked."""
-    outcomes = trial_outcomes(results, plan, dimensions)
-    winner = rescore(outcomes, plan, config, args.final_eval_num)
-    sweep.child(RESULTS_FILE).write_text(results_csv(outcomes, dimensions))
+def write_figure(sweep: Location, outcomes: list[TrialOutcome], dims: list[Dimension], winner: TrialOutcome | None):
+    """`sweep.png`: each trial's curve, its FID against each searched setting, the best against the trials."""
     final = {o.trial: (o.final_fid if o.final_fid is not None else o.fid) for o in outcomes}
-    sweep.child(FIGURE_FILE).write_bytes(sweep_png(
+    picture = sweep_png(
         {o.trial: o.curve for o in outcomes},
         winner.trial if winner else None,
-        {d.name: {o.trial: o.params[d.name] for o in outcomes} for d in dimensions},
+        {d.name: {o.trial: o.params[d.name] for o in outcomes} for d in dims},
         {trial: fid for trial, fid in final.items() if fid is not None},
-        log_scaled=[d.name for d in dimensions if d.kind == "log"],
-    ))  # fmt: skip
-    print(closing_table(outcomes, dimensions, winner), flush=True)
-    for taken in exploits(outcomes, plan, config.s3_endpoint):
-        print(f"exploit: trial {taken['trial']} took trial {taken['donor']}'s weights at epoch {taken['epoch']} "
-              f"(run {taken['run']}: donor digest {taken['donor_digest']}, its first state "
-              f"{taken['first_state_digest']})", flush=True)  # fmt: skip
+        log_scaled=[d.name for d in dims if d.kind == "log"],
+    )
+    sweep.child(FIGURE_FILE).write_bytes(picture)
+
+
+def conclude(
+    results,  # ray.tune.ResultGrid
+    args: SweepArgs,
+    dims: list[Dimension],
+    plan: TrialPlan,
+    sweep: Location,
+    promotion: tuple[Location, float] | None,  # --promote-to's pointer and --promote-margin; None: no promotion
+) -> int:
+    """Rank, re-score, write and print what the sweep found; promote the winner when asked."""
+    outcomes = sorted((trial_outcome(result, plan, dims) for result in results), key=lambda o: o.index)
+    winner = rescore(outcomes, plan, args.final_eval_num)
+    sweep.child(RESULTS_FILE).write_text(results_csv(outcomes, dims))
+    write_figure(sweep, outcomes, dims, winner)
+    print(closing_table(outcomes, dims, winner), flush=True)
+    for taken in exploits(outcomes, plan):
+        print(
+            f"exploit: trial {taken['trial']} took trial {taken['donor']}'s weights at epoch {taken['epoch']} "
+            f"(run {taken['run']}: donor digest {taken['donor_digest']}, its first state "
+            f"{taken['first_state_digest']})",
+            flush=True,
+        )
     print(f"sweep {args.sweep}: {RESULTS_FILE} and {FIGURE_FILE} in {sweep.uri}", flush=True)
     if winner is None:
-        print(f"gan-job: sweep {args.sweep} has no finished trial to choose; see {sweep.child(RESULTS_FILE).uri}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"gan-job: sweep {args.sweep} has no finished trial to choose; see {sweep.child(RESULTS_FILE).uri}",
+            file=sys.stderr,
+        )
         return 1
     params = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in winner.params.items())
-    print(f"best: trial {winner.trial} ({params}): FID {winner.final_fid} on {args.final_eval_num} images; run "
-          f"{plan.run_location(winner.run).uri}", flush=True)  # fmt: skip
+    run = plan.runs.child(winner.run)
+    scored = f"FID {winner.final_fid} on {args.final_eval_num} images"
+    print(f"best: trial {winner.trial} ({params}): {scored}; run {run.uri}", flush=True)
     if promotion is None:
         return 0
-    return promote_finished_run(plan.run_location(winner.run), promotion,
-                                plan.config_for(winner.params, winner.run), sweep=args.sweep,
-                                num=args.final_eval_num)  # fmt: skip
+    target, margin = promotion
+    endpoint, data_dir = plan.base.get("s3_endpoint"), plan.base.get("data_dir")
+    return promote_after_training(run, winner.run, target, margin, data_dir, endpoint, args.sweep, args.final_eval_num)

@@ -10,16 +10,34 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from job.config import SETTINGS
+from job.config import SETTINGS, TrainConfig
 from job.errors import UsageError, flag_name
 
 SAMPLED_KINDS = ("log", "uniform")
+MAX_TRIALS = 10_000  # a sweep's trials in all (grid points times samples): more than any cluster here would run
 # Settings a sweep may not search: where runs go, how they are placed, and what the sweep itself sets.
 NOT_SEARCHABLE = frozenset(
-    {"storage", "run_name", "data_dir", "s3_endpoint", "init_from", "epochs", "eval_every", "num_workers",
-     "max_workers", "cpus_per_worker", "placement_timeout", "use_gpu", "create_bucket", "keep_checkpoints",
-     "max_failures", "elastic_resize_interval", "checkpoint_every", "recipe"}
-)  # fmt: skip
+    {
+        "storage",
+        "run_name",
+        "data_dir",
+        "s3_endpoint",
+        "init_from",
+        "epochs",
+        "eval_every",
+        "num_workers",
+        "max_workers",
+        "cpus_per_worker",
+        "placement_timeout",
+        "use_gpu",
+        "create_bucket",
+        "keep_checkpoints",
+        "max_failures",
+        "elastic_resize_interval",
+        "checkpoint_every",
+        "recipe",
+    }
+)
 PBT_MUTABLE = ("lr", "beta1")  # what an exploit can write into a warm-started run's optimizers
 SPACE_EXAMPLE = "e.g. --space lr=log:1e-5:1e-3, --space lr=uniform:1e-5:1e-3 or --space beta1=0,0.5,0.9"
 
@@ -50,14 +68,17 @@ def parse_dimension(text: str) -> Dimension:
     if not equals or not spec_text.strip():
         raise UsageError(f"--space {text!r} is not NAME=SPEC; {SPACE_EXAMPLE}")
     if name not in searchable():
-        raise UsageError(f"--space {text!r}: {name!r} is not a setting a sweep searches; use one of: "
-                         + ", ".join(searchable()))  # fmt: skip
+        raise UsageError(
+            f"--space {text!r}: {name!r} is not a setting a sweep searches; use one of: " + ", ".join(searchable())
+        )
     spec = SETTINGS[name]
     kind, colon, bounds = spec_text.partition(":")
     if colon and kind.strip() in SAMPLED_KINDS:
         if not spec.numeric:
-            raise UsageError(f"--space {text!r}: {flag_name(name)} takes one of {', '.join(spec.choices)}, "
-                             "so it can only be a comma list")  # fmt: skip
+            raise UsageError(
+                f"--space {text!r}: {flag_name(name)} takes one of {', '.join(spec.choices)}, "
+                "so it can only be a comma list"
+            )
         low_text, _, high_text = bounds.partition(":")
         values = (_value(text, name, low_text), _value(text, name, high_text))
         if not values[0] < values[1]:
@@ -91,9 +112,11 @@ def parse_space(texts: list[str], scheduler: str) -> list[Dimension]:
     if scheduler == "pbt":
         other = [d.text for d in dimensions if d.name not in PBT_MUTABLE]
         if other:
-            raise UsageError(f"--space {other[0]!r}: --scheduler pbt mutates only {' and '.join(PBT_MUTABLE)} "
-                             "(an exploit keeps the donor's shapes and batch); "
-                             "search it with asha or fifo")  # fmt: skip
+            raise UsageError(
+                f"--space {other[0]!r}: --scheduler pbt mutates only {' and '.join(PBT_MUTABLE)} "
+                "(an exploit keeps the donor's shapes and batch); "
+                "search it with asha or fifo"
+            )
         if not dimensions:
             raise UsageError(
                 "--scheduler pbt needs a --space over lr or beta1 to mutate; e.g. --space lr=log:1e-5:1e-3"
@@ -113,6 +136,20 @@ def corner_values(dimensions: list[Dimension]) -> list[dict]:
     return corners
 
 
+def corner_configs(config: TrainConfig, dimensions: list[Dimension]) -> list[TrainConfig]:
+    """The base configuration with each of the space's corner values (`corner_values`), each one checked as `train`
+    checks its flags: a refusal names the --space it came from."""
+    configs = []
+    for corner in corner_values(dimensions):
+        dimension = next(d for d in dimensions if d.name in corner)
+        try:
+            configs.append(config.replace(**corner))
+        except UsageError as err:
+            sampled = "" if dimension.is_grid else " (a sampled setting may take any value in its range)"
+            raise UsageError(f"--space {dimension.text!r}{sampled}: {err}") from None
+    return configs
+
+
 def trial_count(dimensions: list[Dimension], samples: int) -> int:
     """The trials a sweep runs: every grid point (the product of the grids' sizes) times `samples`."""
     return math.prod(len(d.values) for d in dimensions if d.is_grid) * samples
@@ -120,7 +157,7 @@ def trial_count(dimensions: list[Dimension], samples: int) -> int:
 
 def to_tune(dimension: Dimension):  # -> a ray.tune search object
     """Tune's search object for a checked dimension (Ray imported here, after every check)."""
-    from ray import tune  # why: Ray takes seconds to load; only once the input is checked
+    from ray import tune
 
     if dimension.is_grid:
         return tune.grid_search(list(dimension.values))

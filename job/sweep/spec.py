@@ -1,18 +1,71 @@
-"""`sweep.json`: what a sweep was started with. The same command again resumes the sweep; other flags are refused."""
+"""A sweep's own flags, checked, and `sweep.json`: what a sweep was started with. The same command again resumes
+the sweep; other flags are refused."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from importlib import metadata
 
+from job.config import TrainConfig
 from job.errors import UsageError, flag_name
+from job.promotion.evaluation import DEFAULT_NUM
+from job.settings import EVAL_NUM
 from job.storage.location import Location
+from job.sweep.space import MAX_TRIALS, Dimension, corner_configs, parse_space, trial_count
 
 SPEC_FILE = "sweep.json"
 SPEC_FORMAT = 1
 # Fields of the base configuration that do not change what a sweep computes: where the promotion goes is decided
 # per command, and the S3 endpoint is how this machine reaches the same storage.
 NOT_COMPARED = ("s3_endpoint", "create_bucket", "placement_timeout")
+
+
+@dataclass(frozen=True)
+class SweepArgs:
+    """The sweep's own flags (the base configuration is a TrainConfig)."""
+
+    sweep: str
+    space: list[str]
+    trials: int = 1
+    scheduler: str = "asha"
+    max_concurrent: int = 2
+    perturbation_interval: int = 1
+    final_eval_num: int = DEFAULT_NUM  # evaluate's and promote's: the winner's eval.json is the one promote reuses
+
+
+def check_sweep(args: SweepArgs, config: TrainConfig) -> tuple[list[Dimension], list[TrainConfig]]:
+    """Every check of the sweep's flags that needs no storage and no Ray; the parsed space, and the base
+    configuration with each of its corner values (`job.sweep.space.corner_configs`)."""
+    try:
+        config.replace(run_name=args.sweep)  # the sweep's folder: the rules of a run's name
+    except UsageError:
+        raise UsageError(
+            f"--sweep {args.sweep!r} is not a valid folder or key name; use letters, digits, '.', '_' or '-'"
+        ) from None
+    dimensions = parse_space(args.space, args.scheduler)
+    searched_data = next((d for d in dimensions if d.name == "data"), None)
+    if searched_data is not None and config.data_dir is not None:
+        raise UsageError(
+            f"--space {searched_data.text!r} with --data-dir: every trial would read the same files, "
+            "whatever its dataset; drop --data-dir, or search one dataset"
+        )
+    variants = corner_configs(config, dimensions)
+    trials = trial_count(dimensions, args.trials)
+    if trials > MAX_TRIALS:
+        raise UsageError(
+            f"--space {' '.join(args.space)} with --trials {args.trials} makes {trials:,} trials, more than the "
+            f"{MAX_TRIALS:,} a sweep runs; search fewer grid values or fewer --trials"
+        )
+    if args.scheduler == "pbt" and args.perturbation_interval >= config.epochs:
+        raise UsageError(
+            f"--perturbation-interval {args.perturbation_interval} leaves --epochs {config.epochs} one segment, so "
+            "PBT could never exploit; pass a smaller interval or more epochs"
+        )
+    if args.scheduler != "pbt" and args.perturbation_interval != 1:
+        raise UsageError("--perturbation-interval is for --scheduler pbt; drop it")
+    EVAL_NUM.check("--final-eval-num", args.final_eval_num)
+    return dimensions, variants
 
 
 @dataclass(frozen=True)
@@ -35,11 +88,42 @@ class SweepSpec:
     def differences(self, stored: dict) -> list[str]:
         """Each flag whose value differs from `stored` (a sweep.json), as `--flag OLD (sweep.json) vs NEW (now)`."""
         base = stored.get("base") or {}
-        own = [(name, stored.get(name), value) for name, value in asdict(self).items()
-               if name not in ("version", "base", "sweep")]  # fmt: skip
+        own = [
+            (name, stored.get(name), value)
+            for name, value in asdict(self).items()
+            if name not in ("version", "base", "sweep")
+        ]
         train = [(name, base.get(name), value) for name, value in self.base.items() if name not in NOT_COMPARED]
-        return [f"{flag_name(name)} {_shown(old)} (sweep.json) vs {_shown(new)} (now)"
-                for name, old, new in own + train if old != new]  # fmt: skip
+        return [
+            f"{flag_name(name)} {_shown(old)} (sweep.json) vs {_shown(new)} (now)"
+            for name, old, new in own + train
+            if old != new
+        ]
+
+
+def spec_of(args: SweepArgs, config: TrainConfig) -> SweepSpec:
+    """The sweep.json of a sweep started with these flags: the base configuration as given (before placement fills
+    CPUs per worker), without its run name."""
+    base = config.to_dict()
+    base.pop("run_name", None)
+    return SweepSpec(
+        args.sweep,
+        base,
+        list(args.space),
+        args.trials,
+        args.scheduler,
+        args.max_concurrent,
+        args.perturbation_interval,
+        args.final_eval_num,
+        package_version(),
+    )
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("gan-job")
+    except metadata.PackageNotFoundError:  # a checkout on PYTHONPATH
+        return "unknown"
 
 
 def _shown(value: object) -> str:

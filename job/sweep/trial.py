@@ -15,10 +15,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from job.commands.train import build_trainer, warm_start_source
 from job.config import TrainConfig
+from job.runtime.driver import DriverRun, build_trainer, decide_start
 from job.storage.checkpoint import DIGEST_FILE, STATE_FILE
-from job.storage.location import Location, is_s3, resolve_location
+from job.storage.location import Location, is_s3
 
 # A custom resource that trial drivers, and only they, take: declared on the head, so that a driver never takes
 # the CPU a worker group needs (a head with 0 CPUs would otherwise hand drivers the workers' CPUs: a deadlock).
@@ -31,39 +31,43 @@ TRIAL_EPOCH = "trial_epoch"  # PBT's time_attr: the trial's epochs across its ru
 class TrialPlan:
     """What every trial of a sweep shares; the searched settings come with each trial's config."""
 
-    base: dict  # TrainConfig.to_dict() of the sweep's base configuration (its run name is replaced)
-    runs: str  # <storage>/<sweep>/runs
+    base: dict  # TrainConfig.to_dict() of the sweep's base configuration, as the driver resolved it
+    runs: Location  # <storage>/<sweep>/runs (in a trial's process, rebuilt there from its URI and endpoint)
     scheduler: str  # fifo, asha or pbt
     interval: int  # pbt: epochs per segment
 
     def config_for(self, params: dict, run_name: str, **changes: object) -> TrainConfig:
         """The trial's run configuration: the base, the trial's values, its run name under `runs`, and every
         epoch evaluated (the sweep's score)."""
-        values = {**self.base, **params, "run_name": run_name, "storage": self.runs, "eval_every": 1, **changes}
+        values = {**self.base, **params, "run_name": run_name, "storage": self.runs.uri, "eval_every": 1, **changes}
         return TrainConfig.from_dict(values)
 
-    def run_location(self, run_name: str) -> Location:
-        return resolve_location(self.runs, self.base.get("s3_endpoint")).child(run_name)
+    def prepared(self, config: TrainConfig) -> DriverRun:
+        """One of the trial's runs as the driver starts it: resumed from its own checkpoints, else warm-started
+        from its --init-from, else from scratch (`job.runtime.driver.decide_start`)."""
+        run = self.runs.child(config.run_name)
+        start, config = decide_start(config, run)
+        return DriverRun(config, self.runs, run, start)
 
 
 def run_trial(params: dict, plan: TrialPlan) -> None:
     """The function trainable (`tune.with_parameters(run_trial, plan=...)`)."""
-    from ray import tune  # why: runs only inside a Tune trial
+    from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
     if plan.scheduler == "pbt":
         run_segments(params, plan, trial_id)
         return
-    from ray.tune.integration.ray_train import TuneReportCallback  # why: as above
+    from ray.tune.integration.ray_train import TuneReportCallback
 
-    config = warm_start_source(plan.config_for(params, trial_id), plan.run_location(trial_id))
+    run = plan.prepared(plan.config_for(params, trial_id))
     # A failure raises: Tune records the trial as errored. A guard's stop returns: its last report says `stopped`.
-    build_trainer(config, callbacks=[TuneReportCallback()]).fit()
+    build_trainer(run, callbacks=[TuneReportCallback()]).fit()
 
 
 def run_segments(params: dict, plan: TrialPlan, trial_id: str) -> None:
     """PBT: train segment by segment, reporting each end with a checkpoint; continue from the one Tune hands over."""
-    from ray import tune  # why: runs only inside a Tune trial
+    from ray import tune
 
     target = int(plan.base["epochs"])
     handed = tune.get_checkpoint()
@@ -78,13 +82,12 @@ def run_segments(params: dict, plan: TrialPlan, trial_id: str) -> None:
         run_name, offset, init_from = f"{trial_id}.{trial_epoch}", trial_epoch, checkpoint_uri(handed, plan)
     while trial_epoch < target:
         trial_epoch = min(trial_epoch + plan.interval, target)
-        config = plan.config_for(params, run_name, epochs=trial_epoch - offset, init_from=init_from)
-        config = warm_start_source(config, plan.run_location(run_name))  # unset once the run has checkpoints
-        result = build_trainer(config).fit()
+        run = plan.prepared(plan.config_for(params, run_name, epochs=trial_epoch - offset, init_from=init_from))
+        result = build_trainer(run).fit()
         metrics = {**(result.metrics or {}), TRIAL_EPOCH: trial_epoch, "run": run_name}
         segment = {"trial": trial_id, "run": run_name, "offset": offset, TRIAL_EPOCH: trial_epoch}
         with tempfile.TemporaryDirectory(prefix="gan-segment-") as folder:
-            copy_checkpoint(plan.run_location(run_name), result.checkpoint.path, Path(folder))
+            copy_checkpoint(run.run, result.checkpoint.path, Path(folder))
             (Path(folder) / SEGMENT_FILE).write_text(json.dumps(segment) + "\n")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
         if metrics.get("stopped"):
@@ -108,4 +111,4 @@ def read_segment(checkpoint) -> dict | None:  # checkpoint: ray.tune.Checkpoint
 def checkpoint_uri(checkpoint, plan: TrialPlan) -> str:  # checkpoint: ray.tune.Checkpoint
     """Where a Tune checkpoint lies in the sweep's storage, as `--init-from` takes it (Tune stores in the sweep's
     storage, so a bucket's path is a key in the same bucket)."""
-    return "s3://" + checkpoint.path.lstrip("/") if is_s3(plan.runs) else checkpoint.path
+    return "s3://" + checkpoint.path.lstrip("/") if is_s3(plan.runs.uri) else checkpoint.path
