@@ -39,7 +39,12 @@ class DatasetInfo:
 DATASETS = {
     "mnist": DatasetInfo("mnist", "MNIST", ("/usr/share/datasets/mnist",)),
     "fashion-mnist": DatasetInfo("fashion-mnist", "FashionMNIST", ("/usr/share/datasets/fashion-mnist",)),
+    "cifar10": DatasetInfo("cifar10", "CIFAR10", ()),  # its binary version: `cifar10_path`
 }
+# CIFAR-10's binary version (no pickle in it), as its authors publish it, and the MD5 they give.
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+CIFAR10_FILE = "cifar-10-binary.tar.gz"
 
 
 class DataError(ValueError):
@@ -141,12 +146,41 @@ def resolve_data_dir(name: str, data_dir: str | Path | None = None, allow_downlo
     return download(name)
 
 
+def cifar10_path(data_dir: str | Path | None = None, allow_download: bool = True) -> Path:
+    """CIFAR-10's binary version: in `data_dir` (the tarball, or its cifar-10-batches-bin/ folder), else in the
+    cache, else downloaded there (once per node, under a lock, its MD5 checked). The python version, a pickle, is
+    never read."""
+    candidates = [Path(data_dir)] if data_dir is not None else [cache_dir("cifar10")]
+    for folder in candidates:
+        for found in (folder / CIFAR10_FILE, folder / "cifar-10-batches-bin", folder):
+            if found.is_file() or (found.is_dir() and (found / "test_batch.bin").is_file()):
+                return found
+    if data_dir is not None:
+        raise DataError(f"--data-dir {data_dir} holds neither {CIFAR10_FILE} nor cifar-10-batches-bin/; add it")
+    if not allow_download:
+        raise DataError(f"no local copy of cifar10; pass --data-dir with {CIFAR10_FILE} or allow the download")
+    target = cache_dir("cifar10")
+    with file_lock(cache_root() / "cifar10.lock"):
+        if (target / CIFAR10_FILE).is_file():
+            return target / CIFAR10_FILE
+        from torchvision.datasets.utils import download_url
+
+        try:
+            download_url(CIFAR10_URL, str(target), CIFAR10_FILE, CIFAR10_MD5)
+        except Exception as err:  # network errors come in many types; all mean the same here
+            raise DataError(
+                f"could not download cifar10 ({type(err).__name__}); offline, pass --data-dir with {CIFAR10_FILE} "
+                f"(from {CIFAR10_URL}), or put it in {target}"
+            ) from None
+    return target / CIFAR10_FILE
+
+
 @dataclass(frozen=True)
 class ImageSet:
-    """Images as uint8 (N, 1, 28, 28) with their labels, and a fingerprint of the image bytes."""
+    """Images as uint8 (N, C, R, R) with their labels, and a fingerprint of the image bytes."""
 
     images: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor | None  # (N,) class indices; None for unlabelled images
     fingerprint: str
 
 

@@ -28,7 +28,7 @@ class EpochTotals:
 def train_epoch(
     stepper: Stepper,  # the networks, optimizers, EMA and training images, eager or graphed
     indices: torch.Tensor,  # this shard's image indices, in this epoch's order
-    batch_size: int,  # images per step on this shard; the last batch may be smaller
+    batch_size: int,  # images per step on this shard; the last batch may be smaller, but not a single image
     on_step: Callable[[int], None] | None = None,  # called with the steps done so far; None = silent
 ) -> EpochTotals:
     """Update G and D once per batch of `indices`; returns the summed step stats without waiting on the device."""
@@ -37,6 +37,8 @@ def train_epoch(
     stepper.sums.zero_()  # from zero, whatever an interrupted epoch left there
     steps = 0
     for start in range(0, indices.shape[0], batch_size):
+        if indices.shape[0] - start == 1:
+            break  # one image left: BatchNorm cannot train on a batch of one, so it waits for the next epoch
         stepper.step(indices[start : start + batch_size])
         steps += 1
         if on_step is not None:

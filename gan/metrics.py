@@ -1,7 +1,8 @@
 """Quality metrics of generated images, in the feature space of a classifier trained on the real data.
 
-`fid_classifier` and its floor, class coverage, precision/recall (k = 3) and `inception_fid`.
-Why: docs/architecture.md#quality-metrics
+`fid_classifier` and its floor, class coverage, precision/recall (k = 3) and `inception_fid`. Images of any
+supported shape (N, C, R, R); unlabelled data are measured in the feature space of a classifier trained on
+the rotation task (`gan.classifier`), and have no class metrics. Why: docs/architecture.md#quality-metrics
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import torch
 
 from gan.classifier import (
     DEFAULT_EPOCHS,
-    NUM_CLASSES,
     PREDICT_BATCH,
+    PRETEXT_LABELS,
     Classifier,
     FeatureExtractor,
     TrainedClassifier,
     load_or_train_classifier,
 )
-from gan.data import load_split, to_uint8, to_unit_range
+from gan.data import ImageSet, to_uint8, to_unit_range
 
 if TYPE_CHECKING:  # torchmetrics is imported where a metric is built: see `_fid_metric`
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -36,18 +37,20 @@ INCEPTION_BATCH = 64  # images per Inception forward pass (299x299 RGB each)
 MIN_IMAGES = K_NEAREST + 1  # k-NN needs k other images; FID's covariance needs 2
 
 
-def _fid_metric(extractor: torch.nn.Module) -> FrechetInceptionDistance:
+def _fid_metric(
+    extractor: torch.nn.Module, image_shape: tuple[int, int, int] = (1, 28, 28)
+) -> FrechetInceptionDistance:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     # sync_on_compute=False: only one rank computes metrics during training, and a sync would wait
     # forever for the others. reset_real_features=False keeps the real statistics across reset().
     # The extractor has `num_features`, so torchmetrics never probes it; should it, normalize=True and
-    # input_img_size make the probe a float image of our shape.
+    # input_img_size (C, R, R) make the probe a float image of our shape.
     return FrechetInceptionDistance(
         feature=extractor,
         reset_real_features=False,
         normalize=True,
-        input_img_size=(1, 28, 28),
+        input_img_size=image_shape,
         sync_on_compute=False,
     )
 
@@ -61,15 +64,15 @@ def _update_in_chunks(metric: FrechetInceptionDistance, images: torch.Tensor, re
 def fid_classifier(extractor: FeatureExtractor, generated: torch.Tensor, real: torch.Tensor) -> float:
     """Fréchet distance between two image sets (float, [-1, 1]) in the classifier's feature space."""
     device = next(extractor.parameters()).device
-    metric = _fid_metric(extractor).to(device)
+    metric = _fid_metric(extractor, tuple(real.shape[1:])).to(device)
     _update_in_chunks(metric, real, real=True, device=device)
     _update_in_chunks(metric, generated, real=False, device=device)
     return float(metric.compute())
 
 
 def class_histogram(logits: torch.Tensor) -> list[float]:
-    """The share of images the classifier puts in each class (sums to 1)."""
-    counts = torch.bincount(logits.argmax(dim=1).cpu(), minlength=NUM_CLASSES).double()
+    """The share of images the classifier puts in each class (sums to 1): logits (N, classes)."""
+    counts = torch.bincount(logits.argmax(dim=1).cpu(), minlength=logits.shape[1]).double()
     return (counts / counts.sum()).tolist()
 
 
@@ -167,6 +170,7 @@ def torch_fidelity_missing_reason() -> str | None:
 def inception_fid(generated: torch.Tensor, real: torch.Tensor, weights_path: str | Path | None) -> dict:
     """torchmetrics' Inception FID from a local weights file, or {"computed": False, "reason": ...}.
 
+    Colour images go in as they are, greyscale ones as three equal channels (Inception takes RGB).
     Slow on a CPU: every image is resized to 299x299 (~6 GFLOP each, ~1 min per 1,000 on 2 cores).
     """
     if weights_path is None:
@@ -198,7 +202,7 @@ def inception_fid(generated: torch.Tensor, real: torch.Tensor, weights_path: str
         }
     for images, is_real in ((real, True), (generated, False)):
         for chunk in images.split(INCEPTION_BATCH):
-            metric.update(to_uint8(chunk).expand(-1, 3, -1, -1), real=is_real)  # Inception takes RGB
+            metric.update(to_uint8(chunk).expand(-1, 3, -1, -1), real=is_real)  # grey: 3 equal channels; RGB: as is
     return {"computed": True, "value": round(float(metric.compute()), 4), "num_real": int(real.shape[0])}
 
 
@@ -211,9 +215,11 @@ class QualityEvaluator:
 
     def __init__(
         self,
-        classifier: TrainedClassifier,  # feature space and labels
-        real_test: torch.Tensor,  # (N, 1, 28, 28) float in [-1, 1]: the reference of FID, precision, recall
-        real_train: torch.Tensor,  # (M, 1, 28, 28) float in [-1, 1]: where the FID floor's images come from
+        classifier: TrainedClassifier,  # feature space, and labels unless it learnt the rotation task
+        real_test: torch.Tensor,  # (N, C, R, R) float in [-1, 1]: the reference of FID, precision, recall
+        # (M, C, R, R) float in [-1, 1], or uint8 (only the floor's subset is made float: a whole split of
+        # 128x128x3 images would take 10 GB as float): where the FID floor's images come from
+        real_train: torch.Tensor,
         seed: int = 0,  # draws the real subsets
         device: torch.device | str = "cpu",  # where features and distances are computed
         test_fingerprint: str | None = None,  # of the test images, recorded by `describe`; None = unknown
@@ -228,7 +234,8 @@ class QualityEvaluator:
         self.real_test = real_test
         self.real_train = real_train
         self.seed = seed
-        self._fid = _fid_metric(self.extractor).to(self.device)
+        self.has_classes = classifier.pretext == PRETEXT_LABELS  # a rotation task's four classes are not the data's
+        self._fid = _fid_metric(self.extractor, tuple(real_test.shape[1:])).to(self.device)
         self._test_features = self._add_to_fid(real_test, real=True)  # once: reset() keeps the real side
         self._test_order = torch.randperm(real_test.shape[0], generator=torch.Generator().manual_seed(seed))
         self._train_order = torch.randperm(real_train.shape[0], generator=torch.Generator().manual_seed(seed + 1))
@@ -254,7 +261,8 @@ class QualityEvaluator:
         count = min(num_images, self.real_train.shape[0])
         if count not in self._floors:
             self._fid.reset()  # drops the generated side only (reset_real_features=False)
-            self._add_to_fid(self.real_train[self._train_order[:count]], real=False)
+            subset = self.real_train[self._train_order[:count]]
+            self._add_to_fid(to_unit_range(subset) if subset.dtype == torch.uint8 else subset, real=False)
             self._floors[count] = float(self._fid.compute())
         return self._floors[count]
 
@@ -267,10 +275,10 @@ class QualityEvaluator:
 
     @torch.no_grad()
     def compute(self, generated: torch.Tensor) -> dict:
-        """All classifier metrics of `generated` (N, 1, 28, 28) float in [-1, 1], as plain JSON values.
+        """All classifier metrics of `generated` (N, C, R, R) float in [-1, 1], as plain JSON values.
 
         The first call for a given N also measures the real side (the floor, the real k-NN radii),
-        which later calls reuse.
+        which later calls reuse. Without classes (unlabelled data) the class metrics are None.
         """
         if generated.shape[0] < MIN_IMAGES:
             raise ValueError(f"metrics need at least {MIN_IMAGES} generated images, got {generated.shape[0]}")
@@ -280,19 +288,21 @@ class QualityEvaluator:
         # Everything is queued on the device first; the host waits once, in FID's eigenvalues (torchmetrics), and
         # then reads the rest back in one transfer.
         features = self._add_to_fid(generated, real=False)
-        counts = torch.bincount(self.model.head(features).argmax(dim=1), minlength=NUM_CLASSES)
+        counts = torch.zeros(0, device=features.device, dtype=torch.long)
+        if self.has_classes:
+            counts = torch.bincount(self.model.head(features).argmax(dim=1), minlength=self.model.num_classes)
         real_features, real_radii = self._real_subset(num_images)
         precision, recall = precision_recall_on_device(real_features, features, real_radii=real_radii)
         fid = self._fid.compute()
         numbers = torch.cat([counts.double(), torch.stack([precision.double(), recall.double(), fid.double()])])
         *counted, precision, recall, fid = numbers.tolist()
-        histogram = [count / sum(counted) for count in counted]
+        histogram = [count / sum(counted) for count in counted] if self.has_classes else None
         return {
             "fid_classifier": round(fid, 4),
             "fid_classifier_floor": round(floor, 4),
-            "class_histogram": [round(share, 4) for share in histogram],
-            "modes_covered": modes_covered(histogram),
-            "kl_to_uniform": round(kl_to_uniform(histogram), 4),
+            "class_histogram": [round(share, 4) for share in histogram] if histogram is not None else None,
+            "modes_covered": modes_covered(histogram) if histogram is not None else None,
+            "kl_to_uniform": round(kl_to_uniform(histogram), 4) if histogram is not None else None,
             "precision": round(precision, 4),
             "recall": round(recall, 4),
         }
@@ -301,6 +311,7 @@ class QualityEvaluator:
         """What makes two evaluations comparable: the classifier, the reference data and the seed."""
         return {
             "classifier": self.classifier.describe(),
+            "feature_space": "classifier" if self.has_classes else "rotation",
             "test_fingerprint": self.test_fingerprint,
             "num_real_test": int(self.real_test.shape[0]),
             "reference_seed": self.seed,
@@ -309,30 +320,34 @@ class QualityEvaluator:
 
 def build_evaluator(
     dataset: str,  # data set name, for the classifier cache
-    folder: Path,  # holds the four IDX files (`gan.data.resolve_data_dir`)
+    train: ImageSet,  # the real training split: the classifier's data and the FID floor's images
+    test: ImageSet,  # the real test split: the reference of every metric
+    num_classes: int,  # classes of the labels; 0 = unlabelled data (the rotation task's feature space)
     seed: int = 0,  # classifier seed and real-subset seed
     device: torch.device | str = "cpu",  # where the metrics are computed
     classifier_epochs: int = DEFAULT_EPOCHS,  # when the classifier has to be trained
 ) -> QualityEvaluator:
-    """A `QualityEvaluator` for one data set: loads both splits and the cached (or freshly trained) classifier."""
-    train_set, test_set = load_split(folder, "train"), load_split(folder, "test")
+    """A `QualityEvaluator` for one data set's two splits, with the cached (or freshly trained) classifier."""
+    if num_classes and (train.labels is None or test.labels is None):
+        raise ValueError(f"{dataset} has no labels: pass num_classes=0 (the rotation task) or labelled splits")
+    train_labels, test_labels = (train.labels, test.labels) if num_classes else (None, None)
     classifier = load_or_train_classifier(
         dataset,
-        train_set.images,
-        train_set.labels,
-        train_set.fingerprint,
+        train.images,
+        train_labels,
+        train.fingerprint,
         seed=seed,
         epochs=classifier_epochs,
-        test_images_u8=test_set.images,
-        test_labels=test_set.labels,
+        test_images_u8=test.images,
+        test_labels=test_labels,
+        num_classes=num_classes,
     )
-    real_test, real_train = to_unit_range(test_set.images), to_unit_range(train_set.images)
     return QualityEvaluator(
         classifier,
-        real_test,
-        real_train,
+        to_unit_range(test.images),
+        train.images,  # uint8: the floor draws its images from it
         seed,
         device,
-        test_fingerprint=test_set.fingerprint,
-        real_test_labels=test_set.labels,
+        test_fingerprint=test.fingerprint,
+        real_test_labels=test_labels,
     )

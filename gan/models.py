@@ -1,12 +1,31 @@
-"""The generator and discriminator of the TensorFlow DCGAN tutorial, layer by layer.
+"""The generator and discriminator of the TensorFlow DCGAN tutorial, layer by layer, and their family for
+other square image shapes.
 
 Keras defaults the tutorial relies on are spelled out: LeakyReLU slope 0.3, BatchNorm momentum
 0.99 (PyTorch's `momentum` is 1 - Keras's) and epsilon 1e-3, Glorot-uniform kernels, zero biases.
+
+The family (`layout`): G projects the noise to 256 x s0 x s0 (s0 = 7 for 28, else 4), keeps the
+tutorial's stride-1 convolution to 128 channels, then doubles the side with stride-2 transposed
+convolutions, halving the channels down to a floor of 32, until the resolution; the last one makes
+the image's channels. D mirrors it with as many stride-2 convolutions (64, 128, then 256 at most),
+back to s0 x s0. 28x28x1 is exactly the tutorial's pair, module for module:
+
+| images    | G: channels x side after each convolution | D: channels x side after each convolution    |
+|-----------|-------------------------------------------|----------------------------------------------|
+| 28x28xC   | 128x7, 64x14, Cx28                        | 64x14, 128x7 (6,272 features)                |
+| 32x32xC   | 128x4, 64x8, 32x16, Cx32                  | 64x16, 128x8, 256x4 (4,096)                  |
+| 64x64xC   | 128x4, 64x8, 32x16, 32x32, Cx64           | 64x32, 128x16, 256x8, 256x4 (4,096)          |
+| 128x128xC | 128x4, 64x8, 32x16, 32x32, 32x64, Cx128   | 64x64, 128x32, 256x16, 256x8, 256x4 (4,096)  |
+
+Parameters (G with noise_dim 100, D; tests/test_model.py holds them): 28x28x1 2,305,472 and 212,865;
+32x32x3 1,495,840 and 1,033,345; 64x64x3 1,521,504 and 2,672,001; 128x128x3 1,547,168 and 4,310,657.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +35,50 @@ LEAKY_SLOPE = 0.3  # Keras LeakyReLU default
 BN_MOMENTUM = 0.01  # Keras momentum 0.99
 BN_EPS = 1e-3  # Keras default
 DROPOUT = 0.3  # the tutorial's, after each of D's convolutions
+
+SUPPORTED_RESOLUTIONS = (28, 32, 64, 128)  # square sides the family builds: the tutorial's 28, and 4 · 2^k
+SUPPORTED_CHANNELS = (1, 3)  # greyscale or RGB
+PROJECTED_CHANNELS = 256  # G's dense projection: the tutorial's 7x7x256
+G_FIRST_WIDTH = 128  # G's stride-1 convolution, as the tutorial's
+G_MIN_WIDTH = 32  # G halves its channels with each doubling of the side, down to this
+D_FIRST_WIDTH = 64  # D doubles its channels with each halving of the side, from this ...
+D_MAX_WIDTH = 256  # ... up to this: the projection's width, so D's features stay 256 x 4 x 4 past 32
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The family's networks for one image shape: the size of G's projected map and each convolution's output."""
+
+    resolution: int  # the images' side
+    channels: int  # the images' channels
+    start_size: int  # the side of G's projected map and of D's last features
+    g_widths: tuple[int, ...]  # G's convolutions' outputs: the stride-1 one, then each stride-2 one (last: channels)
+    d_widths: tuple[int, ...]  # D's stride-2 convolutions' outputs
+
+    @property
+    def d_features(self) -> int:
+        """D's flattened features before its dense layer (6,272 for 28x28)."""
+        return self.d_widths[-1] * self.start_size**2
+
+
+def check_image_shape(resolution: int, channels: int) -> None:
+    """Raise ValueError, naming the value, for an image shape the family does not build."""
+    if resolution not in SUPPORTED_RESOLUTIONS:
+        raise ValueError(
+            f"resolution {resolution!r} is not supported; use one of {', '.join(map(str, SUPPORTED_RESOLUTIONS))}"
+        )
+    if channels not in SUPPORTED_CHANNELS:
+        raise ValueError(f"channels {channels!r} is not supported; use 1 (greyscale) or 3 (RGB)")
+
+
+def layout(resolution: int = 28, channels: int = 1) -> Layout:
+    """The family's rule: G and D for square `resolution` x `resolution` images of `channels` channels."""
+    check_image_shape(resolution, channels)
+    start_size = 7 if resolution == 28 else 4  # the tutorial's 7x7; 4x4 for the powers of two, as DCGAN's
+    doublings = round(math.log2(resolution // start_size))  # stride-2 convolutions: 2, 3, 4, 5
+    g_hidden = tuple(max(G_FIRST_WIDTH >> step, G_MIN_WIDTH) for step in range(1, doublings))
+    d_widths = tuple(min(D_FIRST_WIDTH << step, D_MAX_WIDTH) for step in range(doublings))
+    return Layout(resolution, channels, start_size, (G_FIRST_WIDTH, *g_hidden, channels), d_widths)
 
 
 def _batch_norm(kind: type[nn.modules.batchnorm._BatchNorm], features: int, num_classes: int = 0) -> nn.Module:
@@ -148,41 +211,47 @@ def _check_labels(network: nn.Module, num_classes: int, labels: torch.Tensor | N
 
 
 class Generator(nn.Module):
-    """Noise (N, noise_dim) → images (N, 1, 28, 28) in [-1, 1]; with `num_classes` > 0, also class labels (N,).
+    """Noise (N, noise_dim) → images (N, channels, resolution, resolution) in [-1, 1]; with `num_classes` > 0, also
+    class labels (N,).
 
-    Conditional (`num_classes` > 0): each of the three BatchNorms is a `ConditionalBatchNorm`, as
-    the generators of SNGAN's projection-discriminator experiments (Miyato & Koyama, 2018) and
-    BigGAN condition on the class; the noise enters alone. Unconditional (0): exactly the
-    tutorial's network.
+    The family's G for the shape (`layout`); 28x28x1 is exactly the tutorial's network. Conditional
+    (`num_classes` > 0): each BatchNorm is a `ConditionalBatchNorm`, as the generators of SNGAN's
+    projection-discriminator experiments (Miyato & Koyama, 2018) and BigGAN condition on the class;
+    the noise enters alone.
     """
 
-    def __init__(self, noise_dim: int = 100, num_classes: int = 0) -> None:
+    def __init__(self, noise_dim: int = 100, num_classes: int = 0, resolution: int = 28, channels: int = 1) -> None:
         super().__init__()
-        self.noise_dim = noise_dim
-        self.num_classes = num_classes
+        plan = layout(resolution, channels)
+        self.noise_dim, self.num_classes = noise_dim, num_classes
+        self.resolution, self.channels, self.start_size = resolution, channels, plan.start_size
+        projected = PROJECTED_CHANNELS * plan.start_size**2
         self.project = nn.Sequential(
-            nn.Linear(noise_dim, 7 * 7 * 256, bias=False),  # (N, 12544)
-            _batch_norm(nn.BatchNorm1d, 7 * 7 * 256, num_classes),
+            nn.Linear(noise_dim, projected, bias=False),  # (N, 256·s0·s0): 12544 for 28
+            _batch_norm(nn.BatchNorm1d, projected, num_classes),
             nn.LeakyReLU(LEAKY_SLOPE),
         )
         # Padding 2 with kernel 5 is Keras's "same"; output_padding 1 makes stride 2 double the size.
-        self.upsample = nn.Sequential(
-            nn.ConvTranspose2d(256, 128, 5, stride=1, padding=2, bias=False),  # (N, 128, 7, 7)
-            _batch_norm(nn.BatchNorm2d, 128, num_classes),
-            nn.LeakyReLU(LEAKY_SLOPE),
-            nn.ConvTranspose2d(128, 64, 5, stride=2, padding=2, output_padding=1, bias=False),  # (N, 64, 14, 14)
-            _batch_norm(nn.BatchNorm2d, 64, num_classes),
-            nn.LeakyReLU(LEAKY_SLOPE),
-            nn.ConvTranspose2d(64, 1, 5, stride=2, padding=2, output_padding=1, bias=False),  # (N, 1, 28, 28)
-            nn.Tanh(),
-        )
+        layers: list[nn.Module] = []
+        width_in = PROJECTED_CHANNELS
+        for index, width in enumerate(plan.g_widths):
+            if index == 0:  # (N, 128, s0, s0): the tutorial's stride-1 convolution
+                layers.append(nn.ConvTranspose2d(width_in, width, 5, stride=1, padding=2, bias=False))
+            else:  # (N, width, 2·side, 2·side): 28x28 goes 7 → 14 → 28, the others 4 → 8 → ... → resolution
+                layers.append(nn.ConvTranspose2d(width_in, width, 5, stride=2, padding=2, output_padding=1, bias=False))
+            if index < len(plan.g_widths) - 1:
+                layers += [_batch_norm(nn.BatchNorm2d, width, num_classes), nn.LeakyReLU(LEAKY_SLOPE)]
+            width_in = width
+        layers.append(nn.Tanh())  # (N, channels, resolution, resolution) in [-1, 1]
+        self.upsample = nn.Sequential(*layers)
         self.apply(_keras_init)
 
     def forward(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         _check_labels(self, self.num_classes, labels)
+        shape = (-1, PROJECTED_CHANNELS, self.start_size, self.start_size)
         if labels is None:
-            return self.upsample(self.project(noise).view(-1, 256, 7, 7))
-        features = _through(self.project, noise, labels).view(-1, 256, 7, 7)
+            return self.upsample(self.project(noise).view(shape))
+        features = _through(self.project, noise, labels).view(shape)
         return _through(self.upsample, features, labels)
 
 
@@ -194,30 +263,36 @@ def _through(layers: nn.Sequential, x: torch.Tensor, labels: torch.Tensor) -> to
 
 
 class Discriminator(nn.Module):
-    """Images (N, 1, 28, 28) → one logit per image (N, 1): real > 0 > fake; with `num_classes` > 0, also labels (N,).
+    """Images (N, channels, resolution, resolution) → one logit per image (N, 1): real > 0 > fake; with
+    `num_classes` > 0, also labels (N,).
 
-    Conditional (`num_classes` > 0): a projection discriminator (Miyato & Koyama, 2018, "cGANs
-    with Projection Discriminator"), D(x, y) = ψ(φ(x)) + ⟨embed(y), φ(x)⟩, where φ(x) are the
-    flattened (N, 6272) features before the dense layer and ψ is that layer. Unconditional (0):
-    exactly the tutorial's network, with the same state_dict keys.
+    The family's D for the shape (`layout`); 28x28x1 is exactly the tutorial's network, with the same
+    state_dict keys. Conditional (`num_classes` > 0): a projection discriminator (Miyato & Koyama,
+    2018, "cGANs with Projection Discriminator"), D(x, y) = ψ(φ(x)) + ⟨embed(y), φ(x)⟩, where φ(x)
+    are the flattened features before the dense layer ((N, 6272) for 28x28) and ψ is that layer.
     """
 
-    def __init__(self, num_classes: int = 0) -> None:
+    def __init__(self, num_classes: int = 0, resolution: int = 28, channels: int = 1) -> None:
         super().__init__()
-        self.num_classes = num_classes
-        self.layers = nn.Sequential(
-            nn.Conv2d(1, 64, 5, stride=2, padding=2),  # (N, 64, 14, 14)
-            LeakyReLUDropout(LEAKY_SLOPE, DROPOUT),
-            nn.Identity(),  # placeholders keep the layer indices, so checkpoints keep their keys
-            nn.Conv2d(64, 128, 5, stride=2, padding=2),  # (N, 128, 7, 7)
-            LeakyReLUDropout(LEAKY_SLOPE, DROPOUT),
+        plan = layout(resolution, channels)
+        self.num_classes, self.resolution, self.channels = num_classes, resolution, channels
+        layers: list[nn.Module] = []
+        width_in = channels
+        for width in plan.d_widths:
+            layers += [
+                nn.Conv2d(width_in, width, 5, stride=2, padding=2),  # (N, width, size/2, size/2): 28 → 14 → 7
+                LeakyReLUDropout(LEAKY_SLOPE, DROPOUT),
+                nn.Identity(),  # placeholders keep the layer indices, so checkpoints keep their keys
+            ]
+            width_in = width
+        layers += [
             nn.Identity(),
-            nn.Identity(),
-            FlattenLinear(7 * 7 * 128, 1),  # (N, 6272) → (N, 1): ψ
-        )
+            FlattenLinear(plan.d_features, 1),  # (N, 6272) → (N, 1) for 28x28: ψ
+        ]
+        self.layers = nn.Sequential(*layers)
         self.apply(_keras_init)
         if num_classes:
-            self.label_projection = nn.Embedding(num_classes, 7 * 7 * 128)  # (N,) → (N, 6272)
+            self.label_projection = nn.Embedding(num_classes, plan.d_features)  # (N,) → (N, features)
             # Glorot-uniform, as the projection paper's code initialises it: ⟨embed(y), φ(x)⟩ then
             # starts at the scale of ψ(φ(x)), whose weight has the same fan.
             nn.init.xavier_uniform_(self.label_projection.weight)
@@ -226,7 +301,7 @@ class Discriminator(nn.Module):
         _check_labels(self, self.num_classes, labels)
         if labels is None:
             return self.layers(images)
-        features = self.layers[:-1](images)  # φ(x): (N, 128, 7, 7), in the input's memory format
+        features = self.layers[:-1](images)  # φ(x): (N, 128, 7, 7) for 28x28, in the input's memory format
         # ⟨embed(y), φ(x)⟩, with the embedding viewed as (C, H, W) to match FlattenLinear's order;
         # multiplying in 4-d spares flattening channels_last features into a copy.
         projection = (features * self.label_projection(labels).view(features.shape)).sum(dim=(1, 2, 3))  # (N,)

@@ -71,15 +71,13 @@ def quality_curves_png(rows: Sequence[dict]) -> bytes:
         label="FID floor: train vs test",
     )
     fid_axis.set_ylabel("FID (classifier features)")
-    modes_axis.plot(
-        epochs,
-        [row["quality"]["modes_covered"] for row in scored],
-        marker="o",
-        color="tab:green",
-        label="classes covered (>= 2 %)",
-    )
-    modes_axis.set_ylim(0, 10.5)
-    modes_axis.set_ylabel("classes covered (>= 2 %)")
+    # Coverage: of the classes for labelled data; unlabelled data has none, and its recall stands in for it.
+    labelled = all(row["quality"].get("modes_covered") is not None for row in scored)
+    key, label = ("modes_covered", "classes covered (>= 2 %)") if labelled else ("recall", "recall")
+    values = [row["quality"][key] for row in scored]
+    modes_axis.plot(epochs, values, marker="o", color="tab:green", label=label)
+    modes_axis.set_ylim(0, max([10, *values]) + 0.5 if labelled else 1.05)
+    modes_axis.set_ylabel(label)
     for axis in (fid_axis, modes_axis):
         epoch_axis(axis)
     figure.legend(loc="outside lower center", ncol=3, frameon=False)  # below both plots, never on the data

@@ -13,7 +13,6 @@ from dataclasses import dataclass, fields
 from job.errors import UsageError, flag_name
 from job.settings import (
     CUDA_GRAPHS_MODES,
-    DATASET_NAMES,
     MAX_BATCH,
     MAX_EPOCHS,
     MAX_EVAL_IMAGES,
@@ -23,8 +22,12 @@ from job.settings import (
     MAX_SEED,
     MAX_WORKERS,
     PRECISIONS,
+    CHANNELS,
+    RESOLUTIONS,
     Setting,
     check_endpoint_url,
+    data_text,
+    one_of,
     declared,
     read_endpoint_url,
     setting,
@@ -87,12 +90,36 @@ class TrainConfig:
     # Each setting is declared once, here: its flag (--<name>), its GAN_JOB_<NAME> variable, kind,
     # bounds, choices, default and help. job/cli.py builds `train`'s flags from these declarations.
     data: str = setting(
-        "mnist", choices=DATASET_NAMES, help="dataset: mnist (default, as the tutorial) or fashion-mnist"
+        "mnist",
+        metavar="NAME|PATH|s3://bucket/prefix",
+        reads=data_text,
+        help="the images: mnist (default, as the tutorial), fashion-mnist, cifar10, or a folder, ZIP, CIFAR-10 "
+        "tarball or s3://bucket/prefix of your own (docs/data.md)",
     )
     data_dir: str | None = setting(
         None,
         metavar="DIR|s3://bucket/prefix",
-        help="folder or s3://bucket/prefix with the four IDX files (default: cache, system copy, download)",
+        help="for mnist, fashion-mnist or cifar10: a folder or s3://bucket/prefix with their files (the four IDX "
+        "files; cifar-10-binary.tar.gz) (default: cache, system copy, download)",
+    )
+    resolution: int | None = setting(
+        None,
+        kind=int,
+        low=min(RESOLUTIONS),
+        high=max(RESOLUTIONS),
+        reads=one_of(RESOLUTIONS),
+        metavar="{" + ",".join(map(str, RESOLUTIONS)) + "}",
+        help="square image size the networks are built for; other images are centre-cropped and resized "
+        "(default: the images' own)",
+    )
+    channels: int | None = setting(
+        None,
+        kind=int,
+        low=1,
+        high=3,
+        reads=one_of(CHANNELS),
+        metavar="{1,3}",
+        help="1 (grey) or 3 (colour) (default: the images' own)",
     )
     epochs: int = setting(
         50, kind=int, low=1, high=MAX_EPOCHS, help="total epochs of the run (default 50, the tutorial's)"
@@ -114,6 +141,10 @@ class TrainConfig:
         help="Ray Train workers, one DDP rank each: N, or MIN-MAX to grow with the cluster (default 1)",
     )
     max_workers: int | None = None  # the maximum of an elastic run (--num-workers MIN-MAX); None = num_workers
+    # Set by the driver from the data it checked (not flags): what every worker loads must be the same.
+    num_classes: int | None = None  # a conditional run's classes; None: unconditional, or not yet resolved
+    data_fingerprint: str | None = None  # of the data's listing as the run started
+    data_cutoff_ns: int | None = None  # a folder's or prefix's files changed after this are left out
     elastic_resize_interval: float = setting(
         60.0,
         kind=float,
@@ -275,6 +306,16 @@ class TrainConfig:
             if value is not None or name not in UNSET_ALLOWED:  # None means "not set" only where the default is None
                 spec.check(flag_name(name), value)
         SETTINGS["num_workers"].check("--num-workers (its maximum)", self.max_workers)
+        for flag, reader, value in (
+            ("--data", data_text, self.data),
+            ("--resolution", one_of(RESOLUTIONS), self.resolution),
+            ("--channels", one_of(CHANNELS), self.channels),
+        ):
+            if value is not None:
+                try:
+                    reader(str(value))
+                except ValueError as err:
+                    raise UsageError(f"{flag} {err}") from None
         if self.max_workers < self.num_workers:
             raise UsageError(
                 f"--num-workers {self.num_workers}-{self.max_workers}: the maximum is below the minimum; "
@@ -346,4 +387,6 @@ UNSET_ALLOWED = frozenset(
 
 # Fields that decide the shapes in a checkpoint: resuming with other values cannot load it. A field
 # missing from an older checkpoint's config was at its declared default there (no `conditional`: off).
-SHAPE_FIELDS = ("noise_dim", "conditional")
+SHAPE_FIELDS = ("noise_dim", "conditional", "resolution", "channels")
+# Their values in a checkpoint written before a field existed (before own images: 28 x 28 grey).
+EARLIER_SHAPE = {"resolution": 28, "channels": 1}

@@ -185,7 +185,44 @@ SEED = Setting("seed of the noise", kind=int, low=0, high=MAX_SEED)
 EVAL_NUM = Setting(
     "generated images per evaluation (at least 4, for k-NN with k = 3)", kind=int, low=4, high=MAX_EVAL_IMAGES
 )
-DATASET_NAMES = ("mnist", "fashion-mnist")
+DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10")
+RESOLUTIONS = (28, 32, 64, 128)  # the square sizes the networks are built for (gan.models.SUPPORTED_RESOLUTIONS)
+CHANNELS = (1, 3)
+
+
+def data_text(text: str) -> str:
+    """`--data`: a dataset's name, or a local path or s3://bucket/prefix (checked where it is read)."""
+    text = text.strip()
+    if not text:
+        raise ValueError(
+            "is empty; pass a dataset's name (mnist, fashion-mnist, cifar10), a folder, ZIP or s3:// prefix"
+        )
+    if "://" in text and not text.startswith("s3://"):
+        raise ValueError(f"{text!r}: only local paths and s3://BUCKET/PREFIX are supported")
+    return text
+
+
+def one_of(allowed: tuple[int, ...]) -> Callable[[str], int]:
+    """A reader of an integer that must be one of `allowed` (--resolution, --channels)."""
+
+    def read(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            value = None
+        if value not in allowed:
+            raise ValueError(f"{text!r} is not one of {', '.join(map(str, allowed))}; choose one of them")
+        return value
+
+    return read
+
+
+DATA = Setting(
+    "a dataset's name (mnist, fashion-mnist, cifar10), or a folder, ZIP, CIFAR-10 tarball or s3://bucket/prefix of "
+    "images",
+    metavar="NAME|PATH|s3://bucket/prefix",
+    reads=data_text,
+)
 PRECISIONS = ("auto", "fp32", "bf16")
 CUDA_GRAPHS_MODES = ("auto", "on", "off")  # gan.stepper.graphs_wanted says what each means
 

@@ -307,8 +307,8 @@ def train_one_process(storage: Path, data_dir: Path, run_name: str = "run", **ov
     `overrides` are any TrainConfig fields.
     """
     values = {
-        "data": "fashion-mnist", "data_dir": str(data_dir), "epochs": 1, "batch_size": 32, "storage": str(storage),
-        "run_name": run_name, "cpus_per_worker": 1, "eval_every": 0,
+        "data": "fashion-mnist", "data_dir": str(data_dir) if data_dir is not None else None, "epochs": 1,
+        "batch_size": 32, "storage": str(storage), "run_name": run_name, "cpus_per_worker": 1, "eval_every": 0,
     }  # fmt: skip
     config = TrainConfig(**{**values, **overrides})
     run_worker(

@@ -1,5 +1,7 @@
 """The command line, called in-process: help everywhere, env-var knobs, bad input ends cleanly."""
 
+import json
+
 import pytest
 
 from job.cli import build_parser, env_var_for, main
@@ -225,6 +227,31 @@ def test_bench_prints_one_json_line_even_without_warmup(capsys):
     assert main(["bench", "--steps", "1", "--warmup", "0", "--batch-size", "8"]) == 0
     (line,) = capsys.readouterr().out.strip().splitlines()
     assert json.loads(line)["steps"] == 1
+
+
+def _bench(capsys, *flags: str) -> dict:
+    assert main(["bench", "--warmup", "0", *flags]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    return json.loads(line)
+
+
+def test_bench_times_the_step_of_32x32x3_images_and_counts_its_gflop_per_image(capsys):
+    result = _bench(capsys, "--steps", "2", "--batch-size", "8", "--resolution", "32", "--channels", "3")
+    assert (result["resolution"], result["channels"], result["steps"]) == (32, 3, 2)
+    assert result["images_per_s"] > 0 and result["gflop_per_image"] > 0
+    # Per image: the count of one step divided by its batch, so the batch size does not change it.
+    smaller = _bench(capsys, "--steps", "1", "--batch-size", "4", "--resolution", "32", "--channels", "3")
+    assert smaller["gflop_per_image"] == pytest.approx(result["gflop_per_image"], rel=1e-3)
+    tutorial = _bench(capsys, "--steps", "1", "--batch-size", "4")
+    assert (tutorial["resolution"], tutorial["channels"]) == (28, 1)
+    assert tutorial["gflop_per_image"] != result["gflop_per_image"]
+
+
+def test_bench_times_real_images_at_the_shape_asked_for(tiny_data_dir, capsys):
+    argv = ["bench", "--data", "mnist", "--data-dir", str(tiny_data_dir), "--steps", "1", "--warmup", "0"]
+    assert main([*argv, "--batch-size", "8", "--resolution", "32", "--channels", "3"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["resolution"], result["channels"]) == (32, 3)  # the 28x28 grey images converted, not refused
 
 
 def test_an_empty_knob_counts_as_unset(monkeypatch):

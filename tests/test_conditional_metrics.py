@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from gan.classifier import TrainedClassifier, train_classifier, weights_digest
+from gan.classifier import PRETEXT_ROTATION, TrainedClassifier, train_classifier, weights_digest
 from gan.conditional_metrics import (
     CAS_EPOCHS,
     CAS_SEED,
@@ -180,6 +180,57 @@ def test_conditional_inputs_split_the_classes_evenly_with_the_unconditional_nois
 
 
 def test_build_evaluator_keeps_the_test_labels_for_label_accuracy(small_fashion_dir):
-    evaluator = build_evaluator("fashion-mnist", small_fashion_dir)
-    test_set = load_split(small_fashion_dir, "test")
+    train_set, test_set = load_split(small_fashion_dir, "train"), load_split(small_fashion_dir, "test")
+    evaluator = build_evaluator("fashion-mnist", train_set, test_set, num_classes=10)
     assert torch.equal(evaluator.real_test_labels, test_set.labels)
+
+
+# Other shapes and class counts (#30) ---------------------------------------------------------------
+
+
+def _coloured(count: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """32x32 RGB images whose class is the colour channel that is lit: an easy task, learnt in two epochs."""
+    labels = torch.arange(count) % num_classes
+    images = torch.randint(0, 60, (count, 3, 32, 32), generator=torch.Generator().manual_seed(seed))
+    images[torch.arange(count), labels] += 190
+    return images.to(torch.uint8), labels
+
+
+def test_cas_and_label_accuracy_work_for_32x32x3_images_of_three_classes():
+    train_u8, train_labels = _coloured(60, 3, seed=0)
+    test_u8, test_labels = _coloured(30, 3, seed=1)
+    model = train_classifier(train_u8, train_labels, seed=CAS_SEED, epochs=CAS_EPOCHS, num_classes=3)
+    real = TrainedClassifier(model, weights_digest(model), "60:coloured", CAS_SEED, CAS_EPOCHS, None)
+    generator = Generator(8, num_classes=3, resolution=32, channels=3)
+    result = classification_accuracy_score(
+        generator, real, to_unit_range(test_u8), test_labels, images_per_class=2, num_classes=3
+    )
+    assert result["generated"]["num_train_images"] == 6 and len(result["generated"]["per_class"]) == 3
+    assert result["real"]["overall"] > 0.9  # the fresh network of the real side's shape learnt the real task
+    asked = torch.tensor([0, 1, 2])
+    accuracy = label_accuracy(
+        generator.eval()(torch.randn(3, 8), asked), asked, real, to_unit_range(test_u8), test_labels
+    )
+    assert len(accuracy["generated"]["per_class"]) == 3 and accuracy["real_test"]["overall"] > 0.9
+
+
+def test_a_generated_training_set_takes_the_shape_it_is_given():
+    images_u8, _ = generated_training_set(
+        lambda labels: torch.zeros(len(labels), 3, 64, 64), images_per_class=2, num_classes=3, image_shape=(3, 64, 64)
+    )
+    assert images_u8.shape == (6, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"it must give \(n, 3, 32, 32\)"):
+        generated_training_set(
+            lambda labels: torch.zeros(len(labels), 1, 28, 28), images_per_class=1, image_shape=(3, 32, 32)
+        )
+
+
+def test_label_metrics_refuse_a_classifier_of_the_rotation_task():
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    model = train_classifier(images, None, seed=CAS_SEED, epochs=CAS_EPOCHS)
+    rotation = TrainedClassifier(model, weights_digest(model), "8:x", CAS_SEED, CAS_EPOCHS, None, PRETEXT_ROTATION)
+    unit = to_unit_range(images)
+    with pytest.raises(ValueError, match="rotation task, not on labels"):
+        label_accuracy(unit, torch.zeros(8, dtype=torch.long), rotation, unit, torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="rotation task, not on labels"):
+        classification_accuracy_score(Generator(8, num_classes=10), rotation, unit, torch.zeros(8), images_per_class=1)

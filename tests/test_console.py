@@ -33,6 +33,7 @@ RAY_PATTERNS = {
 }
 # The project's own lines (job/ and its status lines), as they start.
 PROJECT_PATTERNS = [
+    r"data \S+: [\d,]+ training and [\d,]+ test images, ",
     r"training run \S+: ",
     r"epoch \d+/\d+  loss_d ",
     r"  epoch \d+/\d+ step ",

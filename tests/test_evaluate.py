@@ -94,7 +94,7 @@ def test_the_ema_generator_is_evaluated_when_the_checkpoint_has_one(
         (["--num", str(10**9)], "--num"),
         (["--seed", "-1"], "--seed"),
         (["--seed", str(2**64)], "--seed"),  # torch.manual_seed would raise deep inside
-        (["--data", "cifar"], "--data"),
+        (["--data", "http://not-s3/images"], "--data"),
         (["--inception-weights", "{tmp}/MISSING.pth"], "--inception-weights"),
     ],
 )

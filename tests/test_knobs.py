@@ -44,7 +44,8 @@ def as_variable(value: object) -> str:
 
 def test_every_config_field_is_a_declared_setting():
     """A new TrainConfig field without `setting(...)` would have no flag, no variable and no bounds."""
-    derived = {"max_workers"}  # the MAX of --num-workers MIN-MAX
+    # The MAX of --num-workers MIN-MAX, and what the driver resolves from the data for every worker.
+    derived = {"max_workers", "num_classes", "data_fingerprint", "data_cutoff_ns"}
     assert {f.name for f in dataclasses.fields(TrainConfig)} - derived == set(SETTINGS)
 
 

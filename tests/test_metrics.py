@@ -1,5 +1,6 @@
 """Quality metrics on known cases: real vs real, real vs noise, one-image generators, k-NN precision/recall."""
 
+import io
 import json
 import math
 import pickle
@@ -8,18 +9,25 @@ import pytest
 import torch
 
 from gan.classifier import (
+    PRETEXT_ROTATION,
+    Classifier,
     FeatureExtractor,
     TrainedClassifier,
     accuracy,
     cache_path,
     classifier_from_bytes,
+    classifier_to_bytes,
     load_or_train_classifier,
+    rotation_accuracy,
+    stage_widths,
     train_classifier,
     weights_digest,
+    with_rotations,
 )
-from gan.data import load_split, to_unit_range
+from gan.data import ImageSet, load_split, to_uint8, to_unit_range
 from gan.metrics import (
     QualityEvaluator,
+    build_evaluator,
     class_histogram,
     fid_classifier,
     inception_fid,
@@ -309,3 +317,128 @@ def test_a_state_dict_that_is_not_inception_is_reported_not_computed(monkeypatch
     result = inception_fid(_noise(2), _noise(2, seed=2), weights)
     assert result["computed"] is False and "not torch-fidelity's Inception v3 state dict" in result["reason"]
     assert "\n" not in result["reason"]
+
+
+# Users' own images (#30): other shapes, and unlabelled data measured through the rotation task ----------
+
+# weights_digest(Classifier()) right after torch.manual_seed(0), computed with the code before other shapes
+# existed (commit aa2a7c0): the same network, built from the same draws.
+TUTORIAL_CLASSIFIER_INITIAL_DIGEST = "79777b59dc7f10bd"
+CLASS_METRICS = ("class_histogram", "modes_covered", "kl_to_uniform")
+
+
+def test_the_28x28x1_classifier_and_its_cache_name_are_those_of_before_other_shapes():
+    torch.manual_seed(0)
+    assert weights_digest(Classifier()) == TUTORIAL_CLASSIFIER_INITIAL_DIGEST
+    torch.manual_seed(0)
+    assert weights_digest(Classifier(10, resolution=28, channels=1)) == TUTORIAL_CLASSIFIER_INITIAL_DIGEST
+    assert cache_path("fashion-mnist", "60000:abc", 0).name == "fashion-mnist-60000-abc-seed0.pt"
+    assert cache_path("own", "9:abc", 1, 32, 3).name == "own-9-abc-32x32x3-seed1.pt"
+    assert cache_path("own", "9:abc", 1, 28, 1, PRETEXT_ROTATION).name == "own-9-abc-28x28x1-rot-seed1.pt"
+
+
+def test_the_classifier_halves_every_shape_to_8x8_or_below_into_128_features():
+    assert {r: stage_widths(r) for r in (28, 32, 64, 128)} == {
+        28: (16, 32),  # 7x7
+        32: (16, 32),
+        64: (16, 32, 64),
+        128: (16, 32, 64, 64),
+    }
+    for resolution in (32, 128):
+        model = Classifier(5, resolution, channels=3).eval()
+        images = torch.zeros(2, 3, resolution, resolution)
+        assert model.features(images).shape == (2, 128) and model(images).shape == (2, 5)
+
+
+def test_a_cache_file_written_before_other_shapes_loads_as_the_28x28x1_classifier_of_ten_labels():
+    images, labels = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8), torch.arange(16) % 10
+    model = train_classifier(images, labels, seed=0, epochs=1)
+    trained = TrainedClassifier(model, weights_digest(model), "16:x", 0, 1, None)
+    stored = torch.load(io.BytesIO(classifier_to_bytes(trained)), weights_only=True)
+    for key in ("pretext", "num_classes", "resolution", "channels"):  # what such a file lacks
+        del stored[key]
+    buffer = io.BytesIO()
+    torch.save(stored, buffer)
+    loaded = classifier_from_bytes(buffer.getvalue())
+    assert loaded.digest == trained.digest and loaded.pretext == "labels" and loaded.model.num_classes == 10
+
+
+def _tiny_set(count: int, channels: int, resolution: int, seed: int, num_classes: int = 0) -> ImageSet:
+    """Random images, brighter towards their top so that they have an upright; labels when num_classes > 0."""
+    rng = torch.Generator().manual_seed(seed)
+    upright = torch.linspace(255, 0, resolution).view(1, 1, resolution, 1)
+    noise = torch.rand(count, channels, resolution, resolution, generator=rng) * 100 - 50
+    images = (upright + noise).clamp(0, 255).to(torch.uint8)
+    labels = torch.arange(count) % num_classes if num_classes else None
+    return ImageSet(images, labels, f"{count}:tiny{seed}")
+
+
+def test_a_labelled_32x32x3_set_gets_finite_metrics_with_its_own_classes():
+    train, test = _tiny_set(96, 3, 32, seed=1, num_classes=3), _tiny_set(48, 3, 32, seed=2, num_classes=3)
+    evaluator = build_evaluator("own", train, test, num_classes=3, classifier_epochs=1)
+    metrics = evaluator.compute(to_unit_range(_tiny_set(24, 3, 32, seed=3).images))
+    assert all(math.isfinite(metrics[key]) for key in ("fid_classifier", "fid_classifier_floor", "precision"))
+    assert len(metrics["class_histogram"]) == 3 and 1 <= metrics["modes_covered"] <= 3
+    assert evaluator.describe()["feature_space"] == "classifier"
+    assert evaluator.classifier.describe()["resolution"] == 32 and torch.equal(evaluator.real_test_labels, test.labels)
+    assert cache_path("own", train.fingerprint, 0, 32, 3).is_file()
+
+
+def test_an_unlabelled_set_is_measured_in_the_rotation_task_s_features_without_class_metrics():
+    train, test = _tiny_set(96, 3, 32, seed=1), _tiny_set(48, 3, 32, seed=2)
+    evaluator = build_evaluator("own", train, test, num_classes=0, classifier_epochs=1)
+    metrics = evaluator.compute(to_unit_range(_tiny_set(24, 3, 32, seed=3).images))
+    assert all(metrics[key] is None for key in CLASS_METRICS)
+    assert all(math.isfinite(metrics[key]) for key in ("fid_classifier", "fid_classifier_floor", "precision", "recall"))
+    assert json.loads(json.dumps(metrics)) == metrics
+    described = evaluator.describe()
+    assert described["feature_space"] == "rotation" and described["classifier"]["pretext"] == PRETEXT_ROTATION
+    assert evaluator.real_test_labels is None and evaluator.model.num_classes == 4
+    cached = classifier_from_bytes(cache_path("own", train.fingerprint, 0, 32, 3, PRETEXT_ROTATION).read_bytes())
+    assert cached.digest == evaluator.classifier.digest and cached.pretext == PRETEXT_ROTATION
+
+
+def test_the_rotation_task_learns_which_way_is_up_deterministically():
+    train, test = _tiny_set(128, 1, 28, seed=4), _tiny_set(64, 1, 28, seed=5)
+    model = train_classifier(train.images, None, seed=0, epochs=3)
+    assert model.head.out_features == 4 and rotation_accuracy(model, test.images) > 0.9
+    assert weights_digest(model) == weights_digest(train_classifier(train.images, None, seed=0, epochs=3))
+
+
+def test_with_rotations_turns_each_image_by_its_target_quarter_turns():
+    images = torch.arange(2 * 3 * 3, dtype=torch.float32).view(2, 1, 3, 3)
+    rotated, targets = with_rotations(images)
+    assert targets.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    for position, turns in enumerate(targets.tolist()):
+        assert torch.equal(rotated[position], torch.rot90(images[position % 2], turns, dims=(1, 2)))
+
+
+def test_build_evaluator_refuses_a_class_count_for_data_without_labels():
+    train, test = _tiny_set(8, 1, 28, seed=1), _tiny_set(8, 1, 28, seed=2)
+    with pytest.raises(ValueError, match="has no labels: pass num_classes=0"):
+        build_evaluator("own", train, test, num_classes=10)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_inception_fid_gets_colour_as_it_is_and_grey_as_three_equal_channels(monkeypatch, tmp_path, channels):
+    updates: list[torch.Tensor] = []
+
+    class Recording:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def update(self, imgs: torch.Tensor, real: bool) -> None:
+            updates.append(imgs)
+
+        def compute(self) -> torch.Tensor:
+            return torch.tensor(1.0)
+
+    monkeypatch.setattr("gan.metrics.torch_fidelity_missing_reason", lambda: None)
+    monkeypatch.setattr("torchmetrics.image.fid.FrechetInceptionDistance", Recording)
+    weights = tmp_path / "inception.pth"
+    torch.save({"w": torch.zeros(1)}, weights)
+    images = torch.rand(2, channels, 32, 32) * 2 - 1
+    assert inception_fid(images, images, weights)["computed"] is True
+    assert all(update.shape == (2, 3, 32, 32) and update.dtype == torch.uint8 for update in updates)
+    expected = to_uint8(images).expand(-1, 3, -1, -1)
+    assert all(torch.equal(update, expected) for update in updates)

@@ -8,12 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from gan.models import (
+    SUPPORTED_CHANNELS,
+    SUPPORTED_RESOLUTIONS,
     ConditionalBatchNorm,
     Discriminator,
     FlattenLinear,
     Generator,
     LeakyReLUDropout,
     count_trainable_parameters,
+    layout,
+    parameter_digest,
 )
 
 
@@ -234,3 +238,90 @@ def test_flatten_linear_on_channels_last_equals_flatten_then_linear():
     plain_grads = torch.autograd.grad(plain.sum(), [plain_input, head.weight])
     for a, b in zip(fast_grads, plain_grads):
         torch.testing.assert_close(a, b)
+
+
+# The family of networks for users' own images (#30): every supported shape, 28x28x1 unchanged ---------
+
+# parameter_digest(G(100), D()) right after torch.manual_seed(0), computed with the code before the family
+# existed (commit aa2a7c0): equal digests mean the same modules, built in the same order from the same draws.
+TUTORIAL_INITIAL_DIGEST = "1f599b8adc150c07"
+TUTORIAL_CONDITIONAL_INITIAL_DIGEST = "1a70c3588840e77a"  # the same of G(100, 10) and D(10)
+
+# (resolution, channels, num_classes) → trainable parameters of G (noise_dim 100) and D: docs quote them.
+PARAMETER_COUNTS = {
+    (28, 1, 0): (2_305_472, 212_865),
+    (28, 1, 10): (2_534_720, 275_585),
+    (32, 3, 0): (1_495_840, 1_033_345),
+    (64, 3, 0): (1_521_504, 2_672_001),
+    (128, 3, 0): (1_547_168, 4_310_657),
+}
+
+
+def test_the_tutorial_networks_start_from_the_same_weights_as_before_the_family():
+    torch.manual_seed(0)
+    assert parameter_digest(Generator(100), Discriminator()) == TUTORIAL_INITIAL_DIGEST
+    torch.manual_seed(0)
+    assert parameter_digest(Generator(100, 10), Discriminator(10)) == TUTORIAL_CONDITIONAL_INITIAL_DIGEST
+    torch.manual_seed(0)
+    explicit = Generator(100, 0, resolution=28, channels=1), Discriminator(0, resolution=28, channels=1)
+    assert parameter_digest(*explicit) == TUTORIAL_INITIAL_DIGEST
+
+
+@pytest.mark.parametrize("shape", list(PARAMETER_COUNTS), ids=lambda s: "{}x{}x{} classes={}".format(s[0], *s))
+def test_parameter_counts_per_shape(shape):
+    resolution, channels, num_classes = shape
+    counts = (
+        count_trainable_parameters(Generator(100, num_classes, resolution, channels)),
+        count_trainable_parameters(Discriminator(num_classes, resolution, channels)),
+    )
+    print(f"{resolution}x{resolution}x{channels} num_classes={num_classes}: G {counts[0]:,} D {counts[1]:,}")
+    assert counts == PARAMETER_COUNTS[shape]
+
+
+@pytest.mark.parametrize("num_classes", [0, 10])
+@pytest.mark.parametrize("channels", SUPPORTED_CHANNELS)
+@pytest.mark.parametrize("resolution", SUPPORTED_RESOLUTIONS)
+def test_every_shape_makes_images_of_its_shape_and_one_logit_each(resolution, channels, num_classes):
+    generator = Generator(8, num_classes, resolution, channels)
+    discriminator = Discriminator(num_classes, resolution, channels)
+    labels = torch.tensor([0, 9]) if num_classes else None
+    images = generator(torch.randn(2, 8), labels)
+    assert images.shape == (2, channels, resolution, resolution) and images.abs().max() <= 1
+    logits = discriminator(images.to(memory_format=torch.channels_last), labels)
+    assert logits.shape == (2, 1) and torch.isfinite(logits).all()
+
+
+def test_the_family_follows_its_rule():
+    assert layout(28, 1) == layout()  # the tutorial's by default
+    assert (layout(28).start_size, layout(28).g_widths, layout(28).d_widths) == (7, (128, 64, 1), (64, 128))
+    assert (layout(32, 3).g_widths, layout(32, 3).d_widths) == ((128, 64, 32, 3), (64, 128, 256))
+    assert layout(128, 3).g_widths == (128, 64, 32, 32, 32, 3)
+    assert layout(128, 3).d_widths == (64, 128, 256, 256, 256)
+    for resolution in SUPPORTED_RESOLUTIONS:
+        plan = layout(resolution, 3)
+        # G's stride-2 convolutions double s0 up to the resolution, and D's halve it back down.
+        assert plan.start_size * 2 ** (len(plan.g_widths) - 1) == resolution
+        assert len(plan.d_widths) == len(plan.g_widths) - 1
+        assert plan.d_features == plan.d_widths[-1] * plan.start_size**2
+
+
+def test_the_family_keeps_d_s_layer_pattern_and_the_projection_of_its_features():
+    discriminator = Discriminator(10, resolution=64, channels=3)
+    kinds = [type(layer).__name__ for layer in discriminator.layers]
+    assert kinds == ["Conv2d", "LeakyReLUDropout", "Identity"] * 4 + ["Identity", "FlattenLinear"]
+    assert (
+        discriminator.label_projection.weight.shape == (10, 256 * 4 * 4) == (10, discriminator.layers[-1].in_features)
+    )
+    conditional_g = Generator(16, num_classes=10, resolution=64, channels=3)
+    norms = [m for m in conditional_g.modules() if isinstance(m, ConditionalBatchNorm)]
+    assert len(norms) == 1 + 4  # the projection's and each convolution's but the last
+
+
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [({"resolution": 48}, "resolution 48"), ({"channels": 2}, "channels 2"), ({"resolution": 256}, "resolution 256")],
+)
+def test_an_unsupported_shape_is_refused_naming_the_value(kwargs, named):
+    for build in (lambda: Generator(8, **kwargs), lambda: Discriminator(**kwargs)):
+        with pytest.raises(ValueError, match=named):
+            build()

@@ -8,6 +8,7 @@ Accuracy Score. Why: docs/architecture.md#quality-metrics
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from gan.classifier import NUM_CLASSES
@@ -15,14 +16,17 @@ from gan.conditional_metrics import CAS_IMAGES_PER_CLASS
 from gan.metrics import check_state_dict_file
 from job.errors import UsageError
 from job.promotion.evaluation import DEFAULT_NUM, DEFAULT_SEED, evaluate_state, prepare_evaluator, store_in_run
-from job.settings import DATASET_NAMES, EVAL_NUM, S3_ENDPOINT, SEED, Setting, add_flag
+from job.settings import DATA as DATA_SETTING
+from job.settings import EVAL_NUM, S3_ENDPOINT, SEED, Setting, add_flag
 from job.storage.checkpoint import STATE_FILE, load_from
 from job.storage.checkpoint_schema import checkpoint_num_classes
 from job.storage.location import Location, resolve_location
 from job.storage.pointer import resolve_latest
 from job.storage.s3_preflight import check_readable
 
-DATA = Setting("real data to compare with (default: the run's)", choices=DATASET_NAMES)
+DATA = dataclasses.replace(
+    DATA_SETTING, help="real data to compare with: a name, a path or s3:// prefix (default: the run's)"
+)
 CAS = Setting(
     f"also score a classifier trained only on {CAS_IMAGES_PER_CLASS * NUM_CLASSES:,} generated images "
     f"({CAS_IMAGES_PER_CLASS:,} per class) against the real test split, next to the same recipe trained on the real "
@@ -101,7 +105,7 @@ def evaluate(args: argparse.Namespace) -> int:
             f"--cas needs a conditional model; {checkpoint.uri} was trained without --conditional: drop --cas"
         )
     data = args.data or state["config"]["data"]
-    evaluator = prepare_evaluator(data, args.data_dir, args.s3_endpoint)
+    evaluator = prepare_evaluator(data, args.data_dir, args.s3_endpoint, state)
     result = evaluate_state(
         evaluator, state, checkpoint.uri, data, args.num, args.seed, args.inception_weights, cas=args.cas
     )

@@ -161,7 +161,9 @@ def generate(args: argparse.Namespace) -> int:
     Path(args.out).write_bytes(image_grid_png(shown, columns=columns, scale=GRID_SCALE))
     written = [args.out]
     if args.npy:
-        np.save(args.npy, images[:, 0].numpy().astype(np.float32))
+        # Grey images as (N, R, R), as always; colour ones as (N, 3, R, R).
+        array = images[:, 0] if images.shape[1] == 1 else images
+        np.save(args.npy, array.numpy().astype(np.float32))
         written.append(args.npy)
         if labels is not None:
             np.save(labels_path(args.npy), labels.numpy().astype(np.int64))

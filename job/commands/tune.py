@@ -18,7 +18,7 @@ from job.runtime import driver
 from job.runtime.interrupts import in_own_thread
 from job.settings import EVAL_NUM, MAX_EPOCHS, MAX_WORKERS, Setting
 from job.sweep.outcome import conclude
-from job.sweep.space import MAX_TRIALS
+from job.sweep.space import MAX_TRIALS, with_absolute_data
 from job.sweep.spec import SPEC_FILE, SweepArgs, check_same, check_sweep, read_spec, spec_of
 from job.sweep.trial import TRIAL_DRIVER_RESOURCE, TrialPlan
 from job.sweep.tuner import LOCAL_DRIVER_SLOTS, RUNS_FOLDER, build_tuner, check_driver_resource, check_tune_state
@@ -58,6 +58,7 @@ def run_tune(args: SweepArgs, config: TrainConfig, promotion: Promotion | None =
     finished, 2 on bad input, 3 when the winner's promotion failed."""
     spec = spec_of(args, config)  # as given: the flags a resume is compared with
     dimensions, variants = check_sweep(args, config)
+    dimensions = with_absolute_data(dimensions)
     target = promotion.check(config.s3_endpoint) if promotion is not None else None
     sweep = driver.check(config.replace(run_name=args.sweep), variants, name_flag="--sweep")
     stored = read_spec(sweep.run)
@@ -71,7 +72,9 @@ def run_tune(args: SweepArgs, config: TrainConfig, promotion: Promotion | None =
     check_driver_resource()
     if stored is None:
         sweep.run.child(SPEC_FILE).write_text(spec.to_json())
-    plan = TrialPlan(sweep.config.to_dict(), sweep.run.child(RUNS_FOLDER), args.scheduler, args.perturbation_interval)
+    plan = TrialPlan(
+        sweep.config.to_dict(), sweep.run.child(RUNS_FOLDER), args.scheduler, args.perturbation_interval, sweep.data
+    )
     print(
         f"sweep {args.sweep}: {args.scheduler}, {args.trials} sample(s) of {' '.join(args.space) or '(no space)'}, "
         f"{args.max_concurrent} at once, {sweep.config.epochs} epochs each; storage {sweep.run.uri}",

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import time
-from types import SimpleNamespace
 
 from gan.classifier import classifier_to_bytes
 from gan.conditional_metrics import classification_accuracy_score, label_accuracy
 from gan.metrics import QualityEvaluator, build_evaluator, inception_fid
 from gan.sampling import labels_split_evenly, sample, seeded_noise
 from job.console import warn
-from job.storage.checkpoint_schema import generator_from_checkpoint
-from job.storage.data_source import local_data_folder
+from job.storage.checkpoint_schema import generator_from_checkpoint, image_shape
+from job.storage.data_source import load_dataset
 from job.storage.location import Location
 
 DEFAULT_NUM = 10_000  # the size of the test split: FID's bias shrinks with the count
@@ -28,10 +27,14 @@ CLASSIFIER_FILE = "classifier.pt"
 PROTOCOL_FIELDS = ("data", "num_images", "seed")
 
 
-def prepare_evaluator(data: str, data_dir: str | None, s3_endpoint: str | None) -> QualityEvaluator:
-    """The evaluator for `data`: its IDX files (a bucket copy is fetched) and the cached classifier."""
-    folder = local_data_folder(SimpleNamespace(data=data, data_dir=data_dir, s3_endpoint=s3_endpoint))
-    return build_evaluator(data, folder)
+def prepare_evaluator(
+    data: str, data_dir: str | None, s3_endpoint: str | None, state: dict | None = None
+) -> QualityEvaluator:
+    """The evaluator for `data` as it is now (its current test split: a prefix that grew is measured on what it
+    holds now), at the shape of the checkpoint `state` (the data's own without one), and its cached classifier."""
+    resolution, channels = image_shape(state) if state is not None else (None, None)
+    dataset = load_dataset(data, data_dir, s3_endpoint, resolution, channels)
+    return build_evaluator(dataset.cache_key, dataset.train, dataset.test, dataset.num_classes)
 
 
 def evaluate_state(

@@ -302,7 +302,7 @@ def promote_run(
     check_same_kind(read_snapshot(store, target).pointer, candidate, target, s3_endpoint)  # before the evaluation
     if not candidate.unfinished:  # measured once; each decision compares it with the LATEST of its read
         chosen = data or candidate.state["config"]["data"]
-        evaluator = prepare_evaluator(chosen, data_dir, s3_endpoint)
+        evaluator = prepare_evaluator(chosen, data_dir, s3_endpoint, candidate.state)
         evaluation = run_evaluation(run, candidate.checkpoint, candidate.state, evaluator, chosen, num, seed)
         candidate = dataclasses.replace(candidate, evaluation=evaluation, evaluator=evaluator)
     decision = compare_and_swap(store, Gate(target, margin, s3_endpoint, sweep), candidate)

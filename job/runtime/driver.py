@@ -15,17 +15,19 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from gan.data import DataError, load_split, resolve_data_dir
+from gan.data import DataError
+from gan.datasets import Dataset
 from job.config import TrainConfig
+from job.settings import DATASET_NAMES as DATA_NAMES
 from job.errors import RunFailed, StorageRefused, UsageError
 from job.runtime.distributed import backend_for
-from job.runtime.interrupts import in_own_thread, install_interrupt_handlers
+from job.runtime.interrupts import deferred_interrupts, in_own_thread, install_interrupt_handlers
 from job.runtime.local_cluster import start_local_cluster
 from job.runtime.placement import PlacementTimeout, place
 from job.runtime.ray_session import train_loop_per_worker
 from job.storage.checkpoint import latest_checkpoint_or_refuse, load_from
 from job.storage.checkpoint_schema import check_resumable
-from job.storage.data_source import fetch_from_bucket
+from job.storage.data_source import dataset_of
 from job.storage.location import Location, is_s3, ray_filesystem, resolve_location
 from job.storage.pointer import resolve_latest
 from job.storage.s3 import endpoint_url
@@ -38,10 +40,12 @@ SCRATCH, RESUME, WARM = "scratch", "resume", "warm"  # where a run's weights com
 class DriverRun:
     """A run as the driver resolved it: every option once, and its locations."""
 
-    config: TrainConfig  # absolute locations, the endpoint pinned, --init-from resolved; after `launch`, placed
+    config: TrainConfig  # absolute locations, the endpoint pinned, the data's shape and --init-from resolved; placed
     storage: Location  # --storage
     run: Location  # <storage>/<run-name>
     start: str  # SCRATCH, RESUME or WARM: `decide_start`'s answer
+    data: dict[str, dict] = dataclasses.field(default_factory=dict)  # per dataset of the run (a sweep's each): its
+    # resolved settings (`data_settings`), which every process of the run applies, so that all load the same
 
 
 def check(config: TrainConfig, variants: Sequence[TrainConfig] = (), name_flag: str = "--run-name") -> DriverRun:
@@ -49,21 +53,74 @@ def check(config: TrainConfig, variants: Sequence[TrainConfig] = (), name_flag: 
     the searched values, each of whose datasets and shapes is checked too; `name_flag`: the flag that named the
     run's folder (a sweep's is --sweep). Only reads: bad input leaves nothing."""
     storage = resolve_location(config.storage, config.s3_endpoint)
-    for data in dict.fromkeys(variant.data for variant in (config, *variants)):
-        check_data(config.replace(data=data))
+    config = absolute_data(config)
+    variants = [absolute_data(variant) for variant in variants]
+    data = {
+        name: data_settings(config.replace(data=name)) for name in dict.fromkeys(v.data for v in (config, *variants))
+    }
+    config = config.replace(**data[config.data])
+    variants = [variant.replace(**data[variant.data]) for variant in variants]
     check_storage(config, storage)
     run = storage.child(config.run_name)
     if run.is_file():
         raise UsageError(f"{name_flag} {config.run_name}: {run.uri} is a file, not a folder; name another {name_flag}")
     start, config = decide_start(config, run, variants)
-    data_dir = config.data_dir
-    if data_dir and not is_s3(data_dir):
-        data_dir = os.path.abspath(os.path.expanduser(data_dir))  # workers run in other folders
-    config = config.replace(storage=storage.uri, data_dir=data_dir)
-    if is_s3(config.storage) or is_s3(config.data_dir):
+    config = config.replace(storage=storage.uri)
+    if is_s3(config.storage) or is_s3(config.data_dir) or is_s3(config.data):
         # Workers use the endpoint the driver checked, whatever their own environment says.
         config = config.replace(s3_endpoint=endpoint_url(config.s3_endpoint))
-    return DriverRun(config, storage, run, start)
+    return DriverRun(config, storage, run, start, data)
+
+
+def absolute_data(config: TrainConfig) -> TrainConfig:
+    """`config` with a local --data and --data-dir made absolute: workers run in other folders."""
+    local = [name for name in ("data", "data_dir") if getattr(config, name) and not is_s3(getattr(config, name))]
+    changes = {name: os.path.abspath(os.path.expanduser(getattr(config, name))) for name in local}
+    if config.data in DATA_NAMES:
+        changes.pop("data", None)
+    return config.replace(**changes)
+
+
+def data_settings(config: TrainConfig) -> dict:
+    """The settings every process of the run loads `config.data` with: its shape, as given or the images' own, its
+    classes (a conditional run's), and the fingerprint and cutoff of its files as they are now (a folder or prefix
+    that grows is seen by every worker as it was here). The data is found, read and packed into this node's cache
+    here: a damaged or unusable file fails now, not in every worker; the line it prints says what it found."""
+    for flag, where in (("--data", config.data), ("--data-dir", config.data_dir)):
+        if is_s3(where):
+            check_bucket(where, config.s3_endpoint, flag=flag, write=False)  # in seconds, not after the retries
+    dataset = dataset_of(config)
+    say_data(dataset)
+    if config.conditional and not dataset.num_classes:
+        raise UsageError(
+            f"--conditional needs labelled images, and --data {config.data} has no classes (its images are not in "
+            "class folders, nor labelled by a dataset.json); drop --conditional, or label the images"
+        )
+    return {
+        "resolution": dataset.resolution,
+        "channels": dataset.channels,
+        "num_classes": dataset.num_classes if config.conditional else None,
+        "data_fingerprint": dataset.fingerprint,
+        "data_cutoff_ns": dataset.newest_ns,
+    }
+
+
+def say_data(dataset: Dataset) -> None:
+    """One line: what the data is, its splits and shape, and whether it was decoded now (how fast) or cached."""
+    classes = f"{dataset.num_classes} classes" if dataset.num_classes else "unlabelled"
+    skipped = f", {dataset.skipped} non-image file(s) skipped" if dataset.skipped else ""
+    packed = (
+        f"decoded at {dataset.decoded_per_s:,.0f} images/s into this node's cache"
+        if dataset.decoded_per_s is not None
+        else "from this node's cache"
+        if dataset.kind != "idx"
+        else "its IDX files"
+    )
+    print(
+        f"data {dataset.name}: {dataset.train.images.shape[0]:,} training and {dataset.test.images.shape[0]:,} test "
+        f"images, {classes}, {dataset.channels}x{dataset.resolution}x{dataset.resolution}{skipped}; {packed}",
+        flush=True,
+    )
 
 
 def check_storage(config: TrainConfig, storage: Location) -> None:
@@ -72,17 +129,6 @@ def check_storage(config: TrainConfig, storage: Location) -> None:
         check_bucket(config.storage, config.s3_endpoint, flag="--storage", create=config.create_bucket)
     else:
         check_creatable(storage.path, config.storage)
-
-
-def check_data(config: TrainConfig) -> None:
-    """The training split of `config.data` is found and reads whole here (a bucket's copy is fetched into the cache,
-    where local workers then find it): a damaged or wrong-shaped file fails now, not in every worker."""
-    if is_s3(config.data_dir):
-        check_bucket(config.data_dir, config.s3_endpoint, flag="--data-dir", write=False)
-        data_folder = fetch_from_bucket(config.data_dir, config.s3_endpoint)
-    else:
-        data_folder = resolve_data_dir(config.data, config.data_dir)
-    load_split(data_folder, "train", config.limit)
 
 
 def check_creatable(path: str, flag_value: str) -> None:
@@ -146,11 +192,12 @@ def connect_ray(resources: dict[str, float] | None = None) -> None:
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="WARNING", log_to_driver=True)
-    else:
-        start_local_cluster(resources)
-    install_interrupt_handlers()  # again: ray.init replaced the SIGTERM one with its own
+    with deferred_interrupts():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(logging_level="WARNING", log_to_driver=True)
+        else:
+            start_local_cluster(resources)
+        install_interrupt_handlers()  # again: ray.init replaced the SIGTERM one with its own
 
 
 def build_trainer(run: DriverRun, callbacks: list | None = None):  # -> ray.train.torch.TorchTrainer

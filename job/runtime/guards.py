@@ -90,10 +90,12 @@ class CollapseGuard:
         """A failure may be starting: a rollback should not return to this state."""
         return self.low_evaluations > 0
 
-    def check(self, epoch: int, modes_covered: float) -> Verdict | None:
+    def check(self, epoch: int, coverage: float, measure: str = "class coverage") -> Verdict | None:
+        """`coverage`: the classes the generated images cover (labelled data), or their recall (unlabelled data,
+        which has no classes: recall falls as a generator stops covering the real images)."""
         best = max(self.recent, default=None)
-        self.recent.append(modes_covered)
-        if best is None or modes_covered >= self.ratio * best:
+        self.recent.append(coverage)
+        if best is None or coverage >= self.ratio * best:
             self.low_evaluations = 0
             return None
         self.low_evaluations += 1
@@ -102,7 +104,7 @@ class CollapseGuard:
         self.low_evaluations = 0
         return Verdict(
             "collapse",
-            f"class coverage {modes_covered:g} at epoch {epoch} is below {self.ratio:g} x the recent best {best:g} "
+            f"{measure} {coverage:g} at epoch {epoch} is below {self.ratio:g} x the recent best {best:g} "
             f"for {self.patience} evaluations",
             self.action,
         )
@@ -139,7 +141,11 @@ class Guards:
             row["after_rollback"], self._note = self._note, None
         verdicts = [self.divergence.check({**row, **stats})]
         if "quality" in row:
-            verdicts.append(self.collapse.check(row["epoch"], row["quality"]["modes_covered"]))
+            quality = row["quality"]
+            if quality.get("modes_covered") is not None:
+                verdicts.append(self.collapse.check(row["epoch"], quality["modes_covered"]))
+            else:
+                verdicts.append(self.collapse.check(row["epoch"], quality["recall"], "recall"))
         verdict = next((v for v in verdicts if v is not None), None)
         if verdict:
             row["guard"] = {"guard": verdict.guard, "cause": verdict.cause, "action": verdict.action}

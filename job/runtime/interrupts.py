@@ -9,9 +9,10 @@ installs none.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 HANDLED = (signal.SIGINT, signal.SIGTERM)
@@ -32,8 +33,32 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
+_deferred: list[int] = []  # signals that came while `deferred_interrupts` held them
+_holding = False  # whether `deferred_interrupts` is holding them now
+
+
 def _raise_interrupted(signum: int, _frame: object) -> None:
+    if _holding:
+        _deferred.append(signum)
+        return
     raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while the block runs (`ray.init`, whose C++ core aborts the process when an
+    exception is raised in the middle of it), then raise `Interrupted` for the first that came, if any: so a Ctrl-C
+    while the cluster starts ends as one at any other point, once the cluster can be stopped."""
+    global _holding
+    _holding, held = True, _holding
+    try:
+        yield
+    finally:
+        _holding = held
+        if _deferred and not held:
+            signum = _deferred[0]
+            _deferred.clear()
+            raise Interrupted(signum)
 
 
 def install_interrupt_handlers() -> None:

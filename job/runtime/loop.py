@@ -9,13 +9,15 @@ what rank 0 writes after an epoch and at the end (`recorder`). The collective ca
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from typing import Protocol
 
 import torch
 
-from gan.data import ImageSet, load_split, shard_indices
+from gan.data import ImageSet, shard_indices
+from gan.datasets import Dataset
 from gan.epoch import STAT_NAMES, train_epoch
 from gan.step import amp_dtype_for
 from gan.stepper import Stepper, prepare_cuda
@@ -26,7 +28,7 @@ from job.runtime.quality import QualityProbe
 from job.runtime.recorder import Recorder
 from job.runtime.state import HostSnapshot, TrainingState, rng_state
 from job.storage.checkpoint import load_from
-from job.storage.data_source import local_data_folder
+from job.storage.data_source import dataset_of
 from job.storage.location import Location
 
 PROGRESS_EVERY_S = 15.0  # live step progress at most this often, so `ray job logs` stays readable
@@ -59,17 +61,17 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
     at the end the digests' and the nodes' gathers.
     """
     started_s = time.perf_counter()  # this attempt's startup cost runs from here to its first step
-    if config.cpus_per_worker:
-        torch.set_num_threads(config.cpus_per_worker)  # Ray leaves one thread per worker otherwise
-    torch.manual_seed(config.seed + session.rank)  # each rank draws its own noise and dropout masks
-    prepare_cuda(session.device)  # cuDNN's kernel choice on each shape's first step, before any capture
+    prepare_process(config, session)
 
     # Load the data, build the training state and start it where the driver decided (its first row says where).
-    train_set, state, stepper, started = set_up(config, session)
+    config, dataset, train_set = load_data(config)
+    state, stepper, started = set_up(config, train_set, session)
     num_images = train_set.images.shape[0]
-    recorder = Recorder(config, session.run, train_set, state.epoch) if session.rank == 0 else None  # rank 0 writes
+    recorder = (
+        Recorder(config, session.run, data_record(dataset, train_set), state.epoch) if session.rank == 0 else None
+    )
     guards = Guards(config.on_divergence, config.on_collapse)
-    quality = QualityProbe(config, session.device) if config.eval_every else None
+    quality = QualityProbe(config, dataset, session.device) if config.eval_every else None
 
     # The same global batch and steps per epoch at every world size an elastic run may take.
     batch_per_rank = config.batch_size // session.world_size
@@ -122,17 +124,59 @@ def run_worker(config: TrainConfig, session: WorkerSession) -> None:
         recorder.finish(state, digests, nodes)
 
 
-def set_up(config: TrainConfig, session: WorkerSession) -> tuple[ImageSet, TrainingState, Stepper, dict]:
-    """The data, loaded once as uint8 on the device (and a conditional run's labels with it: batches are cut
+def prepare_process(config: TrainConfig, session: WorkerSession) -> None:
+    """Threads, this rank's random stream and the device, before anything else."""
+    if config.cpus_per_worker:
+        torch.set_num_threads(config.cpus_per_worker)  # Ray leaves one thread per worker otherwise
+    torch.manual_seed(config.seed + session.rank)  # each rank draws its own noise and dropout masks
+    prepare_cuda(session.device)  # cuDNN's kernel choice on each shape's first step, before any capture
+
+
+def load_data(config: TrainConfig) -> tuple[TrainConfig, Dataset, ImageSet]:
+    """The run's dataset as the driver saw it (`job.storage.data_source.dataset_of`: a worker that finds other files
+    fails), `config` with the data's shape and classes where the driver left them open (a run without one), and the
+    training images (the first --limit)."""
+    dataset = dataset_of(config)
+    config = config.replace(
+        resolution=dataset.resolution,
+        channels=dataset.channels,
+        num_classes=(config.num_classes or dataset.num_classes) if config.conditional else None,
+    )
+    train = dataset.train
+    if config.limit is not None and config.limit < train.images.shape[0]:
+        labels = train.labels[: config.limit] if train.labels is not None else None
+        train = ImageSet(train.images[: config.limit], labels, limited_fingerprint(train, config.limit))
+    return config, dataset, train
+
+
+def limited_fingerprint(train: ImageSet, limit: int) -> str:
+    """The fingerprint of the first `limit` images, as `gan.data.load_split(limit=...)` gives it."""
+    return f"{limit}:{hashlib.sha256(train.images[:limit].contiguous().numpy().tobytes()).hexdigest()[:16]}"
+
+
+def data_record(dataset: Dataset, train: ImageSet) -> dict:
+    """What a run's model.json says of its data: the images it trained on, and its source's splits and shape."""
+    return {
+        "name": dataset.name,
+        "fingerprint": train.fingerprint,
+        "num_images": int(train.images.shape[0]),
+        "source_fingerprint": dataset.fingerprint,
+        "test_images": int(dataset.test.images.shape[0]),
+        "shape": [dataset.channels, dataset.resolution, dataset.resolution],
+        "classes": list(dataset.class_names),
+    }
+
+
+def set_up(config: TrainConfig, train: ImageSet, session: WorkerSession) -> tuple[TrainingState, Stepper, dict]:
+    """The training images, as uint8 on the device (and a conditional run's labels with them: batches are cut
     there); the training state, started (`start`) and wrapped in DDP; its step; and what `start` records."""
-    train_set = load_split(local_data_folder(config), "train", config.limit)
-    images_u8 = train_set.images.to(session.device)
-    labels = train_set.labels.to(session.device, torch.long) if config.conditional else None
-    state = TrainingState.build(config, train_set.fingerprint, session.rank, session.world_size, session.device)
+    images_u8 = train.images.to(session.device)
+    labels = train.labels.to(session.device, torch.long) if config.conditional else None
+    state = TrainingState.build(config, train.fingerprint, session.rank, session.world_size, session.device)
     started = start(state, config, session)
     state.wrap_ddp()
     stepper = state.build_stepper(images_u8, labels, amp_dtype_for(config.precision, session.device))
-    return train_set, state, stepper, started
+    return state, stepper, started
 
 
 def start(state: TrainingState, config: TrainConfig, session: WorkerSession) -> dict:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gan.data import dataset_info
+from gan.datasets import Dataset
 from gan.metrics import build_evaluator
 from gan.sampling import labels_split_evenly, sample, seeded_noise
 from job.config import TrainConfig
-from job.storage.data_source import local_data_folder
 
 EVAL_SEED = 0  # classifier and reference subsets: fixed, so runs are comparable with each other
 NOISE_SEED_OFFSET = 12_345  # the probe's noise is fixed per run and apart from the training noise
@@ -24,12 +23,13 @@ NOISE_SEED_OFFSET = 12_345  # the probe's noise is fixed per run and apart from 
 class QualityProbe:
     """Scores the generator on the same noise at every evaluation of a run."""
 
-    def __init__(self, config: TrainConfig, device: torch.device) -> None:
+    def __init__(self, config: TrainConfig, dataset: Dataset, device: torch.device) -> None:
         self.config = config
+        self.dataset = dataset
         self.device = device
         self.noise = seeded_noise(config.eval_num, config.noise_dim, config.seed + NOISE_SEED_OFFSET)
         # A conditional G makes every class, as many of each (in class order): what `evaluate` measures too.
-        classes = range(dataset_info(config.data).num_classes) if config.conditional else None
+        classes = range(config.num_classes) if config.conditional and config.num_classes else None
         self.labels = labels_split_evenly(config.eval_num, classes) if classes else None
         self._evaluator = None
 
@@ -37,6 +37,8 @@ class QualityProbe:
         """Metrics of `generator` (used in inference mode, then put back as it was); the images stay on the device,
         and the host waits once, at the end (`QualityEvaluator.compute`)."""
         if self._evaluator is None:  # may train the classifier: outside no_grad
-            folder = local_data_folder(self.config)
-            self._evaluator = build_evaluator(self.config.data, folder, seed=EVAL_SEED, device=self.device)
+            data = self.dataset
+            self._evaluator = build_evaluator(
+                data.cache_key, data.train, data.test, data.num_classes, seed=EVAL_SEED, device=self.device
+            )
         return self._evaluator.compute(sample(generator, self.noise, self.labels, on_device=True))

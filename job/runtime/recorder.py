@@ -5,7 +5,6 @@ at the end the model a consumer needs without Ray. It makes no collective call: 
 
 from __future__ import annotations
 
-from gan.data import ImageSet
 from gan.grid import image_grid_png
 from gan.plots import loss_curves_png, quality_curves_png
 from gan.sampling import sample
@@ -21,10 +20,9 @@ from job.storage.tensorboard import EpochWriter
 class Recorder:
     """Writes `<run>/artifacts/` (rank 0 only); its metrics rows are `metrics.jsonl` as written."""
 
-    def __init__(self, config: TrainConfig, run: Location, train_set: ImageSet, resumed_epoch: int) -> None:
+    def __init__(self, config: TrainConfig, run: Location, data: dict, resumed_epoch: int) -> None:
         self.config = config
-        num_images = int(train_set.images.shape[0])
-        self.data = {"name": config.data, "fingerprint": train_set.fingerprint, "num_images": num_images}
+        self.data = data  # what model.json says of the data (`job.runtime.loop.data_record`)
         self.artifacts = RunArtifacts(run)
         self.rows: list[dict] = self.artifacts.metrics_through(resumed_epoch)
         self.artifacts.write_metrics(self.rows)  # drops epochs a crash left behind without a checkpoint

@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from gan.data import dataset_info
 from gan.models import Discriminator, Generator, parameter_digest
 from gan.sampling import class_grid_inputs, seeded_noise
 from gan.step import GeneratorEMA, make_optimizer, set_capturable
 from gan.stepper import DDP_WARMUP_STEPS, WARMUP_STEPS, Stepper, graphs_wanted
-from job.config import TrainConfig
+from job.config import EARLIER_SHAPE, TrainConfig
 from job.runtime.distributed import print0, unwrap, wrap_ddp
 from job.storage.checkpoint_schema import FORMAT_VERSION, check_resumable
 
@@ -117,12 +116,14 @@ class TrainingState:
     def build(
         cls, config: TrainConfig, data_fingerprint: str, rank: int, world_size: int, device: torch.device
     ) -> TrainingState:
-        """Fresh networks for `config` on `device`, drawn from the global RNG (seed it first)."""
-        num_classes = dataset_info(config.data).num_classes if config.conditional else 0
+        """Fresh networks for `config` (its data's shape and classes resolved) on `device`, drawn from the global RNG
+        (seed it first)."""
+        num_classes = (config.num_classes or 0) if config.conditional else 0
+        shape = (config.resolution or EARLIER_SHAPE["resolution"], config.channels or EARLIER_SHAPE["channels"])
         cuda_graphs = graphs_wanted(config.cuda_graphs, device)
         # channels_last: the convolution layout oneDNN and cuDNN run fastest (measured with `bench`).
-        generator = Generator(config.noise_dim, num_classes).to(device, memory_format=torch.channels_last)
-        discriminator = Discriminator(num_classes).to(device, memory_format=torch.channels_last)
+        generator = Generator(config.noise_dim, num_classes, *shape).to(device, memory_format=torch.channels_last)
+        discriminator = Discriminator(num_classes, *shape).to(device, memory_format=torch.channels_last)
         return cls(
             config=config,
             data_fingerprint=data_fingerprint,

@@ -12,9 +12,8 @@ import dataclasses
 
 import torch
 
-from gan.data import dataset_info
-from gan.models import Discriminator, Generator, parameter_digest
-from job.config import SHAPE_FIELDS, TrainConfig
+from gan.models import SUPPORTED_CHANNELS, SUPPORTED_RESOLUTIONS, Discriminator, Generator, parameter_digest
+from job.config import EARLIER_SHAPE, SHAPE_FIELDS, TrainConfig
 from job.errors import UsageError, flag_name
 
 FORMAT_VERSION = 2  # 2: written with its digest file; 1: without (still read, unverified)
@@ -70,8 +69,14 @@ def _check_shapes(state: dict, source: str) -> None:
     if not _is(classes, int) or classes < 0:
         raise CheckpointError(f"checkpoint {source} is not a gan-job checkpoint (num_classes of the wrong kind)")
     noise_dim = state["config"]["noise_dim"]
+    resolution, channels = image_shape(state)
+    if resolution not in SUPPORTED_RESOLUTIONS or channels not in SUPPORTED_CHANNELS:
+        raise CheckpointError(f"checkpoint {source} is not a gan-job checkpoint (its config's image shape)")
     with torch.device("meta"):  # shapes only: no memory, no initialisation
-        wanted = {"generator": Generator(noise_dim, classes), "discriminator": Discriminator(classes)}
+        wanted = {
+            "generator": Generator(noise_dim, classes, resolution, channels),
+            "discriminator": Discriminator(classes, resolution, channels),
+        }
     if state.get("ema_generator") is not None:
         wanted["ema_generator"] = wanted["generator"]
     for key, network in wanted.items():
@@ -87,6 +92,15 @@ def _check_shapes(state: dict, source: str) -> None:
             )
     if tuple(state["fixed_noise"].shape[1:]) != (noise_dim,):
         raise CheckpointError(f"checkpoint {source}: its fixed_noise is not of --noise-dim {noise_dim}")
+
+
+def image_shape(checkpoint: dict) -> tuple[int, int]:
+    """The resolution and channels a checkpoint's networks are built for (an older one's: 28 x 28 grey)."""
+    config = checkpoint["config"]
+    return (
+        config.get("resolution") or EARLIER_SHAPE["resolution"],
+        config.get("channels") or EARLIER_SHAPE["channels"],
+    )
 
 
 def checkpoint_num_classes(checkpoint: dict) -> int:
@@ -110,9 +124,10 @@ def checkpoint_num_classes(checkpoint: dict) -> int:
 def check_resumable(config: TrainConfig, checkpoint: dict, init_from: str | None = None) -> None:
     """Refuse a checkpoint whose shapes this configuration cannot load, naming the fields; `init_from`: the
     checkpoint is a warm start's (`--init-from`), not the run's own."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    stored = {f: checkpoint["config"].get(f, defaults[f]) for f in SHAPE_FIELDS}  # not in an older config: default
-    differing = [f for f in SHAPE_FIELDS if stored[f] != getattr(config, f)]
+    defaults = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **EARLIER_SHAPE}
+    stored = {f: checkpoint["config"].get(f, defaults[f]) for f in SHAPE_FIELDS}  # not in an older config: then
+    # A field the configuration leaves open (None: "the data's own", before the driver resolves it) fits any.
+    differing = [f for f in SHAPE_FIELDS if getattr(config, f) is not None and stored[f] != getattr(config, f)]
     if differing:
         details = ", ".join(
             f"{flag_name(f)} {_shown(stored[f])} (run) vs {_shown(getattr(config, f))} (now)" for f in differing
@@ -127,12 +142,11 @@ def check_resumable(config: TrainConfig, checkpoint: dict, init_from: str | None
             "use the run's values or a new --run-name"
         )
     classes = checkpoint_num_classes(checkpoint)
-    if classes and classes != dataset_info(config.data).num_classes:
+    if classes and config.num_classes is not None and classes != config.num_classes:
         subject = f"--init-from {init_from}" if init_from is not None else f"run {config.run_name!r}"
         raise UsageError(
-            f"{subject} is conditional on {classes} classes, --data {config.data} has "
-            f"{dataset_info(config.data).num_classes}; use its --data, or another "
-            + ("checkpoint" if init_from is not None else "--run-name")
+            f"{subject} is conditional on {classes} classes, --data {config.data} has {config.num_classes}; use its "
+            f"--data, or another " + ("checkpoint" if init_from is not None else "--run-name")
         )
 
 
@@ -144,7 +158,9 @@ def generator_from_checkpoint(checkpoint: dict) -> tuple[Generator, str]:
     """The checkpoint's G in inference mode, conditional where the run was: its EMA weights where it kept
     an EMA, else its weights; and which key that was ("ema_generator" or "generator")."""
     key = "ema_generator" if checkpoint.get("ema_generator") is not None else "generator"
-    generator = Generator(int(checkpoint["config"]["noise_dim"]), checkpoint_num_classes(checkpoint))
+    generator = Generator(
+        int(checkpoint["config"]["noise_dim"]), checkpoint_num_classes(checkpoint), *image_shape(checkpoint)
+    )
     generator.load_state_dict(checkpoint[key])
     return generator.eval(), key
 
@@ -152,8 +168,8 @@ def generator_from_checkpoint(checkpoint: dict) -> tuple[Generator, str]:
 def checkpoint_digest(checkpoint: dict) -> str:
     """The parameter digest of a checkpoint's G and D, as the run that wrote it computed it."""
     num_classes = checkpoint_num_classes(checkpoint)
-    generator = Generator(int(checkpoint["config"]["noise_dim"]), num_classes)
-    discriminator = Discriminator(num_classes)
+    generator = Generator(int(checkpoint["config"]["noise_dim"]), num_classes, *image_shape(checkpoint))
+    discriminator = Discriminator(num_classes, *image_shape(checkpoint))
     generator.load_state_dict(checkpoint["generator"])
     discriminator.load_state_dict(checkpoint["discriminator"])
     return parameter_digest(generator, discriminator)

@@ -129,10 +129,11 @@ def rescore(outcomes: list[TrialOutcome], plan: TrialPlan, num: int) -> TrialOut
     if not shortlist:
         return None
     data, endpoint = plan.base["data"], plan.base.get("s3_endpoint")
-    evaluator = prepare_evaluator(data, plan.base.get("data_dir"), endpoint)
+    evaluator = None
     for outcome in shortlist:
         run = plan.runs.child(outcome.run)
         checkpoint, state = load_from(run.uri, endpoint)
+        evaluator = evaluator or prepare_evaluator(data, plan.base.get("data_dir"), endpoint, state)
         print(f"final evaluation of trial {outcome.trial} ({num} images, seed {DEFAULT_SEED})", flush=True)
         outcome.final = evaluate_state(evaluator, state, checkpoint.uri, data, num, DEFAULT_SEED)
         store_in_run(run, outcome.final, evaluator)

@@ -7,11 +7,14 @@ Ray work, and `to_tune` turns a checked one into Tune's search object.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 from job.config import SETTINGS, TrainConfig
 from job.errors import UsageError, flag_name
+from job.settings import DATASET_NAMES
 
 SAMPLED_KINDS = ("log", "uniform")
 MAX_TRIALS = 10_000  # a sweep's trials in all (grid points times samples): more than any cluster here would run
@@ -148,6 +151,23 @@ def corner_configs(config: TrainConfig, dimensions: list[Dimension]) -> list[Tra
             sampled = "" if dimension.is_grid else " (a sampled setting may take any value in its range)"
             raise UsageError(f"--space {dimension.text!r}{sampled}: {err}") from None
     return configs
+
+
+def with_absolute_data(dimensions: list[Dimension]) -> list[Dimension]:
+    """The dimensions with a searched dataset's local paths made absolute: trials run in other folders."""
+    absolute = [
+        dataclasses.replace(
+            d,
+            values=tuple(
+                v if v in DATASET_NAMES or v.startswith("s3://") else os.path.abspath(os.path.expanduser(v))
+                for v in d.values
+            ),
+        )
+        if d.name == "data"
+        else d
+        for d in dimensions
+    ]
+    return absolute
 
 
 def trial_count(dimensions: list[Dimension], samples: int) -> int:

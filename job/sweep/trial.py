@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import posixpath
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from job.config import TrainConfig
@@ -35,12 +35,13 @@ class TrialPlan:
     runs: Location  # <storage>/<sweep>/runs (in a trial's process, rebuilt there from its URI and endpoint)
     scheduler: str  # fifo, asha or pbt
     interval: int  # pbt: epochs per segment
+    data: dict = field(default_factory=dict)  # per dataset the sweep trains on: the settings the driver resolved
 
     def config_for(self, params: dict, run_name: str, **changes: object) -> TrainConfig:
         """The trial's run configuration: the base, the trial's values, its run name under `runs`, and every
         epoch evaluated (the sweep's score)."""
         values = {**self.base, **params, "run_name": run_name, "storage": self.runs.uri, "eval_every": 1, **changes}
-        return TrainConfig.from_dict(values)
+        return TrainConfig.from_dict({**values, **self.data.get(values["data"], {})})
 
     def prepared(self, config: TrainConfig) -> DriverRun:
         """One of the trial's runs as the driver starts it: resumed from its own checkpoints, else warm-started
