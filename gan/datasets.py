@@ -128,7 +128,7 @@ def pack(listing: Listing, path: Path, resolution: int | None, channels: int | N
         started_s = time.perf_counter()
         with contextlib.ExitStack() as opened:
             reader = _reader(listing, path, opened)
-            shape = _shape(listing, reader, resolution, channels)
+            shape = shape_of(listing, reader, resolution, channels)
             splits = {split: _decode_split(listing, reader, split, *shape) for split in SPLITS}
         decoded_per_s = len(listing.members) / max(time.perf_counter() - started_s, 1e-9)
         _check_splits(listing, splits)
@@ -143,7 +143,7 @@ def _reader(listing: Listing, path: Path, opened: contextlib.ExitStack) -> Reade
     """How to read one member's bytes: from the folder, the ZIP (open while `opened` is), or CIFAR-10's batches
     (read once)."""
     if listing.kind == "folder":
-        return lambda member: _file_read(path / member.path, listing.location)
+        return lambda member: read_image_file(path / member.path, listing.location)
     if listing.kind == "zip":
         archive = opened.enter_context(zipfile.ZipFile(path))
         return lambda member: _zip_read(archive, member, listing.location)
@@ -151,7 +151,7 @@ def _reader(listing: Listing, path: Path, opened: contextlib.ExitStack) -> Reade
     return lambda member: batches[member.path]
 
 
-def _file_read(path: Path, location: str) -> bytes:
+def read_image_file(path: Path, location: str) -> bytes:
     """A file's bytes, at most MAX_MEMBER_BYTES of them: a larger one is refused, not read."""
     with open(path, "rb") as handle:
         raw = handle.read(MAX_MEMBER_BYTES + 1)
@@ -169,7 +169,7 @@ def _zip_read(archive: zipfile.ZipFile, member: Member, location: str) -> bytes:
         raise SourceError(f"{location}: {member.path} does not extract ({err}); the ZIP is damaged, make it again")
 
 
-def _shape(listing: Listing, reader: Reader, resolution: int | None, channels: int | None) -> tuple[int, int]:
+def shape_of(listing: Listing, reader: Reader, resolution: int | None, channels: int | None) -> tuple[int, int]:
     """The resolution and channels to pack at: as given, else the images' own (square and supported; grey or not)."""
     if listing.kind == "cifar10":
         return resolution or 32, channels or 3
@@ -219,12 +219,16 @@ def _decode_split(listing: Listing, reader: Reader, split: str, resolution: int,
 
 
 def _check_splits(listing: Listing, splits: dict) -> None:
-    train, test = (len(splits[split]["images"]) for split in SPLITS)
+    check_split_sizes(listing.location, *(len(splits[split]["images"]) for split in SPLITS))
+
+
+def check_split_sizes(location: str, train: int, test: int) -> None:
+    """Refuse a source with no training images, or too few test images for an evaluation."""
     if not train:
-        raise DataError(f"--data {listing.location} has no training images (all {test} are test images); add images")
+        raise DataError(f"--data {location} has no training images (all {test} are test images); add images")
     if test < MIN_TEST_IMAGES:
         raise DataError(
-            f"--data {listing.location} has {test} test image(s), fewer than the {MIN_TEST_IMAGES} an evaluation "
+            f"--data {location} has {test} test image(s), fewer than the {MIN_TEST_IMAGES} an evaluation "
             f"needs; add images (about one in 10 goes to the test split), or give it a test/ folder"
         )
 

@@ -100,9 +100,31 @@ def list_folder(root: Path, location: str, cutoff_ns: int | None = None) -> List
                 continue
             newest_ns = max(newest_ns, stat.st_mtime_ns)
             files.append((relative, stat.st_size, str(stat.st_mtime_ns)))
+    return files_listing(files, skipped, location, "folder", newest_ns)
+
+
+def files_listing(
+    files: list[tuple[str, int, str]], skipped: int, location: str, fingerprint_kind: str, newest_ns: int | None
+) -> Listing:
+    """A folder's Listing from its image files' (relative path, size, stamp), in walk order (`walk_order`)."""
     members, classes = _labelled(files, location)
     entries = [(m.path, m.size, m.stamp) for m in members]
-    return Listing("folder", location, members, classes, skipped, fingerprint_of("folder", entries), newest_ns)
+    return Listing("folder", location, members, classes, skipped, fingerprint_of(fingerprint_kind, entries), newest_ns)
+
+
+def walk_order(path: str) -> tuple:
+    """A sort key that puts relative paths in the order `list_folder` walks a folder: a folder's files (by name)
+    before its subfolders (by name), so that a bucket's keys list as their mirror does."""
+    parts = PurePosixPath(path).parts
+    return tuple((1, part) for part in parts[:-1]) + ((0, parts[-1]),)
+
+
+def is_image_name(path: str) -> bool | None:
+    """True for an image file's name, False for another file, None for a hidden one (neither used nor counted)."""
+    name = PurePosixPath(path).name
+    if name.startswith(".") or any(part.startswith(".") for part in PurePosixPath(path).parts[:-1]):
+        return None
+    return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def list_zip(path: Path, location: str) -> Listing:

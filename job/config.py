@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from job.errors import UsageError, flag_name
 from job.settings import (
     CUDA_GRAPHS_MODES,
+    DATA_LOADINGS,
     MAX_BATCH,
     MAX_EPOCHS,
     MAX_EVAL_IMAGES,
@@ -20,6 +21,7 @@ from job.settings import (
     MAX_NOISE_DIM,
     MAX_SECONDS,
     MAX_SEED,
+    MAX_STEPS,
     MAX_WORKERS,
     PRECISIONS,
     CHANNELS,
@@ -175,6 +177,21 @@ class TrainConfig:
         low=1,
         high=MAX_EPOCHS,
         help="epochs between checkpoints; the last epoch always gets one (default 1)",
+    )
+    checkpoint_every_steps: int | None = setting(
+        None,
+        kind=int,
+        low=1,
+        high=MAX_STEPS,
+        help="also a checkpoint every N steps inside an epoch, with the position in it: a restart redoes at most N "
+        "steps (default: at the ends of epochs only)",
+    )
+    data_loading: str = setting(
+        "auto",
+        choices=DATA_LOADINGS,
+        help="memory: every worker holds the packed images; stream: Ray Data reads and decodes a folder or ZIP "
+        "(local or S3) while the workers train; auto (default): stream when the packed images would take more than "
+        "a quarter of a worker's memory (docs/data.md#streaming)",
     )
     init_from: str | None = setting(
         None,

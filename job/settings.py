@@ -23,7 +23,7 @@ MAX_SEED = 2**32 - 1  # torch takes seeds below 2**64; seed + epoch and seed + r
 MAX_BATCH = 65_536  # images per step; bench makes four batches up front (65536 x 784 bytes x 4 = 205 MB)
 MAX_NOISE_DIM = 4096  # G's first layer is noise_dim x 12544 weights: 205 MB at this size
 MAX_EPOCHS = 100_000  # far beyond any schedule; a typo like 5000000 fails at once
-MAX_STEPS = 100_000  # bench's timed steps: minutes on a CPU at the default batch
+MAX_STEPS = 100_000  # bench's timed steps (minutes on a CPU at the default batch); --checkpoint-every-steps
 MAX_WARMUP = 10_000  # bench's untimed steps
 MAX_WORKERS = 1024  # Ray Train workers (DDP ranks); also the cap of --cpus-per-worker and --threads
 MAX_LIMIT = 100_000_000  # training images kept (the datasets hold 60,000)
@@ -188,6 +188,7 @@ EVAL_NUM = Setting(
 DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10")
 RESOLUTIONS = (28, 32, 64, 128)  # the square sizes the networks are built for (gan.models.SUPPORTED_RESOLUTIONS)
 CHANNELS = (1, 3)
+DATA_LOADINGS = ("auto", "memory", "stream")  # --data-loading (job.runtime.streaming)
 
 
 def data_text(text: str) -> str:

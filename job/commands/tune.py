@@ -92,6 +92,10 @@ def sweep_args(args: argparse.Namespace) -> SweepArgs:
         raise UsageError("--run-name is set by the sweep (each trial is runs/<trial>); drop it and name the --sweep")
     if args.eval_every not in (None, 1):
         raise UsageError("--eval-every is 1 in a sweep (every epoch is scored); drop it")
+    if args.checkpoint_every_steps is not None:
+        raise UsageError(
+            "--checkpoint-every-steps is for train: a trial reports to its scheduler at the ends of epochs; drop it"
+        )
     return SweepArgs(
         sweep=args.sweep,
         space=list(args.space or []),

@@ -20,11 +20,13 @@ from gan.datasets import Dataset
 from job.config import TrainConfig
 from job.settings import DATASET_NAMES as DATA_NAMES
 from job.errors import RunFailed, StorageRefused, UsageError
+from job.runtime.data_loading import stream_settings
 from job.runtime.distributed import backend_for
 from job.runtime.interrupts import deferred_interrupts, in_own_thread, install_interrupt_handlers
 from job.runtime.local_cluster import start_local_cluster
 from job.runtime.placement import PlacementTimeout, place
-from job.runtime.ray_session import train_loop_per_worker
+from job.runtime.ray_session import STREAM_PLAN, train_loop_per_worker
+from job.runtime.streaming import stream_inputs
 from job.storage.checkpoint import latest_checkpoint_or_refuse, load_from
 from job.storage.checkpoint_schema import check_resumable
 from job.storage.data_source import dataset_of
@@ -82,26 +84,34 @@ def absolute_data(config: TrainConfig) -> TrainConfig:
 
 
 def data_settings(config: TrainConfig) -> dict:
-    """The settings every process of the run loads `config.data` with: its shape, as given or the images' own, its
-    classes (a conditional run's), and the fingerprint and cutoff of its files as they are now (a folder or prefix
-    that grows is seen by every worker as it was here). The data is found, read and packed into this node's cache
-    here: a damaged or unusable file fails now, not in every worker; the line it prints says what it found."""
+    """The settings every process of the run loads `config.data` with: in memory or streamed (`--data-loading`),
+    its shape, as given or the images' own, its classes (a conditional run's), and the fingerprint and cutoff of its
+    files as they are now (a folder or prefix that grows is seen by every worker as it was here). In memory, the data
+    is found, read and packed into this node's cache here: a damaged or unusable file fails now, not in every
+    worker; the line it prints says what it found."""
     for flag, where in (("--data", config.data), ("--data-dir", config.data_dir)):
         if is_s3(where):
             check_bucket(where, config.s3_endpoint, flag=flag, write=False)  # in seconds, not after the retries
-    dataset = dataset_of(config)
-    say_data(dataset)
-    if config.conditional and not dataset.num_classes:
+    settings = stream_settings(config) or memory_settings(config)
+    if config.conditional and not settings["num_classes"]:
         raise UsageError(
             f"--conditional needs labelled images, and --data {config.data} has no classes (its images are not in "
             "class folders, nor labelled by a dataset.json); drop --conditional, or label the images"
         )
+    return {**settings, "num_classes": settings["num_classes"] if config.conditional else None}
+
+
+def memory_settings(config: TrainConfig) -> dict:
+    """`data_settings` for a run that holds its images in memory: found, read and packed into this node's cache."""
+    dataset = dataset_of(config)
+    say_data(dataset)
     return {
         "resolution": dataset.resolution,
         "channels": dataset.channels,
-        "num_classes": dataset.num_classes if config.conditional else None,
+        "num_classes": dataset.num_classes,
         "data_fingerprint": dataset.fingerprint,
         "data_cutoff_ns": dataset.newest_ns,
+        "data_loading": "memory",
     }
 
 
@@ -207,9 +217,16 @@ def build_trainer(run: DriverRun, callbacks: list | None = None):  # -> ray.trai
     from ray.train.torch import TorchConfig, TorchTrainer
 
     config = run.config
+    streamed = {}
+    loop_config = config.to_dict()
+    if config.data_loading == "stream":
+        datasets, data_config, plan = stream_inputs(config, run.run.uri)
+        streamed = {"datasets": datasets, "dataset_config": data_config}
+        loop_config[STREAM_PLAN] = plan
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config.to_dict(),
+        train_loop_config=loop_config,
+        **streamed,
         torch_config=TorchConfig(backend=backend_for(config.use_gpu)),
         scaling_config=ray.train.ScalingConfig(
             # (MIN, MAX): Ray Train starts once MIN workers fit, and every elastic_resize_monitor_interval_s
@@ -280,6 +297,7 @@ def say_training(run: DriverRun) -> None:
         + (" + 1 GPU" if config.use_gpu else "")
         + f", {config.epochs} epochs, global batch {config.batch_size}"
         + (", class-conditional" if config.conditional else "")
+        + (", images streamed through Ray Data" if config.data_loading == "stream" else ", images in memory")
         + f"; storage {run.run.uri}",
         flush=True,
     )

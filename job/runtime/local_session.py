@@ -35,6 +35,10 @@ class LocalSession:
         self.device = device
         self.keep_checkpoints = keep_checkpoints
 
+    def stream(self) -> None:
+        """No Ray Data in one process: a run here holds its images in memory."""
+        return None
+
     def load_checkpoint(self) -> dict | None:
         found = latest_checkpoint_or_refuse(self.run, "run")  # never starts over beside damaged checkpoints
         return found[1] if found else None

@@ -9,16 +9,13 @@ what rank 0 writes after an epoch and at the end (`recorder`). The collective ca
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
-from gan.data import ImageSet, shard_indices
-from gan.datasets import Dataset
-from gan.epoch import STAT_NAMES, train_epoch
+from gan.epoch import STAT_NAMES, EpochShape, step_batches
 from gan.step import amp_dtype_for
 from gan.stepper import Stepper, prepare_cuda
 from job.config import TrainConfig
@@ -27,8 +24,8 @@ from job.runtime.guards import Guards
 from job.runtime.quality import QualityProbe
 from job.runtime.recorder import Recorder
 from job.runtime.state import HostSnapshot, TrainingState, rng_state
+from job.runtime.feed import Feed, open_feed
 from job.storage.checkpoint import load_from
-from job.storage.data_source import dataset_of
 from job.storage.location import Location
 
 PROGRESS_EVERY_S = 15.0  # live step progress at most this often, so `ray job logs` stays readable
@@ -52,43 +49,46 @@ class WorkerSession(Protocol):
         The session serialises and stores the snapshot, on Ray Train in the background.
         """
 
+    def stream(self) -> tuple | None:
+        """A streamed run's `StreamPlan` and this rank's Ray Data shard; None for a run that holds its images."""
+
 
 def run_worker(config: TrainConfig, session: WorkerSession) -> None:
     """Train from the latest checkpoint (or from scratch) to `config.epochs`.
 
     The collective calls, which every rank makes in the same order: per epoch the steps' all-reduces (DDP's and
-    the stats' mean), the quality broadcast when evaluated, the RNG gather when a checkpoint is due, the report;
-    at the end the digests' and the nodes' gathers.
+    the stats' mean), the quality broadcast when evaluated, the RNG gather when a checkpoint is due (inside the
+    epoch too, every --checkpoint-every-steps), the report; at the end the digests' and the nodes' gathers.
     """
     started_s = time.perf_counter()  # this attempt's startup cost runs from here to its first step
     prepare_process(config, session)
 
-    # Load the data, build the training state and start it where the driver decided (its first row says where).
-    config, dataset, train_set = load_data(config)
-    state, stepper, started = set_up(config, train_set, session)
-    num_images = train_set.images.shape[0]
-    recorder = (
-        Recorder(config, session.run, data_record(dataset, train_set), state.epoch) if session.rank == 0 else None
-    )
+    # Open the data (in memory or streamed), build the training state and start it where the driver decided.
+    config, feed = open_feed(config, session)
+    state, stepper, started = set_up(config, feed, session)
+    recorder = Recorder(config, session.run, feed.record, state.epoch) if session.rank == 0 else None
     guards = Guards(config.on_divergence, config.on_collapse)
-    quality = QualityProbe(config, dataset, session.device) if config.eval_every else None
+    quality = QualityProbe(config, feed.evaluation_data, session.device) if config.eval_every else None
 
     # The same global batch and steps per epoch at every world size an elastic run may take.
-    batch_per_rank = config.batch_size // session.world_size
-    clock = Clock(config, session.world_size, num_images, batch_per_rank, started_s)
+    clock = Clock(config, feed.shape, started_s)
     while state.epoch < config.epochs:
         epoch = state.epoch + 1
 
-        # Train one epoch on this rank's shard.
-        clock.start_epoch(epoch)
-        indices = shard_indices(num_images, session.rank, session.world_size, epoch, config.seed, config.shard_multiple)
-        totals = train_epoch(stepper, indices, batch_per_rank, clock.on_step)
-        means = (mean_across_ranks(totals.sums) / totals.steps).tolist()  # waits for the device, once per epoch
+        # Train one epoch on this rank's shard, from where a checkpoint inside it left off.
+        first_step = state.epoch_step
+        clock.start_epoch(epoch, first_step)
+        state.restore_epoch_sums(stepper.sums)
+        on_step = in_epoch_checkpoints(config, state, stepper, session, clock, feed.shape.steps)
+        steps = step_batches(stepper, feed.batches(epoch, first_step), on_step, first_step)
+        means = (mean_across_ranks(stepper.take_sums()) / steps).tolist()  # waits for the device, once per epoch
         stats = dict(zip(STAT_NAMES, means))
-        state.epoch, state.step = epoch, state.step + totals.steps
+        state.finish_epoch(epoch, steps)
 
-        # Measure the epoch: losses, speed and, every eval_every epochs, quality.
+        # Measure the epoch: losses, speed, the data's share and, every eval_every epochs, quality.
         row = clock.epoch_row(epoch, state.step, stats, started.get("resumed"))
+        row.update(data_loading=feed.name, data_wait_time_s=round(feed.take_wait_s(), 3))
+        row["dropped_images"] = feed.shape.dropped
         if "init_from" in started:
             row["init_from"] = started.pop("init_from")
         laps = Laps(row)  # where the rest of the epoch's time goes, part by part, into the row
@@ -132,51 +132,37 @@ def prepare_process(config: TrainConfig, session: WorkerSession) -> None:
     prepare_cuda(session.device)  # cuDNN's kernel choice on each shape's first step, before any capture
 
 
-def load_data(config: TrainConfig) -> tuple[TrainConfig, Dataset, ImageSet]:
-    """The run's dataset as the driver saw it (`job.storage.data_source.dataset_of`: a worker that finds other files
-    fails), `config` with the data's shape and classes where the driver left them open (a run without one), and the
-    training images (the first --limit)."""
-    dataset = dataset_of(config)
-    config = config.replace(
-        resolution=dataset.resolution,
-        channels=dataset.channels,
-        num_classes=(config.num_classes or dataset.num_classes) if config.conditional else None,
-    )
-    train = dataset.train
-    if config.limit is not None and config.limit < train.images.shape[0]:
-        labels = train.labels[: config.limit] if train.labels is not None else None
-        train = ImageSet(train.images[: config.limit], labels, limited_fingerprint(train, config.limit))
-    return config, dataset, train
-
-
-def limited_fingerprint(train: ImageSet, limit: int) -> str:
-    """The fingerprint of the first `limit` images, as `gan.data.load_split(limit=...)` gives it."""
-    return f"{limit}:{hashlib.sha256(train.images[:limit].contiguous().numpy().tobytes()).hexdigest()[:16]}"
-
-
-def data_record(dataset: Dataset, train: ImageSet) -> dict:
-    """What a run's model.json says of its data: the images it trained on, and its source's splits and shape."""
-    return {
-        "name": dataset.name,
-        "fingerprint": train.fingerprint,
-        "num_images": int(train.images.shape[0]),
-        "source_fingerprint": dataset.fingerprint,
-        "test_images": int(dataset.test.images.shape[0]),
-        "shape": [dataset.channels, dataset.resolution, dataset.resolution],
-        "classes": list(dataset.class_names),
-    }
-
-
-def set_up(config: TrainConfig, train: ImageSet, session: WorkerSession) -> tuple[TrainingState, Stepper, dict]:
-    """The training images, as uint8 on the device (and a conditional run's labels with them: batches are cut
-    there); the training state, started (`start`) and wrapped in DDP; its step; and what `start` records."""
-    images_u8 = train.images.to(session.device)
-    labels = train.labels.to(session.device, torch.long) if config.conditional else None
-    state = TrainingState.build(config, train.fingerprint, session.rank, session.world_size, session.device)
+def set_up(config: TrainConfig, feed: Feed, session: WorkerSession) -> tuple[TrainingState, Stepper, dict]:
+    """The training state, started (`start`) and wrapped in DDP; its step over the feed's images (uint8 on the
+    device, with a conditional run's labels: batches are cut there); and what `start` records."""
+    state = TrainingState.build(config, feed.fingerprint, session.rank, session.world_size, session.device)
     started = start(state, config, session)
     state.wrap_ddp()
-    stepper = state.build_stepper(images_u8, labels, amp_dtype_for(config.precision, session.device))
+    stepper = state.build_stepper(feed.images_u8, feed.labels, amp_dtype_for(config.precision, session.device))
     return state, stepper, started
+
+
+def in_epoch_checkpoints(
+    config: TrainConfig, state: TrainingState, stepper: Stepper, session: WorkerSession, clock: Clock, steps: int
+) -> Callable[[int], None]:
+    """What runs after each step of an epoch of `steps`: the clock's progress and, every --checkpoint-every-steps
+    (not at the epoch's end, which has its own), a checkpoint that records the position in the epoch and each
+    rank's stat sums so far. Every rank steps alike, so every rank makes the checkpoint's collective calls."""
+    every = config.checkpoint_every_steps
+
+    def on_step(done: int) -> None:
+        clock.on_step(done)
+        if every and done % every == 0 and done < steps:
+            state.enter_step(done)
+            gathered = gather_objects({"rng": rng_state(), "sums": stepper.sums.cpu()})
+            snapshot = (
+                state.checkpoint([g["rng"] for g in gathered], [g["sums"] for g in gathered])
+                if session.rank == 0
+                else None
+            )
+            session.report({"epoch": state.epoch, "epoch_step": done, "step": state.step}, snapshot)
+
+    return on_step
 
 
 def start(state: TrainingState, config: TrainConfig, session: WorkerSession) -> dict:
@@ -242,13 +228,12 @@ class Laps:
 class Clock:
     """Wall-clock bookkeeping of one attempt: its startup cost, live step progress, epoch times, ETA."""
 
-    def __init__(
-        self, config: TrainConfig, world_size: int, num_images: int, batch_per_rank: int, started_s: float
-    ) -> None:
+    def __init__(self, config: TrainConfig, shape: EpochShape, started_s: float) -> None:
         self.config = config
-        self.world_size = world_size
-        self.per_rank_images = (num_images - num_images % config.shard_multiple) // world_size
-        self.steps_per_epoch = math.ceil(self.per_rank_images / batch_per_rank)
+        self.world_size = shape.world_size
+        self.per_rank_images = shape.per_rank
+        self.steps_per_epoch = shape.steps
+        self.first_step = 0  # steps of the current epoch done before this attempt (a resume inside it)
         self.started_s = started_s  # time.perf_counter() when the attempt began
         self.first_step_s: float | None = None  # from the attempt's start to its first step done
         self.first_step_at = 0.0  # when that was (Unix time)
@@ -257,8 +242,8 @@ class Clock:
         self.epoch_start_s = self.last_progress_s = self.started_s
         self.epoch_time_s = 0.0  # training time of the latest epoch
 
-    def start_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def start_epoch(self, epoch: int, first_step: int = 0) -> None:
+        self.epoch, self.first_step = epoch, first_step
         self.epoch_start_s = self.last_progress_s = time.perf_counter()
 
     def on_step(self, done: int) -> None:
@@ -268,7 +253,7 @@ class Clock:
             self.first_step_at = time.time()
         now_s = time.perf_counter()
         if now_s - self.last_progress_s >= PROGRESS_EVERY_S:
-            rate = done * self.config.batch_size / (now_s - self.epoch_start_s)
+            rate = (done - self.first_step) * self.config.batch_size / (now_s - self.epoch_start_s)
             percent = 100 * done // self.steps_per_epoch
             steps = f"step {done}/{self.steps_per_epoch} ({percent}%)"
             print0(f"  epoch {self.epoch}/{self.config.epochs} {steps} {rate:.0f} img/s")
@@ -281,7 +266,7 @@ class Clock:
             "epoch": epoch,
             "step": step,
             **{name: round(value, 6) if math.isfinite(value) else str(value) for name, value in stats.items()},
-            "images_per_s": round(self.per_rank_images * self.world_size / self.epoch_time_s, 1),
+            "images_per_s": round(self.per_rank_images * self.world_size * self.share_done() / self.epoch_time_s, 1),
             "world_size": self.world_size,
             "epoch_time_s": round(self.epoch_time_s, 3),
             "step_time_s": round(self.epoch_time_s, 3),  # the breakdown's first part (the laps follow): the same span
@@ -292,6 +277,10 @@ class Clock:
             if resumed:  # a restart (a lost worker, or an elastic resize) redid the epoch it interrupted
                 row["resumed"] = resumed
         return row
+
+    def share_done(self) -> float:
+        """The share of the epoch's steps this attempt made (all, unless it resumed inside the epoch)."""
+        return 1.0 - self.first_step / max(self.steps_per_epoch, 1)
 
     def end_epoch(self) -> None:
         """Close the epoch's wall time: its steps through its report."""

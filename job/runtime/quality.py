@@ -8,6 +8,8 @@ itself loads torchmetrics only when a metric is built, so importing it here cost
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -23,9 +25,9 @@ NOISE_SEED_OFFSET = 12_345  # the probe's noise is fixed per run and apart from 
 class QualityProbe:
     """Scores the generator on the same noise at every evaluation of a run."""
 
-    def __init__(self, config: TrainConfig, dataset: Dataset, device: torch.device) -> None:
+    def __init__(self, config: TrainConfig, dataset: Callable[[], Dataset], device: torch.device) -> None:
         self.config = config
-        self.dataset = dataset
+        self.dataset = dataset  # the real images, asked for at the first evaluation (a streamed run decodes a sample)
         self.device = device
         self.noise = seeded_noise(config.eval_num, config.noise_dim, config.seed + NOISE_SEED_OFFSET)
         # A conditional G makes every class, as many of each (in class order): what `evaluate` measures too.
@@ -37,7 +39,7 @@ class QualityProbe:
         """Metrics of `generator` (used in inference mode, then put back as it was); the images stay on the device,
         and the host waits once, at the end (`QualityEvaluator.compute`)."""
         if self._evaluator is None:  # may train the classifier: outside no_grad
-            data = self.dataset
+            data = self.dataset()
             self._evaluator = build_evaluator(
                 data.cache_key, data.train, data.test, data.num_classes, seed=EVAL_SEED, device=self.device
             )

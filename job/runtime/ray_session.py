@@ -16,15 +16,19 @@ from job.config import TrainConfig
 from job.console import warn
 from job.runtime.distributed import print0, select_device
 from job.runtime.state import HostSnapshot
+from job.runtime.streaming import StreamPlan
 from job.storage.location import resolve_location
 from job.runtime.loop import run_worker
-from job.runtime.ray_logging import quiet_ray_train_reports
+from job.runtime.ray_logging import quiet_ray_data, quiet_ray_train_reports
+
+
+STREAM_PLAN = "stream_plan"  # the key of a streamed run's `StreamPlan` in the train loop's config
 
 
 class RaySession:
-    """Rank, device, checkpoints and reports from Ray Train's context."""
+    """Rank, device, checkpoints, reports and (a streamed run's) data shard from Ray Train's context."""
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, stream_plan: StreamPlan | None = None) -> None:
         import ray
         import ray.train
         import ray.train.torch
@@ -38,6 +42,17 @@ class RaySession:
         if config.use_gpu:
             select_device(True, self.device.index or 0)
         self.run = resolve_location(config.storage, config.s3_endpoint).child(config.run_name)
+        self.stream_plan = stream_plan
+
+    def stream(self) -> tuple[StreamPlan, object] | None:
+        """A streamed run's plan and this rank's shard (a Ray Data `DataIterator`); None for a run in memory."""
+        import ray.train
+
+        if self.stream_plan is None:
+            return None
+        shard = ray.train.get_dataset_shard("train")
+        quiet_ray_data()
+        return self.stream_plan, shard
 
     def load_checkpoint(self) -> dict | None:
         """Ray's latest registered checkpoint, read straight from storage; else the run's newest good one.
@@ -111,6 +126,8 @@ class RaySession:
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's entry point on each worker."""
     quiet_ray_train_reports()  # first: Ray's per-report line would repeat every epoch's metrics on every rank
+    config = dict(config)
+    stream_plan = config.pop(STREAM_PLAN, None)
     train_config = TrainConfig.from_dict(config)
     torch.set_num_threads(train_config.cpus_per_worker or 1)
-    run_worker(train_config, RaySession(train_config))
+    run_worker(train_config, RaySession(train_config, stream_plan))

@@ -110,6 +110,8 @@ class TrainingState:
     stepper: Stepper | None = field(default=None, repr=False)  # set by `build_stepper`, after `wrap_ddp`
     epoch: int = 0  # last finished epoch
     step: int = 0  # optimizer steps so far
+    epoch_step: int = 0  # steps of the epoch in progress done so far (at a checkpoint inside it)
+    epoch_sums: list[torch.Tensor] | None = field(default=None, repr=False)  # each rank's stat sums at that point
     last_good: dict = field(default_factory=dict, repr=False)  # what a rollback returns to
 
     @classmethod
@@ -200,12 +202,14 @@ class TrainingState:
                 f"warning: run {self.config.run_name} was trained on other data ({checkpoint['data_fingerprint']}); "
                 f"continuing on {self.data_fingerprint}"
             )
+        inside = f", step {self.epoch_step + 1} of the epoch" if self.epoch_step else ""
         print0(
-            f"resuming run {self.config.run_name} at epoch {self.epoch + 1} (step {self.step}) "
+            f"resuming run {self.config.run_name} at epoch {self.epoch + 1} (step {self.step}{inside}) "
             f"on {self.world_size} worker(s)"
         )
         before = checkpoint["rng"].get("world_size")
-        return {"from_epoch": self.epoch, "from_step": self.step, "world_size_before": before}
+        resumed = {"from_epoch": self.epoch, "from_step": self.step, "world_size_before": before}
+        return {**resumed, "from_epoch_step": self.epoch_step} if self.epoch_step else resumed
 
     def warm_start(self, checkpoint: dict, source: str) -> dict:
         """Start this new run from another run's `checkpoint` (`--init-from`): its weights, both optimizers'
@@ -223,10 +227,11 @@ class TrainingState:
         )
         return started
 
-    def checkpoint(self, rng_states: list[dict]) -> HostSnapshot:
+    def checkpoint(self, rng_states: list[dict], epoch_sums: list[torch.Tensor] | None = None) -> HostSnapshot:
         """The checkpoint of this state, copied to host memory without waiting (rank 0).
 
-        `rng_states` are every rank's `rng_state()`, gathered by the caller (a collective call).
+        `rng_states` are every rank's `rng_state()`, gathered by the caller (a collective call); `epoch_sums`,
+        inside an epoch, every rank's stat sums of it so far.
         """
         return HostSnapshot.of(
             {
@@ -237,8 +242,31 @@ class TrainingState:
                 "data_fingerprint": self.data_fingerprint,
                 # unconditional: format 2's keys exactly
                 **({"num_classes": self.num_classes} if self.num_classes else {}),
+                **({"epoch_sums": epoch_sums} if self.epoch_step else {}),
             }
         )
+
+    def enter_step(self, done: int) -> None:
+        """`done` steps of the epoch in progress are made: the run's step count follows."""
+        self.step += done - self.epoch_step
+        self.epoch_step = done
+
+    def finish_epoch(self, epoch: int, steps: int) -> None:
+        """Epoch `epoch` is made, in `steps` steps."""
+        self.enter_step(steps)
+        self.epoch, self.epoch_step = epoch, 0
+
+    def restore_epoch_sums(self, sums: torch.Tensor) -> None:
+        """Start the epoch's stat sums (on the device) where a checkpoint inside it had them: this rank's own, or,
+        written by another number of ranks, their total on rank 0 scaled to keep their mean; else from zero."""
+        saved, self.epoch_sums = self.epoch_sums, None
+        sums.zero_()
+        if not saved or not self.epoch_step:
+            return
+        if len(saved) == self.world_size:
+            sums.copy_(saved[self.rank])
+        elif self.rank == 0:
+            sums.copy_(torch.stack(saved).sum(0) * self.world_size / len(saved))
 
     def keep_as_last_good(self) -> None:
         """Remember this state (a private copy) as the one a rollback returns to."""
@@ -264,6 +292,8 @@ class TrainingState:
             "epoch": self.epoch,
             "step": self.step,
         }
+        if self.epoch_step:  # a checkpoint inside an epoch: the steps of it done (format 2's keys otherwise)
+            state["epoch_step"] = self.epoch_step
         if self.ema:
             state["ema_generator"] = self.ema.module.state_dict()
             state["ema_updates"] = self.ema.updates
@@ -273,6 +303,7 @@ class TrainingState:
         self._load_networks(state)
         self.fixed_noise = state["fixed_noise"]
         self.epoch, self.step = state["epoch"], state["step"]
+        self.epoch_step, self.epoch_sums = int(state.get("epoch_step", 0)), state.get("epoch_sums")
 
     def _set_hyperparameters(self) -> tuple[float, float]:
         """Write this run's lr and beta1 into both optimizers (a load restores the checkpoint's); the old ones."""

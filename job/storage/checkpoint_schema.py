@@ -32,6 +32,8 @@ REQUIRED_KEYS = {
     "config": dict,
     "data_fingerprint": str,
 }
+# Keys a checkpoint holds only inside an epoch (--checkpoint-every-steps): the steps of it done, each rank's stat sums.
+IN_EPOCH_KEYS = {"epoch_step": int, "epoch_sums": list}
 EARLIER_CONDITIONING_KEY = "label_embedding.weight"  # G's label embedding in the first conditional scheme
 
 
@@ -47,6 +49,8 @@ def check_contents(state: object, source: str) -> dict:
     wrong = [key for key, kind in REQUIRED_KEYS.items() if not _is(state[key], kind)]
     if wrong:
         raise CheckpointError(f"checkpoint {source} is not a gan-job checkpoint ({', '.join(wrong)} of the wrong kind)")
+    if not _in_epoch_keys_fit(state):
+        raise CheckpointError(f"checkpoint {source} is not a gan-job checkpoint (epoch_step or epoch_sums)")
     if state["format_version"] not in READABLE_FORMATS:
         raise CheckpointError(
             f"checkpoint {source} has format {state['format_version']}, this version reads {READABLE_FORMATS}"
@@ -57,6 +61,16 @@ def check_contents(state: object, source: str) -> dict:
     if EARLIER_CONDITIONING_KEY not in state["generator"]:  # that scheme is refused by name when its G is built
         _check_shapes(state, source)
     return state
+
+
+def _in_epoch_keys_fit(state: dict) -> bool:
+    """A checkpoint inside an epoch has a step count >= 1 in it and one vector of stat sums per rank."""
+    if any(key in state and not _is(state[key], kind) for key, kind in IN_EPOCH_KEYS.items()):
+        return False
+    if "epoch_step" not in state:
+        return "epoch_sums" not in state
+    sums = state.get("epoch_sums", [])
+    return state["epoch_step"] >= 1 and all(isinstance(s, torch.Tensor) and s.dim() == 1 for s in sums)
 
 
 def _is(value: object, kind: type) -> bool:

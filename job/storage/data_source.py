@@ -18,7 +18,7 @@ from gan.data import missing_files, resolve_data_dir
 from gan.datasets import Dataset, named_dataset, pack
 from gan.idx import IdxFormatError, read_idx
 from gan.sources import CIFAR_FOLDER, CIFAR_TEST, MAX_MEMBER_BYTES, Listing, SourceError, fingerprint_of
-from gan.sources import list_cifar10, list_folder, list_zip
+from gan.sources import files_listing, is_image_name, list_cifar10, list_folder, list_zip, walk_order
 from job.config import TrainConfig
 from job.settings import DATASET_NAMES
 from job.storage.checkpoint import sha256_hex
@@ -151,18 +151,10 @@ def mirror_objects(
 ) -> tuple[Path, dict[str, tuple[int, str, int]]]:
     """Download the objects under `uri` (as of `cutoff_ns`) that this node's mirror lacks or holds another version
     of, and remove those the prefix no longer has; the mirror and {relative key: (size, ETag, modified ns)}."""
+    objects = list_objects(uri, s3_endpoint, cutoff_ns, flag)
     bucket, prefix = split_s3_uri(uri, flag)
     target = bucket_cache_dir(uri)
     client = s3_client(s3_endpoint)
-    objects = {}
-    for page in _pages(client, bucket, prefix, uri):
-        for obj in page.get("Contents", []):
-            modified_ns = int(obj["LastModified"].timestamp() * 1e9)
-            relative = obj["Key"][len(prefix) + 1 :] if prefix else obj["Key"]
-            if relative and not relative.endswith("/") and (cutoff_ns is None or modified_ns <= cutoff_ns):
-                objects[relative] = (int(obj["Size"]), obj["ETag"].strip('"'), modified_ns)
-    if not objects:
-        raise DataError(f"{flag} {uri} holds no objects; upload the images (`gan-job data push`) or fix the prefix")
     with file_lock(target.with_suffix(".lock")):
         manifest_file = target / MIRROR_MANIFEST
         held = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
@@ -176,6 +168,57 @@ def mirror_objects(
             del held[relative]
         manifest_file.write_text(json.dumps(held))
     return target, objects
+
+
+def list_objects(
+    uri: str, s3_endpoint: str | None, cutoff_ns: int | None, flag: str = "--data"
+) -> dict[str, tuple[int, str, int]]:
+    """The objects under `uri` (those modified by `cutoff_ns`): {relative key: (size, ETag, modified ns)}."""
+    bucket, prefix = split_s3_uri(uri, flag)
+    objects = {}
+    for page in _pages(s3_client(s3_endpoint), bucket, prefix, uri):
+        for obj in page.get("Contents", []):
+            modified_ns = int(obj["LastModified"].timestamp() * 1e9)
+            relative = obj["Key"][len(prefix) + 1 :] if prefix else obj["Key"]
+            if relative and not relative.endswith("/") and (cutoff_ns is None or modified_ns <= cutoff_ns):
+                objects[relative] = (int(obj["Size"]), obj["ETag"].strip('"'), modified_ns)
+    if not objects:
+        raise DataError(f"{flag} {uri} holds no objects; upload the images (`gan-job data push`) or fix the prefix")
+    return objects
+
+
+def stream_listing(data: str, s3_endpoint: str | None, cutoff_ns: int | None = None) -> Listing:
+    """What a folder or ZIP (local, or under an s3:// prefix) holds, for a run that may stream it: listed, never
+    decoded, and a prefix's images never downloaded (a ZIP in a bucket is: its members are read from each node's
+    copy). Its fingerprint is the one the in-memory path records. Other sources list as `list_location` lists them."""
+    if not is_s3(data):
+        listing = list_location(data, s3_endpoint, cutoff_ns)[0]
+    else:
+        objects = list_objects(data, s3_endpoint, cutoff_ns)
+        if len(objects) == 1 and next(iter(objects)).lower().endswith((".zip", ".tar.gz", ".tgz")):
+            listing = list_prefix(data, s3_endpoint, cutoff_ns)[0]
+        else:
+            listing = prefix_listing(data, objects)
+    large = next((m for m in listing.members if m.size > MAX_MEMBER_BYTES), None)
+    if large is not None:
+        raise DataError(
+            f"--data {data}: {large.path} is larger than {MAX_MEMBER_BYTES:,} bytes; scale it down or remove it"
+        )
+    return listing
+
+
+def prefix_listing(uri: str, objects: dict[str, tuple[int, str, int]]) -> Listing:
+    """A prefix's images as `list_prefix` lists them (the same order, classes, splits and fingerprint), from the
+    bucket's listing alone."""
+    kept = sorted((key for key in objects if is_image_name(key)), key=walk_order)
+    skipped = sum(1 for key in objects if is_image_name(key) is False)
+    files = [(key, objects[key][0], objects[key][1]) for key in kept]
+    try:
+        listing = files_listing(files, skipped, uri, "s3-folder", max(modified for _, _, modified in objects.values()))
+    except SourceError as err:
+        raise DataError(str(err)) from None
+    entries = [(key, size, etag) for key, (size, etag, _) in objects.items()]
+    return dataclasses.replace(listing, fingerprint=fingerprint_of("s3-folder", entries))
 
 
 def _pages(client, bucket: str, prefix: str, uri: str):  # client: a boto3 S3 client
