@@ -318,10 +318,12 @@ def test_a_sweep_on_the_cluster_releases_the_worker_group_of_a_trial_asha_stops(
     storage = tmp_path / "sweeps"
     # One trial at a time, in the grid's order: lr 5e-4 trains both epochs; lr 1e-6, far worse at the epoch-1
     # rung, is stopped there (its driver ended, its controller gone with it); lr 4e-4 then trains, and by its
-    # first epoch the stopped trial's worker group must be gone (Ray Train's PlacementGroupCleaner).
+    # first epoch the stopped trial's worker group must be gone (Ray Train's PlacementGroupCleaner). Epochs of
+    # 1,536 images (about 5 s here): with 512 (1.5 s) the stopped trial's run could finish epoch 2 before Tune's
+    # stop reached it, and then counts as finished.
     sweep = subprocess.Popen(
         [sys.executable, "-m", "job", "tune", "--data", "fashion-mnist", "--data-dir", str(small_fashion_dir),
-         "--limit", "512", "--batch-size", "32", "--eval-num", "64", "--final-eval-num", "64", "--num-workers", "1",
+         "--limit", "1536", "--batch-size", "32", "--eval-num", "64", "--final-eval-num", "64", "--num-workers", "1",
          "--cpus-per-worker", "1", "--epochs", "2", "--storage", str(storage), "--sweep", "s", "--scheduler", "asha",
          "--max-concurrent", "1", "--space", "lr=5e-4,1e-6,4e-4"],
         env=driver_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import torch
 
-from job.storage.checkpoint import latest_checkpoint_or_refuse, read_checkpoint, upload_checkpoint, write_checkpoint
+from job.storage.checkpoint import (
+    latest_checkpoint_or_refuse,
+    latest_good_checkpoint,
+    read_checkpoint,
+    upload_checkpoint,
+    write_checkpoint,
+)
 from job.storage.checkpoint_schema import CheckpointError
 from job.config import TrainConfig
 from job.console import warn
@@ -54,6 +60,15 @@ class RaySession:
         quiet_ray_data()
         return self.stream_plan, shard
 
+    def newest_of(self, registered: dict) -> dict:
+        """Ray's registered checkpoint, or a newer good one of the run's: written whole by an attempt that ended
+        before Ray Train registered it (a checkpoint inside an epoch, a few steps before a preemption)."""
+        found = latest_good_checkpoint(self.run, [])
+        if found is None or found[1]["step"] <= registered["step"]:
+            return registered
+        print0(f"resuming from {found[0].uri}, newer than Ray Train's latest registered checkpoint")
+        return found[1]
+
     def load_checkpoint(self) -> dict | None:
         """Ray's latest registered checkpoint, read straight from storage; else the run's newest good one.
 
@@ -68,7 +83,7 @@ class RaySession:
         named = posixpath.basename(checkpoint.path.rstrip("/")) if checkpoint is not None else None
         if named is not None:
             try:
-                return read_checkpoint(self.run.child(named))
+                return self.newest_of(read_checkpoint(self.run.child(named)))
             except CheckpointError as err:
                 warn(f"latest checkpoint unusable, falling back to an older one: {err}")
         found = latest_checkpoint_or_refuse(self.run, "run")  # raises when only damaged ones are left

@@ -34,9 +34,8 @@ from job.storage.retry import retried
 from job.storage.s3 import s3_client
 
 PREFETCH_BATCHES = 4  # batches each worker keeps decoded ahead of its step
-DECODE_BATCH = 32  # images one decoding task call reads and decodes
 DECODE_TASKS = 2  # decoding tasks at once for each worker; they reserve no CPU (the workers hold them all)
-BLOCK_PER_RANK = 512  # images of a rank in one block of the run's rows: what one decoding task decodes
+BLOCK_PER_RANK = 512  # images of each rank in one block of the run's rows: what one decoding task decodes
 NODE_LABEL = "ray.io/node-id"  # the label Ray gives each node: its id
 
 
@@ -142,43 +141,42 @@ def epoch_shards(plan: StreamPlan):  # -> ray.train.DataConfig
 
 
 def rank_rows(plan: StreamPlan, rows, rank: int, world_size: int, start: tuple[int, int], node: str | None):
-    """Rank `rank`'s rows of `rows` from (epoch, step) `start` on, as decoded images, in order; decoded on the
-    worker's node (`node`) where it has room, so that images do not cross the network twice."""
+    """Rank `rank`'s rows of `rows` from (epoch, step) `start` on, as decoded images, in order: each block of the
+    run's rows selected and decoded by one task, DECODE_TASKS at once, on the worker's node (`node`) where it has
+    room, so that images do not cross the network twice."""
     from ray.data import TaskPoolStrategy
 
-    shape = plan.shape(world_size)
     placement = {"label_selector": {NODE_LABEL: node}, "fallback_strategy": [{"label_selector": {}}]} if node else {}
-    selected = rows.map_batches(
-        select_rows,
-        fn_kwargs={"plan": plan, "rank": rank, "shape": shape, "start": start},
-        batch_size=1,
+    decoded = rows.map_batches(
+        select_and_decode,
+        fn_kwargs={"plan": plan, "rank": rank, "shape": plan.shape(world_size), "start": start},
+        batch_size=None,  # a whole block: one range of the run's rows
         batch_format="numpy",
         num_cpus=0,
-        **placement,
-    )
-    decoded = selected.map_batches(
-        decode_rows,
-        fn_kwargs={"plan": plan},
-        batch_size=DECODE_BATCH,
-        batch_format="numpy",
-        num_cpus=0,
-        compute=TaskPoolStrategy(size=DECODE_TASKS),
+        compute=TaskPoolStrategy(size=DECODE_TASKS),  # the bound on decoding tasks, since they reserve no CPU
         **placement,
     )
     decoded.context.execution_options.preserve_order = True  # order is what makes two runs alike
     return decoded
 
 
+def select_and_decode(batch: dict, plan: StreamPlan, rank: int, shape: EpochShape, start: tuple[int, int]) -> dict:
+    return decode_rows(select_rows(batch, plan, rank, shape, start), plan)
+
+
 def select_rows(batch: dict, plan: StreamPlan, rank: int, shape: EpochShape, start: tuple[int, int]) -> dict:
-    """Of the run's rows (epoch - 1) x count + slot in the batch's ranges, those this rank trains on from (epoch, step)
-    `start` on: their epoch, position in the rank's shard, and image (an index into the training images)."""
+    """Of the run's rows in the batch's ranges, those this rank trains on from (epoch, step) `start` on: their epoch,
+    position in the rank's shard, and image (an index into the training images). Row (epoch - 1) x count + j is
+    position j // world_size of rank j % world_size, so a range of k x world_size rows holds k positions of each
+    rank, whatever its rank; positions past the shape's `used` are no rank's."""
     ids = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in zip(batch["start"], batch["stop"])])
-    epochs, slots = ids // plan.count + 1, ids % plan.count
-    positions = slots - rank * shape.per_rank
-    mine = (positions >= 0) & (positions < shape.used)
+    epochs, within = ids // plan.count + 1, ids % plan.count
+    positions = within // shape.world_size
+    mine = (within % shape.world_size == rank) & (positions < shape.used)
     later = (epochs > start[0]) | ((epochs == start[0]) & (positions >= start[1] * shape.batch_per_rank))
     keep = mine & later & (epochs <= plan.epochs)
-    epochs, positions, slots = epochs[keep], positions[keep], slots[keep]
+    epochs, positions = epochs[keep], positions[keep]
+    slots = rank * shape.per_rank + positions  # the rank's shard of the epoch's order, as gan.data.shard_indices cuts
     images = np.empty(len(slots), dtype=np.int64)
     for epoch in np.unique(epochs):
         where = epochs == epoch
