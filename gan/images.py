@@ -12,6 +12,7 @@ The rules, one each (docs/data.md#shape):
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -102,7 +103,8 @@ class _opened:
 
 
 def _reason(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
+    """The error's text in one short line, without the in-memory file Pillow names (`<_io.BytesIO object at 0x...>`)."""
+    text = re.sub(r"\s*<[^<>]* object at 0x[0-9a-f]+>", "", " ".join(str(err).split())) or type(err).__name__
     return text[:160]
 
 

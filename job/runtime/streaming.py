@@ -17,7 +17,7 @@ import posixpath
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -160,8 +160,14 @@ def rank_rows(plan: StreamPlan, rows, rank: int, world_size: int, start: tuple[i
     return decoded
 
 
-def select_and_decode(batch: dict, plan: StreamPlan, rank: int, shape: EpochShape, start: tuple[int, int]) -> dict:
-    return decode_rows(select_rows(batch, plan, rank, shape, start), plan)
+def select_and_decode(
+    batch: dict, plan: StreamPlan, rank: int, shape: EpochShape, start: tuple[int, int]
+) -> Iterator[dict]:
+    """The block's rows of this rank, decoded; nothing for a block with none (a resumed run's earlier rows): an
+    empty batch of images is one Ray Data cannot put into Arrow, and would pickle instead."""
+    rows = select_rows(batch, plan, rank, shape, start)
+    if len(rows["image"]):
+        yield decode_rows(rows, plan)
 
 
 def select_rows(batch: dict, plan: StreamPlan, rank: int, shape: EpochShape, start: tuple[int, int]) -> dict:
