@@ -235,10 +235,15 @@ def shard_indices(
     multiple = multiple or world_size
     if multiple % world_size:
         raise ValueError(f"multiple {multiple} is not a multiple of the world size {world_size}")
-    generator = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(num_images, generator=generator)
+    order = epoch_permutation(num_images, epoch, seed)
     per_rank = (num_images - num_images % multiple) // world_size
     return order[rank * per_rank : (rank + 1) * per_rank]
+
+
+def epoch_permutation(num_images: int, epoch: int, seed: int) -> torch.Tensor:
+    """The epoch's order of all the images, a function of seed + epoch alone: what every rank cuts its shard from,
+    whether its images are held in memory or streamed."""
+    return torch.randperm(num_images, generator=torch.Generator().manual_seed(seed + epoch))
 
 
 @overload

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import torch
 
-from gan.data import DataError
+from gan.data import DataError, epoch_permutation
 from gan.epoch import EpochShape
 from gan.datasets import read_image_file
 from gan.images import ImageError, decode
@@ -192,8 +191,8 @@ def select_rows(batch: dict, plan: StreamPlan, rank: int, shape: EpochShape, sta
 
 @functools.lru_cache(maxsize=4)
 def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
-    """The epoch's permutation of the training images, drawn as `gan.data.shard_indices` draws it."""
-    return torch.randperm(count, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
+    """The epoch's permutation of the training images (`gan.data.epoch_permutation`), kept for the epoch's blocks."""
+    return epoch_permutation(count, epoch, seed).numpy()
 
 
 def decode_rows(batch: dict, plan: StreamPlan, split: str = "train") -> dict:
